@@ -1,0 +1,133 @@
+"""LoRA: Low-Rank Adaptation (Hu et al., ICLR 2022), the baseline every nanopeft paper compares against.
+
+    y = x W0^T + b + (alpha / r) * dropout(x) A^T B^T,   ΔW = (alpha / r) B A
+    A: (r, in) kaiming_uniform_(a=sqrt(5)) as in loralib,   B: (out, r) zeros, so ΔW = 0 at init.
+
+Trainable parameters per layer: r * (in + out). Defaults are the GPT-2 E2E recipe of the LoRA paper
+(r=4, alpha=32, dropout 0.1, on q and v); its RoBERTa-large GLUE recipe is r=8, alpha=16.
+
+Choices (loralib's unless said):
+- dropout acts on x before A only; the base path sees the clean x.
+- delta_weight() is float32 (float64 for float64 layers); merge() adds it to W at that precision and
+  rounds once to W's dtype.
+- No auto-merge on eval() (loralib merges on eval()): merge()/unmerge() are explicit and
+  idempotent; while merged, forward = base(x).
+- No analysis helper here: the LoRA paper's subspace similarity φ is sera.subspace_similarity
+  (SeRA's Eq. 4 is the same measure) and works on any delta_weight().
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    import kernels as _kernels
+except ImportError:
+    _kernels = None
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 4  # rank of ΔW; 4 in the LoRA paper's GPT-2 E2E runs
+    alpha: float = 32.0  # scale = alpha / r, so changing r needs no lr retuning; 32 for GPT-2 E2E
+    dropout: float = 0.1  # on x before A; 0.1 for GPT-2 E2E
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"LoRA: r={self.r} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA: dropout={self.dropout} must lie in [0, 1)")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, cfg: LoRAConfig):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.cfg = cfg
+        self.r = cfg.r
+        self.scale = cfg.alpha / cfg.r
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.merged = False
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(cfg.r, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, cfg.r, **kw))  # ΔW = 0 at init
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # fan-in = in: bound 1 / sqrt(in)
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        x = self.dropout(x)
+        if _kernels is not None and _kernels.enabled(x, self.lora_A, self.lora_B):
+            return _kernels.lowrank_add(y, x, self.lora_A, self.lora_B, None, self.scale)
+        t = self.scale * F.linear(x, self.lora_A)  # (..., r): scaling the narrow tensor is cheapest
+        return y + F.linear(t, self.lora_B)  # (..., out)
+
+    def delta_weight(self):
+        ct = torch.promote_types(self.lora_A.dtype, torch.float32)  # fp32 at least, so merges round once
+        return self.scale * (self.lora_B.to(ct) @ self.lora_A.to(ct))  # (out, r) @ (r, in) = (out, in)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base.weight.copy_(self.base.weight + self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight.copy_(self.base.weight - self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self):
+        return f"r={self.r}, scale={self.scale:g}"
+
+
+def lora_param_count(d_in, d_out, cfg):
+    """Trainable (and stored) parameters of one layer: r * (d_in + d_out)."""
+    return cfg.r * (d_in + d_out)
+
+
+def apply_lora(model, cfg, targets):
+    """Freeze the whole model, wrap every targeted nn.Linear in LoRALinear; returns the adapted names.
+
+    A module named n is adapted iff it is an nn.Linear and n == t or n.endswith("." + t) for a t in targets.
+    """
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    model.requires_grad_(False)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    hit = lambda n, t: n == t or n.endswith("." + t)
+    for t in targets:
+        if not any(hit(n, t) for n in linears):
+            raise ValueError(f"LoRA: target {t!r} matches no nn.Linear; some Linear names: {linears[:6]}")
+    names = [n for n in linears if any(hit(n, t) for t in targets)]
+    for n in names:
+        parent_name, _, child = n.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), cfg))
+    return names
+
+
+def lora_state_dict(model):
+    """Only the adapter tensors (lora_A, lora_B of every LoRALinear)."""
+    return {n: t for n, t in model.state_dict().items() if n.rpartition(".")[2].startswith("lora_")}
+
+
+def load_lora_state_dict(model, sd):
+    """Copy adapter tensors into a model that apply_lora adapted with the same config (strict)."""
+    own = lora_state_dict(model)
+    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"LoRA: adapter keys differ from the model's: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    for n, t in sd.items():
+        if t.shape != own[n].shape:
+            raise ValueError(f"LoRA: {n!r} has shape {tuple(t.shape)}, the model's is {tuple(own[n].shape)} "
+                             f"(different r?)")
+    if any(m.merged for m in model.modules() if isinstance(m, LoRALinear)):
+        raise ValueError("LoRA: a layer is merged; unmerge() before loading")
+    with torch.no_grad():
+        for n, t in sd.items():
+            own[n].copy_(t)  # state_dict tensors share storage with the parameters
