@@ -1,0 +1,1501 @@
+"""Hand-written Triton kernels for the adapters, with autograd wrappers, PyTorch references and a benchmark.
+
+Each op has the same four parts, in this order: `_<op>_fwd_kernel`, `_<op>_bwd_kernel` (the gradient maths
+written above it), host launchers, `<Op>Function(torch.autograd.Function)`; then `<op>_reference`, the plain
+PyTorch formula the tests compare against, and the public function the method files call.
+
+    enabled(*tensors)                      may the Triton path run on these tensors (now)?
+    lowrank_add(y, x, A, B, d, scale)      y + scale * ((x A^T) * d) B^T     LoRA, SiVA, VB-LoRA
+    sera_delta(x, A, C, B, scale)          scale * x blockdiag(A) C blockdiag(B)       SeRA
+    vblora_compose(logits, bank, k)        Σ_topk softmax(topk logits) * bank[idx]    VB-LoRA (all layers at once)
+    bone_row(x, B)                         (x + t, Σ_j t_j),  t_j = x_j B_j^T          Bone-row prologue
+    bone_col_linear(x, W, B, bias)         x W'^T + bias,  W'_ij = W_ij + W_ij B_i + B_i (W' never stored)  Bone-col
+
+Choices (the papers say nothing about kernels):
+- Low-rank path fused: one program per BLOCK_M rows computes h = x A^T over `in`, keeps it in registers,
+  scales by d and adds h B^T into y tile by tile, in place. The (N, r) intermediate never goes to memory
+  except as the fp32 copy of h the backward needs (saved only when a gradient is needed).
+- Backward in two passes, both deterministic (no atomics): a row pass (`_<op>_bwd_kernel`, one program per
+  row block) forms the small per-row quantities (g B, dx, the (N, r) factors of the weight gradients, a
+  per-block partial of the r- or r x r-sized gradients); a column pass (`_weight_grad_kernel`) reduces
+  U^T V over the rows for the (r, in) / (r, out) weight gradients, split along N into a few fixed chunks
+  whose fp32 partials torch sums. Row-block partials cost r (or r^2) floats per block and keep the result
+  bit-reproducible run to run.
+- tl.dot needs every dimension >= 16: the rank is padded to a power of two >= 16 with masked loads.
+- Dtypes: tensors are loaded in their own dtype (so fp32 adapter parameters can meet bf16 activations);
+  dot operands are cast to the compute dtype (the autocast dtype when autocast is on, else x's dtype);
+  accumulation is fp32. fp32 dots follow torch's TF32 switch (IEEE by default) so fp32 results match
+  torch.matmul. Under TRITON_INTERPRET=1 the operands are cast to fp32: the interpreter's bf16/fp16
+  tl.dot returns garbage (triton 3.9).
+- Rank above 128: h no longer fits in registers next to the tiles; such calls take the reference path
+  (two cuBLAS GEMMs are the right tool there).
+- SeRA's blockdiag(A) is gathered tile by tile as a masked dense (BLOCK_K, r) tile in registers (entry
+  (k, c) is A[k // (in/split), k % (in/split), c % (r/split)] if the blocks agree, else 0): r is small, so
+  the zeros cost no memory traffic and the whole chain x -> A -> C -> B stays one kernel.
+- Block sizes: a heuristic picks the row block so the grid covers the GPU's SMs; only the low-rank
+  forward (the hot path of three methods) is autotuned on CUDA, over tile widths and pipelining, keyed on
+  (in, out, rank block, row block) and not on N, so a new batch length does not re-tune. The
+  interpreter uses fixed small tiles so tests are fast and still cross tile borders.
+- int64 offsets: program ids are cast to int64 before they multiply a row stride.
+
+`python kernels.py [--device cuda|cpu] [--quick]` prints (1) each op against its reference and (2) one
+training step per method against the frozen base model (see `_bench_steps`).
+"""
+import argparse
+import functools
+import gc
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def enabled(*tensors):
+    """True iff the Triton path may run on these tensors: triton imported, NANOPEFT_NO_TRITON != "1" (read
+    now, so tests can flip it), every tensor fp32/bf16/fp16 and on CUDA (or on the CPU under
+    TRITON_INTERPRET=1). None entries (an absent optional tensor) are ignored."""
+    if triton is None or os.environ.get("NANOPEFT_NO_TRITON") == "1":
+        return False
+    interpret = _interpreting()
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        if not (t.is_cuda or (interpret and t.device.type == "cpu")):
+            return False
+    return True
+
+
+# -----------------------------------------------------------------------------------------------------
+# Shared host helpers and the column-pass kernel used by both ops' backward
+
+_MAX_RANK = 128  # above this h does not fit in registers beside the tiles: reference path instead
+_INTERP_BLOCK = 32  # rows / columns per tile under the interpreter: small shapes still span several tiles
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _compute_dtype(x):
+    """dtype the products run in: autocast's when it is on for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _dot_config(dtype):
+    """(DOT, PREC) constexprs for tl.dot: operand dtype and fp32 input precision."""
+    if _interpreting():
+        return tl.float32, "ieee"
+    if dtype == torch.float32:
+        return tl.float32, ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], "ieee"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _rank_block(r):
+    return max(16, triton.next_power_of_2(r))
+
+
+def _row_block(N, block_r, device):
+    """Rows per program: the largest of 64/32 that still gives every SM a program (and keeps the
+    (rows, rank) fp32 tiles small), else 16."""
+    if _interpreting() or device.type != "cuda":
+        return _INTERP_BLOCK
+    sms = _sm_count(device.index)
+    for bm in (64, 32):
+        if bm * block_r <= 4096 and triton.cdiv(N, bm) >= sms:
+            return bm
+    return 16
+
+
+if triton is not None:
+
+    # W = U^T V summed over rows: the (r, M) weight gradients dA = gh^T x, dB^T = hd^T g (and SeRA's block
+    # versions). Grid (column tiles, row splits); each program reduces its split's rows into a fp32 partial
+    # W[split]; the host sums the few partials, so the result does not depend on scheduling.
+    @triton.jit
+    def _weight_grad_kernel(
+        u_ptr,  # (N, R) fp32 row factors, contiguous
+        v_ptr,  # (N, M) activations or output gradient, unit column stride
+        w_ptr,  # (SPLITS, R, M) fp32 partial sums, contiguous
+        N, M, R,
+        stride_v,  # row stride of v
+        rows_per_split,  # a multiple of BLOCK_M
+        DOT: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0).to(tl.int64)
+        pid_s = tl.program_id(1).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ranks = tl.arange(0, BLOCK_R)
+        cmask, kmask = cols < M, ranks < R
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        start = pid_s * rows_per_split
+        for m0 in range(0, rows_per_split, BLOCK_M):
+            rows = start + m0 + tl.arange(0, BLOCK_M)
+            rmask = rows < N
+            u = tl.load(u_ptr + rows[:, None] * R + ranks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            v = tl.load(v_ptr + rows[:, None] * stride_v + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                        other=0.0)
+            acc = tl.dot(tl.trans(u).to(DOT), v.to(DOT), acc, input_precision=PREC)
+        w = w_ptr + pid_s * R * M + ranks[:, None] * M + cols[None, :]
+        tl.store(w, acc, mask=kmask[:, None] & cmask[None, :])
+
+
+def _weight_grad(u, v, dot, prec):
+    """(R, M) fp32 = u^T v for u (N, R) fp32 contiguous, v (N, M) with unit column stride."""
+    N, R = u.shape
+    M = v.shape[1]
+    block_r = _rank_block(R)
+    if _interpreting() or not u.is_cuda:
+        bm, bn, target = _INTERP_BLOCK, _INTERP_BLOCK, 4
+    else:
+        bm, bn, target = 64, 64, 2 * _sm_count(u.device.index)
+    col_tiles, row_blocks = triton.cdiv(M, bn), triton.cdiv(N, bm)
+    splits = min(row_blocks, max(1, target // col_tiles))  # enough programs to fill the GPU, no more
+    rows_per_split = triton.cdiv(row_blocks, splits) * bm
+    splits = triton.cdiv(N, rows_per_split)
+    w = torch.empty(splits, R, M, device=u.device, dtype=torch.float32)
+    _weight_grad_kernel[(col_tiles, splits)](
+        u, v, w, N, M, R, v.stride(0), rows_per_split,
+        DOT=dot, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=block_r, num_warps=4,
+    )
+    return w.sum(0)
+
+
+def _rows(t, n):
+    """t viewed as (rows, n) with unit column stride (copies only if it has to)."""
+    t = t.reshape(-1, n)  # (N, n)
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+# -----------------------------------------------------------------------------------------------------
+# Low-rank path: y += scale * ((x A^T) * d) B^T   (LoRA: d = None; SiVA: A = V_k^T, B = U_k, d = s)
+
+if triton is not None:
+
+    @triton.jit
+    def _lowrank_fwd_kernel(
+        x_ptr,  # (N, IN) input, unit column stride
+        a_ptr,  # (R, IN) down projection
+        b_ptr,  # (OUT, R) up projection
+        d_ptr,  # (R,) per-rank scale; read only if HAS_D
+        y_ptr,  # (N, OUT) base output, updated in place, unit column stride
+        h_ptr,  # (N, R) fp32: h = x A^T saved for the backward; written only if SAVE_H
+        N, IN, OUT, R,
+        stride_x, stride_y, stride_a0, stride_a1, stride_b0, stride_b1,
+        scale,
+        HAS_D: tl.constexpr, SAVE_H: tl.constexpr,
+        DOT: tl.constexpr, PREC: tl.constexpr,  # dot operand dtype, fp32 input precision
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        ranks = tl.arange(0, BLOCK_R)
+        rmask, kmask = rows < N, ranks < R
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, IN, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            cmask = cols < IN
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                        other=0.0)
+            at = tl.load(a_ptr + ranks[None, :] * stride_a0 + cols[:, None] * stride_a1,
+                         mask=cmask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_K, BLOCK_R) = A^T tile
+            h = tl.dot(x.to(DOT), at.to(DOT), h, input_precision=PREC)
+        if SAVE_H:
+            tl.store(h_ptr + rows[:, None] * R + ranks[None, :], h, mask=rmask[:, None] & kmask[None, :])
+        if HAS_D:
+            h = h * tl.load(d_ptr + ranks, mask=kmask, other=0.0).to(tl.float32)[None, :]
+        hs = (h * scale).to(DOT)
+        for n0 in range(0, OUT, BLOCK_N):
+            outs = n0 + tl.arange(0, BLOCK_N)
+            omask = outs < OUT
+            bt = tl.load(b_ptr + outs[None, :] * stride_b0 + ranks[:, None] * stride_b1,
+                         mask=kmask[:, None] & omask[None, :], other=0.0)  # (BLOCK_R, BLOCK_N) = B^T tile
+            yp = y_ptr + rows[:, None] * stride_y + outs[None, :]
+            ym = rmask[:, None] & omask[None, :]
+            acc = tl.load(yp, mask=ym, other=0.0).to(tl.float32)
+            acc = tl.dot(hs, bt.to(DOT), acc, input_precision=PREC)
+            tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ym)
+
+    # CUDA only: tile widths and pipelining (BLOCK_M comes from the heuristic, so the grid is known)
+    _lowrank_fwd_tuned = triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
+                                 (128, 128, 4, 4), (256, 64, 8, 3)]
+        ],
+        key=["IN", "OUT", "BLOCK_R", "BLOCK_M"],
+        restore_value=["y_ptr"],  # the kernel adds into y: every trial must start from the same y
+    )(_lowrank_fwd_kernel)
+
+    # Backward. With g = dL/dy (N, OUT), h = x A^T (N, R), s = scale:
+    #   y_out = y + s * (h * d) B^T          so   dL/dy   = g
+    #   gB = g B                   (N, R)
+    #   dB = s * g^T (h * d)       (OUT, R)  = (hd^T g)^T with hd = s * h * d   -> column pass
+    #   gh = s * gB * d            (N, R)    gradient reaching h
+    #   dx = gh A                  (N, IN)   -> this kernel
+    #   dA = gh^T x                (R, IN)   -> column pass
+    #   dd = s * sum_rows h * gB   (R,)      -> per-row-block partials here, summed on the host
+    # One program per BLOCK_M rows: loop over OUT for gB, then over IN for dx; stores gh and hd (N, R) fp32
+    # for the column pass.
+    @triton.jit
+    def _lowrank_bwd_kernel(
+        g_ptr,  # (N, OUT) output gradient, unit column stride
+        h_ptr,  # (N, R) fp32 h saved by the forward
+        a_ptr,  # (R, IN)
+        b_ptr,  # (OUT, R)
+        d_ptr,  # (R,) read only if HAS_D
+        dx_ptr,  # (N, IN) contiguous, written only if NEED_DX
+        gh_ptr,  # (N, R) fp32 gh, written only if NEED_GH
+        hd_ptr,  # (N, R) fp32 s * h * d, written only if NEED_HD
+        dd_ptr,  # (row blocks, R) fp32 partial dd, written only if NEED_DD
+        N, IN, OUT, R,
+        stride_g, stride_a0, stride_a1, stride_b0, stride_b1,
+        scale,
+        HAS_D: tl.constexpr, NEED_DX: tl.constexpr, NEED_GH: tl.constexpr, NEED_HD: tl.constexpr,
+        NEED_DD: tl.constexpr,
+        DOT: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        ranks = tl.arange(0, BLOCK_R)
+        rmask, kmask = rows < N, ranks < R
+        hmask = rmask[:, None] & kmask[None, :]
+        h = tl.load(h_ptr + rows[:, None] * R + ranks[None, :], mask=hmask, other=0.0)
+        gb = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for n0 in range(0, OUT, BLOCK_N):
+            outs = n0 + tl.arange(0, BLOCK_N)
+            omask = outs < OUT
+            g = tl.load(g_ptr + rows[:, None] * stride_g + outs[None, :], mask=rmask[:, None] & omask[None, :],
+                        other=0.0)
+            b = tl.load(b_ptr + outs[:, None] * stride_b0 + ranks[None, :] * stride_b1,
+                        mask=omask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
+            gb = tl.dot(g.to(DOT), b.to(DOT), gb, input_precision=PREC)
+        gb = gb * scale
+        if HAS_D:
+            d = tl.load(d_ptr + ranks, mask=kmask, other=0.0).to(tl.float32)
+            gh = gb * d[None, :]
+            hd = h * d[None, :] * scale
+            if NEED_DD:
+                tl.store(dd_ptr + pid * R + ranks, tl.sum(h * gb, axis=0), mask=kmask)
+        else:
+            gh = gb
+            hd = h * scale
+        if NEED_GH:
+            tl.store(gh_ptr + rows[:, None] * R + ranks[None, :], gh, mask=hmask)
+        if NEED_HD:
+            tl.store(hd_ptr + rows[:, None] * R + ranks[None, :], hd, mask=hmask)
+        if NEED_DX:
+            ghd = gh.to(DOT)
+            for k0 in range(0, IN, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                cmask = cols < IN
+                a = tl.load(a_ptr + ranks[:, None] * stride_a0 + cols[None, :] * stride_a1,
+                            mask=kmask[:, None] & cmask[None, :], other=0.0)  # (BLOCK_R, BLOCK_K)
+                dx = tl.dot(ghd, a.to(DOT), input_precision=PREC)
+                tl.store(dx_ptr + rows[:, None] * IN + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                         mask=rmask[:, None] & cmask[None, :])
+
+
+def _lowrank_fwd(y, x, A, B, d, scale, h, dot, prec):
+    """y (N, OUT) += scale * ((x A^T) * d) B^T in place; h (N, R) fp32 receives x A^T when not None."""
+    N, IN = x.shape
+    OUT, R = B.shape
+    block_r = _rank_block(R)
+    bm = _row_block(N, block_r, x.device)
+    args = (x, A, B, d if d is not None else A, y, h if h is not None else x, N, IN, OUT, R,
+            x.stride(0), y.stride(0), A.stride(0), A.stride(1), B.stride(0), B.stride(1), scale)
+    meta = dict(HAS_D=d is not None, SAVE_H=h is not None, DOT=dot, PREC=prec, BLOCK_M=bm, BLOCK_R=block_r)
+    grid = (triton.cdiv(N, bm),)
+    if _interpreting() or not x.is_cuda:
+        _lowrank_fwd_kernel[grid](*args, **meta, BLOCK_N=_INTERP_BLOCK, BLOCK_K=_INTERP_BLOCK)
+    else:
+        _lowrank_fwd_tuned[grid](*args, **meta)
+
+
+def _lowrank_bwd(g, x, A, B, d, h, scale, need, dot, prec):
+    """Gradients (dx, dA, dB, dd) for the flags in need = (x, A, B, d); None where not needed."""
+    need_x, need_A, need_B, need_d = need
+    N, IN = x.shape
+    OUT, R = B.shape
+    block_r = _rank_block(R)
+    bm = _row_block(N, block_r, x.device)
+    blocks = triton.cdiv(N, bm)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx = torch.empty(N, IN, device=x.device, dtype=x.dtype) if need_x else None
+    gh = torch.empty(N, R, **f32) if need_A else None
+    hd = torch.empty(N, R, **f32) if need_B else None
+    dd = torch.empty(blocks, R, **f32) if need_d else None
+    bn = bk = _INTERP_BLOCK if (_interpreting() or not x.is_cuda) else 64
+    _lowrank_bwd_kernel[(blocks,)](
+        g, h, A, B, d if d is not None else A,
+        dx if need_x else h, gh if need_A else h, hd if need_B else h, dd if need_d else h,
+        N, IN, OUT, R, g.stride(0), A.stride(0), A.stride(1), B.stride(0), B.stride(1), scale,
+        HAS_D=d is not None, NEED_DX=need_x, NEED_GH=need_A, NEED_HD=need_B, NEED_DD=need_d,
+        DOT=dot, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, num_warps=4,
+    )
+    dA = _weight_grad(gh, x, dot, prec).to(A.dtype) if need_A else None  # (R, IN)
+    dB = _weight_grad(hd, g, dot, prec).t().to(B.dtype) if need_B else None  # (R, OUT) -> (OUT, R)
+    dd = dd.sum(0).to(d.dtype) if need_d else None  # (R,)
+    return dx, dA, dB, dd
+
+
+class LowRankAddFunction(torch.autograd.Function):
+    """y + scale * ((x A^T) * d) B^T, written into y (contiguous, not a leaf that requires grad)."""
+
+    @staticmethod
+    def forward(ctx, y, x, A, B, d, scale):
+        IN, OUT = x.shape[-1], y.shape[-1]
+        x2 = _rows(x, IN)  # (N, in)
+        save_h = any(ctx.needs_input_grad[1:5])
+        h = torch.empty(x2.shape[0], A.shape[0], device=x.device, dtype=torch.float32) if save_h else None
+        dot, prec = _dot_config(_compute_dtype(x))
+        _lowrank_fwd(y.view(-1, OUT), x2, A, B, d, float(scale), h, dot, prec)  # y: (N, out)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x2, A, B, d, h)
+        ctx.scale, ctx.dot, ctx.prec, ctx.x_shape = float(scale), dot, prec, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, A, B, d, h = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[1:5])  # x, A, B, d
+        dx = dA = dB = dd = None
+        if any(need):
+            g2 = _rows(g, g.shape[-1])  # (N, out)
+            dx, dA, dB, dd = _lowrank_bwd(g2, x2, A, B, d, h, ctx.scale, need, ctx.dot, ctx.prec)
+            dx = dx.view(ctx.x_shape) if dx is not None else None  # (..., in)
+        return g if ctx.needs_input_grad[0] else None, dx, dA, dB, dd, None
+
+
+def lowrank_add_reference(y, x, A, B, d=None, scale=1.0):
+    """y + scale * ((x A^T) * d) B^T in plain PyTorch (never writes y)."""
+    h = x @ A.T  # (..., r)
+    if d is not None:
+        h = h * d
+    return y + scale * (h @ B.T)  # (..., out)
+
+
+def lowrank_add(y, x, A, B, d=None, scale=1.0):
+    """y + scale * ((x A^T) * d) B^T for x (..., in), y (..., out), A (r, in), B (out, r), d (r,) or None.
+
+    y is updated in place and returned when it can be (contiguous, not a leaf that requires grad);
+    otherwise a copy is. Callers pass a fresh base output and use only the return value."""
+    r, d_in = A.shape
+    if x.shape[-1] != d_in or B.shape[1] != r or y.shape[-1] != B.shape[0] or x.shape[:-1] != y.shape[:-1] \
+            or (d is not None and tuple(d.shape) != (r,)):
+        raise ValueError(f"lowrank_add: shapes y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(A.shape)}, "
+                         f"B {tuple(B.shape)}, d {None if d is None else tuple(d.shape)} do not fit "
+                         f"y (..., out), x (..., in), A (r, in), B (out, r), d (r,)")
+    if r > _MAX_RANK or x.numel() == 0:
+        return lowrank_add_reference(y, x, A, B, d, scale)
+    if not y.is_contiguous() or (y.is_leaf and y.requires_grad):
+        y = y.clone(memory_format=torch.contiguous_format)
+    return LowRankAddFunction.apply(y, x, A, B, d, scale)
+
+
+# -----------------------------------------------------------------------------------------------------
+# SeRA: out = scale * x blockdiag(A) C blockdiag(B)
+#   A (S, IS, RS), C (R, R), B (S, RS, OS); S = split, IS = in/S, RS = r/S, OS = out/S, R = r
+#   Dense views (never stored): Ad (IN, R), Ad[k, c] = A[k//IS, k%IS, c%RS] if k//IS == c//RS else 0, i.e.
+#   A's flat index k*RS + c%RS; Bd (R, OUT), Bd[c, o] = B[c//RS, c%RS, o%OS] if c//RS == o//OS, flat c*OS + o%OS.
+
+if triton is not None:
+
+    @triton.jit
+    def _sera_fwd_kernel(
+        x_ptr,  # (N, IN) input, unit column stride
+        a_ptr,  # (S, IS, RS) contiguous
+        c_ptr,  # (R, R) contiguous
+        b_ptr,  # (S, RS, OS) contiguous
+        out_ptr,  # (N, OUT) contiguous output
+        h_ptr,  # (N, R) fp32: h1 = x Ad saved for the backward; written only if SAVE_H
+        N, IN, OUT, R, IS, RS, OS,
+        stride_x,
+        scale,
+        SAVE_H: tl.constexpr,
+        DOT: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        ranks = tl.arange(0, BLOCK_R)
+        rmask, kmask = rows < N, ranks < R
+        h1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, IN, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            cmask = cols < IN
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                        other=0.0)
+            am = cmask[:, None] & kmask[None, :] & (cols[:, None] // IS == ranks[None, :] // RS)
+            ad = tl.load(a_ptr + cols[:, None] * RS + (ranks % RS)[None, :], mask=am, other=0.0)  # (BLOCK_K, BLOCK_R)
+            h1 = tl.dot(x.to(DOT), ad.to(DOT), h1, input_precision=PREC)
+        if SAVE_H:
+            tl.store(h_ptr + rows[:, None] * R + ranks[None, :], h1, mask=rmask[:, None] & kmask[None, :])
+        c = tl.load(c_ptr + ranks[:, None] * R + ranks[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0)
+        h2 = (tl.dot(h1.to(DOT), c.to(DOT), input_precision=PREC) * scale).to(DOT)  # (BLOCK_M, BLOCK_R)
+        for n0 in range(0, OUT, BLOCK_N):
+            outs = n0 + tl.arange(0, BLOCK_N)
+            omask = outs < OUT
+            bm = kmask[:, None] & omask[None, :] & (ranks[:, None] // RS == outs[None, :] // OS)
+            bd = tl.load(b_ptr + ranks[:, None] * OS + (outs % OS)[None, :], mask=bm, other=0.0)  # (BLOCK_R, BLOCK_N)
+            o = tl.dot(h2, bd.to(DOT), input_precision=PREC)
+            tl.store(out_ptr + rows[:, None] * OUT + outs[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & omask[None, :])
+
+    # Backward. With g = dL/dout (N, OUT), h1 = x Ad, h2 = h1 C (both (N, R)), s = scale, out = s h2 Bd:
+    #   gh2 = s * g Bd^T           (N, R)
+    #   dBd = s * h2^T g           (R, OUT), kept on the diagonal blocks only -> column pass with U = s*h2
+    #   dC  = h1^T gh2             (R, R)    -> per-row-block partials here, summed on the host
+    #   gh1 = gh2 C^T              (N, R)
+    #   dAd = x^T gh1              (IN, R), diagonal blocks only -> column pass with U = gh1 (gives dAd^T)
+    #   dx  = gh1 Ad^T             (N, IN)   -> this kernel
+    @triton.jit
+    def _sera_bwd_kernel(
+        g_ptr,  # (N, OUT) output gradient, unit column stride
+        h_ptr,  # (N, R) fp32 h1 saved by the forward
+        a_ptr,  # (S, IS, RS) contiguous
+        c_ptr,  # (R, R) contiguous
+        b_ptr,  # (S, RS, OS) contiguous
+        dx_ptr,  # (N, IN) contiguous, written only if NEED_DX
+        gh_ptr,  # (N, R) fp32 gh1, written only if NEED_GH
+        h2_ptr,  # (N, R) fp32 s * h2, written only if NEED_H2
+        dc_ptr,  # (row blocks, R, R) fp32 partial dC, written only if NEED_DC
+        N, IN, OUT, R, IS, RS, OS,
+        stride_g,
+        scale,
+        NEED_DX: tl.constexpr, NEED_GH: tl.constexpr, NEED_H2: tl.constexpr, NEED_DC: tl.constexpr,
+        DOT: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        ranks = tl.arange(0, BLOCK_R)
+        rmask, kmask = rows < N, ranks < R
+        hmask = rmask[:, None] & kmask[None, :]
+        cmask2 = kmask[:, None] & kmask[None, :]
+        h1 = tl.load(h_ptr + rows[:, None] * R + ranks[None, :], mask=hmask, other=0.0)
+        c = tl.load(c_ptr + ranks[:, None] * R + ranks[None, :], mask=cmask2, other=0.0).to(DOT)
+        gh2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for n0 in range(0, OUT, BLOCK_N):
+            outs = n0 + tl.arange(0, BLOCK_N)
+            omask = outs < OUT
+            g = tl.load(g_ptr + rows[:, None] * stride_g + outs[None, :], mask=rmask[:, None] & omask[None, :],
+                        other=0.0)
+            bm = omask[:, None] & kmask[None, :] & (outs[:, None] // OS == ranks[None, :] // RS)
+            bdt = tl.load(b_ptr + ranks[None, :] * OS + (outs % OS)[:, None], mask=bm, other=0.0)  # (BLOCK_N, BLOCK_R)
+            gh2 = tl.dot(g.to(DOT), bdt.to(DOT), gh2, input_precision=PREC)
+        gh2 = gh2 * scale
+        if NEED_DC:
+            dc = tl.dot(tl.trans(h1).to(DOT), gh2.to(DOT), input_precision=PREC)  # (BLOCK_R, BLOCK_R)
+            tl.store(dc_ptr + pid * R * R + ranks[:, None] * R + ranks[None, :], dc, mask=cmask2)
+        if NEED_H2:
+            h2 = tl.dot(h1.to(DOT), c, input_precision=PREC) * scale
+            tl.store(h2_ptr + rows[:, None] * R + ranks[None, :], h2, mask=hmask)
+        gh1 = tl.dot(gh2.to(DOT), tl.trans(c), input_precision=PREC)  # (BLOCK_M, BLOCK_R)
+        if NEED_GH:
+            tl.store(gh_ptr + rows[:, None] * R + ranks[None, :], gh1, mask=hmask)
+        if NEED_DX:
+            gh1d = gh1.to(DOT)
+            for k0 in range(0, IN, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                cmask = cols < IN
+                am = kmask[:, None] & cmask[None, :] & (ranks[:, None] // RS == cols[None, :] // IS)
+                # (BLOCK_R, BLOCK_K) = Ad^T tile
+                adt = tl.load(a_ptr + cols[None, :] * RS + (ranks % RS)[:, None], mask=am, other=0.0)
+                dx = tl.dot(gh1d, adt.to(DOT), input_precision=PREC)
+                tl.store(dx_ptr + rows[:, None] * IN + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                         mask=rmask[:, None] & cmask[None, :])
+
+
+def _sera_tiles(x):
+    if _interpreting() or not x.is_cuda:
+        return dict(BLOCK_N=_INTERP_BLOCK, BLOCK_K=_INTERP_BLOCK, num_warps=4)
+    return dict(BLOCK_N=64, BLOCK_K=64, num_warps=4)
+
+
+def _sera_fwd(x, A, C, B, scale, h1, out, dot, prec):
+    """out (N, OUT) = scale * x Ad C Bd; h1 (N, R) fp32 receives x Ad when not None."""
+    N, IN = x.shape
+    S, IS, RS = A.shape
+    OS = B.shape[2]
+    R, OUT = S * RS, S * OS
+    block_r = _rank_block(R)
+    bm = _row_block(N, block_r, x.device)
+    _sera_fwd_kernel[(triton.cdiv(N, bm),)](
+        x, A, C, B, out, h1 if h1 is not None else x, N, IN, OUT, R, IS, RS, OS, x.stride(0), scale,
+        SAVE_H=h1 is not None, DOT=dot, PREC=prec, BLOCK_M=bm, BLOCK_R=block_r, **_sera_tiles(x),
+    )
+
+
+def _sera_bwd(g, x, A, C, B, h1, scale, need, dot, prec):
+    """Gradients (dx, dA, dC, dB) for the flags in need = (x, A, C, B); None where not needed."""
+    need_x, need_A, need_C, need_B = need
+    N, IN = x.shape
+    S, IS, RS = A.shape
+    OS = B.shape[2]
+    R, OUT = S * RS, S * OS
+    block_r = _rank_block(R)
+    bm = _row_block(N, block_r, x.device)
+    blocks = triton.cdiv(N, bm)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx = torch.empty(N, IN, device=x.device, dtype=x.dtype) if need_x else None
+    gh1 = torch.empty(N, R, **f32) if need_A else None
+    h2 = torch.empty(N, R, **f32) if need_B else None
+    dc = torch.empty(blocks, R, R, **f32) if need_C else None
+    _sera_bwd_kernel[(blocks,)](
+        g, h1, A, C, B, dx if need_x else h1, gh1 if need_A else h1, h2 if need_B else h1, dc if need_C else h1,
+        N, IN, OUT, R, IS, RS, OS, g.stride(0), scale,
+        NEED_DX=need_x, NEED_GH=need_A, NEED_H2=need_B, NEED_DC=need_C,
+        DOT=dot, PREC=prec, BLOCK_M=bm, BLOCK_R=block_r, **_sera_tiles(x),
+    )
+    dA = dB = dC = None
+    if need_A:
+        dad = _weight_grad(gh1, x, dot, prec).view(S, RS, S, IS)  # (R, IN) = Ad-gradient^T, by blocks
+        dA = dad.diagonal(dim1=0, dim2=2).permute(2, 1, 0).to(A.dtype)  # (RS, IS, S) -> (S, IS, RS)
+    if need_B:
+        dbd = _weight_grad(h2, g, dot, prec).view(S, RS, S, OS)  # (R, OUT) = Bd-gradient, by blocks
+        dB = dbd.diagonal(dim1=0, dim2=2).permute(2, 0, 1).to(B.dtype)  # (RS, OS, S) -> (S, RS, OS)
+    if need_C:
+        dC = dc.sum(0).to(C.dtype)  # (R, R)
+    return dx, dA, dC, dB
+
+
+class SeRADeltaFunction(torch.autograd.Function):
+    """scale * x blockdiag(A) C blockdiag(B), shape (..., out)."""
+
+    @staticmethod
+    def forward(ctx, x, A, C, B, scale):
+        IN = x.shape[-1]
+        S, _, RS = A.shape
+        OUT = S * B.shape[2]
+        x2 = _rows(x, IN)  # (N, in)
+        A, C, B = A.contiguous(), C.contiguous(), B.contiguous()
+        cdt = _compute_dtype(x)
+        dot, prec = _dot_config(cdt)
+        out = torch.empty(x2.shape[0], OUT, device=x.device, dtype=cdt)
+        save_h = any(ctx.needs_input_grad[:4])
+        h1 = torch.empty(x2.shape[0], S * RS, device=x.device, dtype=torch.float32) if save_h else None
+        _sera_fwd(x2, A, C, B, float(scale), h1, out, dot, prec)
+        ctx.save_for_backward(x2, A, C, B, h1)
+        ctx.scale, ctx.dot, ctx.prec, ctx.x_shape = float(scale), dot, prec, x.shape
+        return out.view(*x.shape[:-1], OUT)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, A, C, B, h1 = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:4])  # x, A, C, B
+        g2 = _rows(g, g.shape[-1])  # (N, out)
+        dx, dA, dC, dB = _sera_bwd(g2, x2, A, C, B, h1, ctx.scale, need, ctx.dot, ctx.prec)
+        dx = dx.view(ctx.x_shape) if dx is not None else None  # (..., in)
+        return dx, dA, dC, dB, None
+
+
+def sera_delta_reference(x, A, C, B, scale):
+    """scale * x blockdiag(A) C blockdiag(B) in plain PyTorch, block by block."""
+    S, IS, RS = A.shape
+    xs = x.reshape(*x.shape[:-1], S, IS)  # (..., split, in/split)
+    h = torch.einsum("...si,sij->...sj", xs, A).flatten(-2) @ C  # (..., r)
+    hs = h.reshape(*h.shape[:-1], S, RS)  # (..., split, r/split)
+    return scale * torch.einsum("...sj,sjo->...so", hs, B).flatten(-2)  # (..., out)
+
+
+def sera_delta(x, A, C, B, scale):
+    """scale * x blockdiag(A) C blockdiag(B) for x (..., in), A (split, in/split, r/split), C (r, r),
+    B (split, r/split, out/split); returns (..., out) in the compute dtype (autocast's, else x's)."""
+    S, IS, RS = A.shape if A.dim() == 3 else (0, 0, 0)
+    if S == 0 or x.shape[-1] != S * IS or tuple(C.shape) != (S * RS, S * RS) or B.dim() != 3 \
+            or B.shape[:2] != (S, RS):
+        raise ValueError(f"sera_delta: shapes x {tuple(x.shape)}, A {tuple(A.shape)}, C {tuple(C.shape)}, "
+                         f"B {tuple(B.shape)} do not fit x (..., in), A (split, in/split, r/split), C (r, r), "
+                         f"B (split, r/split, out/split)")
+    if S * RS > _MAX_RANK or x.numel() == 0:
+        return sera_delta_reference(x, A, C, B, scale)
+    return SeRADeltaFunction.apply(x, A, C, B, scale)
+
+
+# -----------------------------------------------------------------------------
+# Shared by the two Bone ops (VB-LoRA's compose has no matmul).
+
+
+def _dot_flags(t):
+    """(DOT_F32, PREC) for the kernels' tl.dot calls.
+
+    DOT_F32: True on CPU, i.e. under TRITON_INTERPRET=1, whose bf16/fp16 tl.dot returns garbage
+    (triton 3.9), so the operands are upcast there; on CUDA the dot runs in the native dtype.
+    PREC: fp32 x fp32 dots follow torch's own switch, so fp32 results match torch.matmul.
+    """
+    prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return t.device.type == "cpu", prec
+
+
+if triton is not None:
+
+    @triton.jit
+    def _bone_dot(a, b, acc, DOT_F32: tl.constexpr, PREC: tl.constexpr):
+        # acc += a @ b with b in a's dtype (tensor cores need equal operand types), fp32 accumulator
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        else:
+            b = b.to(a.dtype)
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+# -----------------------------------------------------------------------------
+# VB-LoRA: top-k admixture of a shared vector bank
+#   out[s] = sum_{i in topk(logits[s])} softmax(topk values)_i * bank[idx_i]
+# The top-k selection runs on the host (torch.topk): picking k (a few) of h (<= ~1k) values per row is
+# cheap and well tuned there; the kernel fuses what would otherwise be three passes over (S, k, b)
+# (softmax, gather, weighted sum). The backward's bank gradient is a scatter-add (several sub-vectors
+# pick the same bank vector); it is done deterministically: entries are sorted by bank row on the host,
+# then one program per bank row sums its entries in a fixed order (no atomics, bit-reproducible). A bank
+# row picked by many sub-vectors makes its program long; with the paper's random logits the picks spread
+# over all h rows.
+
+_VB_BLOCK_E = 32  # bank-gradient entries summed per loop step
+_VB_TILE = 4096  # elements of a (rows x b-columns) tile; rows per program = _VB_TILE / b-tile width
+
+if triton is not None:
+
+    @triton.jit
+    def _vblora_compose_fwd_kernel(
+        VALS,  # (S, k) top-k logits of each row, any float dtype
+        IDX,  # (S, k) int64 bank rows they select
+        BANK,  # (h, b) vector bank
+        OUT,  # (S, b) output
+        WGT,  # (S, k) fp32 softmax weights, saved for backward
+        S, K, NB,  # rows, k, b (sub-vector length)
+        BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, K_PAD: tl.constexpr, KC: tl.constexpr,
+    ):
+        pid_s = tl.program_id(0).to(tl.int64)
+        pid_b = tl.program_id(1)
+        rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        kcol = tl.arange(0, K_PAD)
+        cols = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        rm = rows < S
+        km = kcol < K
+        cm = cols < NB
+        v = tl.load(VALS + rows[:, None] * K + kcol[None, :], mask=rm[:, None] & km[None, :], other=float("-inf"))
+        v = tl.where(rm[:, None], v.to(tl.float32), 0.0)  # rows past S: finite dummies, never stored
+        e = tl.exp(v - tl.max(v, axis=1)[:, None])
+        w = e / tl.sum(e, axis=1)[:, None]  # (BLOCK_S, K_PAD)
+        acc = tl.zeros((BLOCK_S, BLOCK_B), dtype=tl.float32)
+        for i in tl.static_range(KC):
+            w_i = tl.sum(tl.where(kcol[None, :] == i, w, 0.0), axis=1)  # column i of w
+            idx_i = tl.load(IDX + rows * K + i, mask=rm, other=0)
+            vec = tl.load(BANK + idx_i[:, None] * NB + cols[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+            acc += w_i[:, None] * vec.to(tl.float32)
+        tl.store(OUT + rows[:, None] * NB + cols[None, :], acc.to(OUT.dtype.element_ty), mask=rm[:, None] & cm[None, :])
+        if pid_b == 0:
+            tl.store(WGT + rows[:, None] * K + kcol[None, :], w, mask=rm[:, None] & km[None, :])
+
+    # Backward, logits part. With g = dL/dout[s] and w = softmax(v) over the k selected logits v:
+    #   dw_i     = g . bank[idx_i]                       (out is linear in w)
+    #   dv_i     = w_i (dw_i - sum_j w_j dw_j)            (softmax Jacobian diag(w) - w w^T)
+    #   dlogits[s, idx_i] = dv_i, zero at the h - k unselected entries (top-k is piecewise constant).
+    @triton.jit
+    def _vblora_compose_bwd_kernel(
+        G,  # (S, b) dL/dout
+        IDX,  # (S, k) int64 selected bank rows
+        WGT,  # (S, k) fp32 softmax weights from forward
+        BANK,  # (h, b) vector bank
+        DLOGITS,  # (S, h) zero-filled; the k selected entries of each row are written
+        S, K, NB, H,  # rows, k, b, h
+        BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, K_PAD: tl.constexpr, KC: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+        kcol = tl.arange(0, K_PAD)
+        rm = rows < S
+        km = kcol < K
+        idx = tl.load(IDX + rows[:, None] * K + kcol[None, :], mask=rm[:, None] & km[None, :], other=0)
+        w = tl.load(WGT + rows[:, None] * K + kcol[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        dw = tl.zeros((BLOCK_S, K_PAD), dtype=tl.float32)
+        for i in tl.static_range(KC):
+            idx_i = tl.load(IDX + rows * K + i, mask=rm, other=0)
+            dw_i = tl.zeros((BLOCK_S,), dtype=tl.float32)
+            for c0 in range(0, NB, BLOCK_B):
+                cols = c0 + tl.arange(0, BLOCK_B)
+                m2 = rm[:, None] & (cols < NB)[None, :]
+                g = tl.load(G + rows[:, None] * NB + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+                vec = tl.load(BANK + idx_i[:, None] * NB + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+                dw_i += tl.sum(g * vec, axis=1)
+            dw = tl.where(kcol[None, :] == i, dw_i[:, None], dw)
+        dv = w * (dw - tl.sum(w * dw, axis=1)[:, None])  # (BLOCK_S, K_PAD)
+        tl.store(DLOGITS + rows[:, None] * H + idx, dv.to(DLOGITS.dtype.element_ty), mask=rm[:, None] & km[None, :])
+
+    # Backward, bank part: dbank[r] = sum over entries (s, i) with idx[s, i] == r of w[s, i] g[s].
+    # ORDER lists the S*k entries e = s*k + i sorted by bank row; row r owns ORDER[START[r] : START[r] + COUNT[r]].
+    @triton.jit
+    def _vblora_compose_bwd_bank_kernel(
+        G,  # (S, b) dL/dout
+        WGT,  # (S*k,) fp32 softmax weights, flattened
+        ORDER,  # (S*k,) int64 entry ids sorted by bank row
+        START, COUNT,  # (h,) int64 first position in ORDER and number of entries per bank row
+        DBANK,  # (h, b) output; rows no entry selects get 0
+        K, NB,  # k, b
+        BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):
+        r = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        cm = cols < NB
+        start = tl.load(START + r)
+        end = start + tl.load(COUNT + r)
+        acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for e0 in range(start, end, BLOCK_E):
+            pos = e0 + tl.arange(0, BLOCK_E)
+            em = pos < end
+            ent = tl.load(ORDER + pos, mask=em, other=0)
+            w = tl.load(WGT + ent, mask=em, other=0.0)
+            g = tl.load(G + (ent // K)[:, None] * NB + cols[None, :], mask=em[:, None] & cm[None, :], other=0.0)
+            acc += tl.sum(w[:, None] * g.to(tl.float32), axis=0)
+        tl.store(DBANK + r * NB + cols, acc.to(DBANK.dtype.element_ty), mask=cm)
+
+
+def _vblora_blocks(k, nb):
+    block_b = min(triton.next_power_of_2(nb), 128)
+    return _VB_TILE // block_b, block_b, triton.next_power_of_2(k)
+
+
+def _vblora_compose_fwd(logits, bank, k):
+    S, nb = logits.shape[0], bank.shape[1]
+    vals, idx = torch.topk(logits, k, dim=-1)  # (S, k) each
+    idx = idx.contiguous()
+    out = torch.empty(S, nb, device=bank.device, dtype=torch.promote_types(logits.dtype, bank.dtype))
+    wgt = torch.empty(S, k, device=bank.device, dtype=torch.float32)
+    block_s, block_b, k_pad = _vblora_blocks(k, nb)
+    grid = (triton.cdiv(S, block_s), triton.cdiv(nb, block_b))
+    _vblora_compose_fwd_kernel[grid](vals.contiguous(), idx, bank, out, wgt, S, k, nb,
+                                     BLOCK_S=block_s, BLOCK_B=block_b, K_PAD=k_pad, KC=k)
+    return out, idx, wgt
+
+
+def _vblora_compose_bwd(g, idx, wgt, bank, logits_dtype, need_logits, need_bank):
+    S, k = idx.shape
+    h, nb = bank.shape
+    block_s, block_b, k_pad = _vblora_blocks(k, nb)
+    dlogits = dbank = None
+    if need_logits:
+        dlogits = torch.zeros(S, h, device=g.device, dtype=logits_dtype)
+        _vblora_compose_bwd_kernel[(triton.cdiv(S, block_s),)](g, idx, wgt, bank, dlogits, S, k, nb, h,
+                                                                BLOCK_S=block_s, BLOCK_B=block_b, K_PAD=k_pad, KC=k)
+    if need_bank:
+        flat = idx.flatten()  # (S*k,) entry e = s*k + i
+        order = torch.argsort(flat, stable=True)  # (S*k,) a fixed summation order per bank row
+        count = torch.bincount(flat, minlength=h)  # (h,)
+        start = torch.cumsum(count, 0) - count  # (h,)
+        dbank = torch.empty_like(bank)
+        _vblora_compose_bwd_bank_kernel[(h, triton.cdiv(nb, block_b))](g, wgt, order, start, count, dbank, k, nb,
+                                                                       BLOCK_E=_VB_BLOCK_E, BLOCK_B=block_b)
+    return dlogits, dbank
+
+
+class VBLoRAComposeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, bank, k):
+        out, idx, wgt = _vblora_compose_fwd(logits.contiguous(), bank.contiguous(), k)
+        ctx.save_for_backward(idx, wgt, bank)
+        ctx.logits_dtype = logits.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        idx, wgt, bank = ctx.saved_tensors
+        dlogits, dbank = _vblora_compose_bwd(g.contiguous(), idx, wgt, bank.contiguous(), ctx.logits_dtype,
+                                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dlogits, dbank, None
+
+
+def vblora_compose_reference(logits, bank, k):
+    """Plain PyTorch: (S, h) logits, (h, b) bank -> (S, b); fp32 maths, result in the promoted dtype."""
+    vals, idx = torch.topk(logits, k, dim=-1)  # (S, k)
+    w = torch.softmax(vals.float(), dim=-1)  # (S, k)
+    out = torch.einsum("sk,skb->sb", w, bank.float()[idx])  # bank[idx]: (S, k, b)
+    return out.to(torch.promote_types(logits.dtype, bank.dtype))
+
+
+def vblora_compose(logits, bank, k):
+    """Triton top-k admixture: logits (S, h), bank (h, b) -> (S, b); grads to logits and bank."""
+    if logits.dim() != 2 or bank.dim() != 2 or logits.shape[1] != bank.shape[0]:
+        raise ValueError(f"vblora_compose: need logits (S, h) and bank (h, b), got {tuple(logits.shape)} "
+                         f"and {tuple(bank.shape)}")
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"vblora_compose: k={k} must be in [1, h={bank.shape[0]}]")
+    return VBLoRAComposeFunction.apply(logits, bank, k)
+
+
+# -----------------------------------------------------------------------------
+# Bone-row prologue: x (M, in) viewed as (M, in/b, b) chunks x_j, one B_j (b, b) per input chunk
+#   t_j = x_j B_j^T,   returns  x + t  (M, in)  and  sum_j t_j  (M, b)
+# so that the Bone-row layer is y = (x + t) W^T + tile(sum_j t_j) (SPEC §5) without forming W'.
+# Tiles: BLOCK_M rows, and within a chunk BLOCK_B columns (b padded to a power of two, masked), so
+# any b works and b > 64 loops over 64-wide tiles instead of holding a b x b tile.
+
+_BONE_BLOCK_M = 64
+_BONE_BLOCK = 64  # cap on the b-tiles of both Bone ops
+_BONE_TARGET_PROGRAMS = 512  # split the weight-gradient reductions until roughly this many programs run
+
+if triton is not None:
+
+    @triton.jit
+    def _bone_row_fwd_kernel(
+        X,  # (M, IN) input
+        BW,  # (IN/b, b, b) Bone blocks B_j
+        Y,  # (M, IN) x + t
+        TS,  # (M, b) sum_j t_j
+        M, IN, NBLK, b,  # rows, in, in/b, b
+        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        p = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # output columns within a chunk
+        rm = rows < M
+        pm = p < b
+        ts = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+        for j in range(NBLK):
+            t = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+            for q0 in range(0, b, BLOCK_B):
+                q = q0 + tl.arange(0, BLOCK_B)
+                qm = q < b
+                x = tl.load(X + rows[:, None] * IN + j * b + q[None, :], mask=rm[:, None] & qm[None, :], other=0.0)
+                bt = tl.load(BW + j * b * b + p[None, :] * b + q[:, None], mask=qm[:, None] & pm[None, :], other=0.0)
+                t = _bone_dot(x, bt, t, DOT_F32, PREC)  # x_j B_j^T tile
+            offs = rows[:, None] * IN + j * b + p[None, :]
+            mask = rm[:, None] & pm[None, :]
+            x = tl.load(X + offs, mask=mask, other=0.0)
+            tl.store(Y + offs, (x.to(tl.float32) + t).to(Y.dtype.element_ty), mask=mask)
+            ts += t
+        tl.store(TS + rows[:, None] * b + p[None, :], ts.to(TS.dtype.element_ty), mask=rm[:, None] & pm[None, :])
+
+    # Backward. With gx = dL/d(x + t) and gs = dL/d(sum_j t_j), t_j enters both outputs, so
+    #   dt_j = gx_j + gs                     (M, b)
+    #   dx_j = gx_j + dt_j B_j               (identity path + through t_j = x_j B_j^T)
+    #   dB_j = dt_j^T x_j                    (b, b), a sum over all M rows
+    # This kernel computes dx: one program per (row block, chunk j, column tile of dx_j).
+    @triton.jit
+    def _bone_row_bwd_kernel(
+        GX,  # (M, IN) dL/d(x + t)
+        GS,  # (M, b) dL/d(sum_j t_j)
+        BW,  # (IN/b, b, b) Bone blocks
+        DX,  # (M, IN) output
+        M, IN, b,  # rows, in, b
+        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        j = tl.program_id(1)
+        q = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+        rm = rows < M
+        qm = q < b
+        acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+        for p0 in range(0, b, BLOCK_B):
+            p = p0 + tl.arange(0, BLOCK_B)
+            m2 = rm[:, None] & (p < b)[None, :]
+            gx = tl.load(GX + rows[:, None] * IN + j * b + p[None, :], mask=m2, other=0.0)
+            gs = tl.load(GS + rows[:, None] * b + p[None, :], mask=m2, other=0.0)
+            dt = (gx.to(tl.float32) + gs.to(tl.float32)).to(GX.dtype.element_ty)
+            bj = tl.load(BW + j * b * b + p[:, None] * b + q[None, :], mask=(p < b)[:, None] & qm[None, :], other=0.0)
+            acc = _bone_dot(dt, bj, acc, DOT_F32, PREC)
+        offs = rows[:, None] * IN + j * b + q[None, :]
+        mask = rm[:, None] & qm[None, :]
+        gx = tl.load(GX + offs, mask=mask, other=0.0)
+        tl.store(DX + offs, (gx.to(tl.float32) + acc).to(DX.dtype.element_ty), mask=mask)
+
+    # dB_j = dt_j^T x_j: program (chunk j, tile (p, q) of dB_j, split s) sums row blocks s, s + SPLIT, ...
+    # into its own slice of a fp32 partial buffer; the host sums the SPLIT slices (deterministic).
+    @triton.jit
+    def _bone_row_bwd_dB_kernel(
+        GX, GS, X,  # (M, IN), (M, b), (M, IN)
+        DBP,  # (SPLIT, IN/b, b, b) fp32 partial sums
+        M, IN, NBLK, b, SPLIT,  # rows, in, in/b, b, number of row splits
+        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        nt = tl.cdiv(b, BLOCK_B)
+        j = pid // (nt * nt)
+        p = (pid // nt) % nt * BLOCK_B + tl.arange(0, BLOCK_B)
+        q = pid % nt * BLOCK_B + tl.arange(0, BLOCK_B)
+        pm = p < b
+        qm = q < b
+        split = tl.program_id(1)
+        acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
+        for m0 in range(split * BLOCK_M, M, SPLIT * BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            rm = rows < M
+            gx = tl.load(GX + rows[None, :] * IN + j * b + p[:, None], mask=pm[:, None] & rm[None, :], other=0.0)
+            gs = tl.load(GS + rows[None, :] * b + p[:, None], mask=pm[:, None] & rm[None, :], other=0.0)
+            dtT = (gx.to(tl.float32) + gs.to(tl.float32)).to(GX.dtype.element_ty)  # (BLOCK_B, BLOCK_M)
+            x = tl.load(X + rows[:, None] * IN + j * b + q[None, :], mask=rm[:, None] & qm[None, :], other=0.0)
+            acc = _bone_dot(dtT, x, acc, DOT_F32, PREC)
+        out = DBP + split.to(tl.int64) * NBLK * b * b + j * b * b
+        tl.store(out + p[:, None] * b + q[None, :], acc, mask=pm[:, None] & qm[None, :])
+
+
+def _bone_blocks(b):
+    return max(16, min(_BONE_BLOCK, triton.next_power_of_2(b)))
+
+
+def _bone_row_fwd(x, B):
+    M, n_in = x.shape
+    nblk, b = B.shape[0], B.shape[1]
+    y = torch.empty_like(x)
+    ts = torch.empty(M, b, device=x.device, dtype=x.dtype)
+    bb = _bone_blocks(b)
+    dot_f32, prec = _dot_flags(x)
+    grid = (triton.cdiv(M, _BONE_BLOCK_M), triton.cdiv(b, bb))
+    _bone_row_fwd_kernel[grid](x, B, y, ts, M, n_in, nblk, b,
+                               BLOCK_M=_BONE_BLOCK_M, BLOCK_B=bb, DOT_F32=dot_f32, PREC=prec)
+    return y, ts
+
+
+def _bone_row_bwd(gx, gs, x, B, need_x, need_B):
+    M, n_in = x.shape
+    nblk, b = B.shape[0], B.shape[1]
+    bb = _bone_blocks(b)
+    nt = triton.cdiv(b, bb)
+    dot_f32, prec = _dot_flags(x)
+    dx = dB = None
+    if need_x:
+        dx = torch.empty_like(gx)
+        _bone_row_bwd_kernel[(triton.cdiv(M, _BONE_BLOCK_M), nblk, nt)](gx, gs, B, dx, M, n_in, b,
+                                                                        BLOCK_M=_BONE_BLOCK_M, BLOCK_B=bb,
+                                                                        DOT_F32=dot_f32, PREC=prec)
+    if need_B:
+        tiles = nblk * nt * nt
+        split = max(1, min(triton.cdiv(M, _BONE_BLOCK_M), triton.cdiv(_BONE_TARGET_PROGRAMS, tiles)))
+        part = torch.empty(split, nblk, b, b, device=x.device, dtype=torch.float32)
+        _bone_row_bwd_dB_kernel[(tiles, split)](gx, gs, x, part, M, n_in, nblk, b, split,
+                                               BLOCK_M=_BONE_BLOCK_M, BLOCK_B=bb, DOT_F32=dot_f32, PREC=prec)
+        dB = part.sum(0).to(B.dtype)  # (in/b, b, b)
+    return dx, dB
+
+
+class BoneRowFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, B):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
+        B = B.contiguous()
+        y, ts = _bone_row_fwd(x2, B)
+        ctx.save_for_backward(x2, B)
+        return y.view(x.shape), ts.view(*x.shape[:-1], B.shape[1])
+
+    @staticmethod
+    def backward(ctx, gy, gts):
+        x2, B = ctx.saved_tensors
+        gx = gy.reshape(x2.shape).contiguous()  # (M, in)
+        gs = gts.reshape(x2.shape[0], B.shape[1]).contiguous()  # (M, b)
+        dx, dB = _bone_row_bwd(gx, gs, x2, B, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return (None if dx is None else dx.view(gy.shape)), dB
+
+
+def bone_row_reference(x, B):
+    """Plain PyTorch: x (..., in), B (in/b, b, b) -> (x + t (..., in), sum_j t_j (..., b))."""
+    nblk, b = B.shape[0], B.shape[1]
+    xs = x.reshape(*x.shape[:-1], nblk, b)  # (..., in/b, b)
+    t = torch.einsum("...jq,jpq->...jp", xs, B)  # (..., in/b, b): t_j = x_j B_j^T
+    return (xs + t).reshape(x.shape), t.sum(-2)  # (..., in), (..., b)
+
+
+def bone_row(x, B):
+    """Triton Bone-row prologue: x (..., in), B (in/b, b, b) -> (x + t, sum_j t_j); grads to x and B."""
+    if B.dim() != 3 or B.shape[1] != B.shape[2] or x.shape[-1] != B.shape[0] * B.shape[1]:
+        raise ValueError(f"bone_row: need B (in/b, b, b) with in = {x.shape[-1]}, got {tuple(B.shape)}")
+    return BoneRowFunction.apply(x, B)
+
+
+# -----------------------------------------------------------------------------
+# Bone-col linear: y = x W'^T + bias with W'_ij = W_ij + W_ij B_i + B_i (b x b blocks; i over out/b,
+# j over in/b; one B_i per output row-block). W' has no factorisation through x (SPEC §5), so each
+# b-tile of W' is formed in registers right where the matmul consumes it:
+#   W'_ij[p, q] = W_ij[p, q] + sum_r W_ij[p, r] B_i[r, q] + B_i[p, q]
+# Output tiles never straddle a row-block i (grid axis 1 = (i, tile within b)), and the K loop walks
+# (j, tile within b), so a tile always sees one W_ij and one B_i. Forming the tile costs
+# b/BLOCK_M extra flops over the plain matmul (redone per row block) and no memory. Neither W' nor
+# dW' is ever stored; only x, W (the frozen weight itself, not a copy) and B are saved for backward.
+
+if triton is not None:
+
+    @triton.jit
+    def _bone_col_wprime_tile(W, BW, i, j, p, q, IN, b, BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr,
+                              PREC: tl.constexpr):
+        # fp32 tile W'_ij[p, q] (p, q: index vectors within the b x b block)
+        pm = p < b
+        qm = q < b
+        wrow = (i * b + p).to(tl.int64) * IN + j * b  # (BLOCK_B,) start of each W row inside block ij
+        bi = BW + i * b * b  # B holds out*b elements: int32 is enough
+        w = tl.load(W + wrow[:, None] + q[None, :], mask=pm[:, None] & qm[None, :], other=0.0)
+        wb = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
+        for r0 in range(0, b, BLOCK_B):
+            r = r0 + tl.arange(0, BLOCK_B)
+            rmk = r < b
+            wr = tl.load(W + wrow[:, None] + r[None, :], mask=pm[:, None] & rmk[None, :], other=0.0)
+            br = tl.load(bi + r[:, None] * b + q[None, :], mask=rmk[:, None] & qm[None, :], other=0.0)
+            wb = _bone_dot(wr, br, wb, DOT_F32, PREC)
+        bpq = tl.load(bi + p[:, None] * b + q[None, :], mask=pm[:, None] & qm[None, :], other=0.0)
+        return w.to(tl.float32) + wb + bpq.to(tl.float32)
+
+    @triton.jit
+    def _bone_col_linear_fwd_kernel(
+        X,  # (M, IN) input
+        W,  # (OUT, IN) frozen weight
+        BW,  # (OUT/b, b, b) Bone blocks B_i
+        BIAS,  # (OUT,) or a dummy when HAS_BIAS is False
+        Y,  # (M, OUT) output
+        M, IN, OUT, NBI, b,  # rows, in, out, in/b, b
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        nt = tl.cdiv(b, BLOCK_B)
+        i = tl.program_id(1).to(tl.int64) // nt
+        p = tl.program_id(1) % nt * BLOCK_B + tl.arange(0, BLOCK_B)
+        rm = rows < M
+        pm = p < b
+        acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+        for j in range(NBI):
+            for q0 in range(0, b, BLOCK_B):
+                q = q0 + tl.arange(0, BLOCK_B)
+                wp = _bone_col_wprime_tile(W, BW, i, j, p, q, IN, b, BLOCK_B, DOT_F32, PREC)  # (p, q)
+                x = tl.load(X + rows[:, None] * IN + j * b + q[None, :], mask=rm[:, None] & (q < b)[None, :],
+                            other=0.0)
+                acc = _bone_dot(x, tl.trans(wp), acc, DOT_F32, PREC)
+        n = i * b + p
+        if HAS_BIAS:
+            acc += tl.load(BIAS + n, mask=pm, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rows[:, None] * OUT + n[None, :], acc.to(Y.dtype.element_ty), mask=rm[:, None] & pm[None, :])
+
+    # Backward. With g = dL/dy (M, out), g_i its i-th b-column block and x_j likewise:
+    #   dx_j   = sum_i g_i W'_ij                              (this kernel; W' tiles re-formed on the fly)
+    #   dW'_ij = g_i^T x_j                                    (b, b)
+    #   dB_i   = sum_j (W_ij^T dW'_ij + dW'_ij) = sum_j (W_ij + I)^T dW'_ij
+    #            (W'_ij is affine in B_i: d tr(G^T W B) / dB = W^T G, and the +B_i term gives G)
+    #   dbias  = sum over rows of g
+    @triton.jit
+    def _bone_col_linear_bwd_kernel(
+        G,  # (M, OUT) dL/dy
+        W,  # (OUT, IN) frozen weight
+        BW,  # (OUT/b, b, b) Bone blocks
+        DX,  # (M, IN) output
+        M, IN, OUT, NBO, b,  # rows, in, out, out/b, b
+        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        nt = tl.cdiv(b, BLOCK_B)
+        j = tl.program_id(1).to(tl.int64) // nt
+        q = tl.program_id(1) % nt * BLOCK_B + tl.arange(0, BLOCK_B)
+        rm = rows < M
+        qm = q < b
+        acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+        for i in range(NBO):
+            for p0 in range(0, b, BLOCK_B):
+                p = p0 + tl.arange(0, BLOCK_B)
+                wp = _bone_col_wprime_tile(W, BW, i, j, p, q, IN, b, BLOCK_B, DOT_F32, PREC)  # (p, q)
+                g = tl.load(G + rows[:, None] * OUT + i * b + p[None, :], mask=rm[:, None] & (p < b)[None, :],
+                            other=0.0)
+                acc = _bone_dot(g, wp, acc, DOT_F32, PREC)
+        tl.store(DX + rows[:, None] * IN + j * b + q[None, :], acc.to(DX.dtype.element_ty),
+                 mask=rm[:, None] & qm[None, :])
+
+    # dB_i tile (p, q) = sum_j sum_r (W_ij + I)[r, p] dW'_ij[r, q]: program (i, tile (p, q), split s) takes
+    # j = s, s + SPLIT, ..., builds each dW'_ij[r-tile, q] = g_i[:, r]^T x_j[:, q] over all rows in registers,
+    # folds it into its dB tile at once and drops it; the host sums the SPLIT fp32 slices (deterministic).
+    # For b > BLOCK_B the dW' tiles are rebuilt once per p-tile (cdiv(b, BLOCK_B)x the M-loop flops).
+    @triton.jit
+    def _bone_col_linear_bwd_dB_kernel(
+        G, X, W,  # (M, OUT), (M, IN), (OUT, IN)
+        DBP,  # (SPLIT, OUT/b, b, b) fp32 partial sums
+        M, IN, OUT, NBO, NBI, b, SPLIT,  # rows, in, out, out/b, in/b, b, number of j splits
+        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        nt = tl.cdiv(b, BLOCK_B)
+        i = pid // (nt * nt)
+        p = (pid // nt) % nt * BLOCK_B + tl.arange(0, BLOCK_B)
+        q = pid % nt * BLOCK_B + tl.arange(0, BLOCK_B)
+        pm = p < b
+        qm = q < b
+        split = tl.program_id(1)
+        acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
+        for j in range(split, NBI, SPLIT):
+            for r0 in range(0, b, BLOCK_B):
+                r = r0 + tl.arange(0, BLOCK_B)
+                rmk = r < b
+                dwp = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)  # dW'_ij[r, q]
+                for m0 in range(0, M, BLOCK_M):
+                    rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+                    rm = rows < M
+                    gT = tl.load(G + rows[None, :] * OUT + i * b + r[:, None], mask=rmk[:, None] & rm[None, :],
+                                 other=0.0)  # (r, m)
+                    x = tl.load(X + rows[:, None] * IN + j * b + q[None, :], mask=rm[:, None] & qm[None, :],
+                                other=0.0)  # (m, q)
+                    dwp = _bone_dot(gT, x, dwp, DOT_F32, PREC)
+                wT = tl.load(W + (i * b + r[None, :]).to(tl.int64) * IN + j * b + p[:, None],
+                             mask=pm[:, None] & rmk[None, :], other=0.0).to(tl.float32)  # W_ij[r, p] as (p, r)
+                wT += tl.where(p[:, None] == r[None, :], 1.0, 0.0)  # + I
+                acc = _bone_dot(wT, dwp, acc, DOT_F32, PREC)
+        out = DBP + split.to(tl.int64) * NBO * b * b + i.to(tl.int64) * b * b
+        tl.store(out + p[:, None] * b + q[None, :], acc, mask=pm[:, None] & qm[None, :])
+
+
+def _bone_col_linear_fwd(x, W, B, bias):
+    M, n_in = x.shape
+    n_out, b = W.shape[0], B.shape[1]
+    y = torch.empty(M, n_out, device=x.device, dtype=x.dtype)
+    bb = _bone_blocks(b)
+    dot_f32, prec = _dot_flags(x)
+    grid = (triton.cdiv(M, _BONE_BLOCK_M), (n_out // b) * triton.cdiv(b, bb))
+    _bone_col_linear_fwd_kernel[grid](x, W, B, y if bias is None else bias, y, M, n_in, n_out, n_in // b, b,
+                                      HAS_BIAS=bias is not None, BLOCK_M=_BONE_BLOCK_M, BLOCK_B=bb,
+                                      DOT_F32=dot_f32, PREC=prec)
+    return y
+
+
+def _bone_col_linear_bwd(g, x, W, B, need_x, need_B):
+    M, n_in = x.shape
+    n_out, b = W.shape[0], B.shape[1]
+    nbo, nbi = n_out // b, n_in // b
+    bb = _bone_blocks(b)
+    nt = triton.cdiv(b, bb)
+    dot_f32, prec = _dot_flags(x)
+    dx = dB = None
+    if need_x:
+        dx = torch.empty(M, n_in, device=x.device, dtype=x.dtype)
+        _bone_col_linear_bwd_kernel[(triton.cdiv(M, _BONE_BLOCK_M), nbi * nt)](
+            g, W, B, dx, M, n_in, n_out, nbo, b,
+            BLOCK_M=_BONE_BLOCK_M, BLOCK_B=bb, DOT_F32=dot_f32, PREC=prec)
+    if need_B:
+        tiles = nbo * nt * nt
+        split = max(1, min(nbi, triton.cdiv(_BONE_TARGET_PROGRAMS, tiles)))
+        part = torch.empty(split, nbo, b, b, device=x.device, dtype=torch.float32)
+        _bone_col_linear_bwd_dB_kernel[(tiles, split)](g, x, W, part, M, n_in, n_out, nbo, nbi, b, split,
+                                                      BLOCK_M=_BONE_BLOCK_M, BLOCK_B=bb,
+                                                      DOT_F32=dot_f32, PREC=prec)
+        dB = part.sum(0).to(B.dtype)  # (out/b, b, b)
+    return dx, dB
+
+
+class BoneColLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W, B, bias):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
+        W, B = W.contiguous(), B.contiguous()
+        y = _bone_col_linear_fwd(x2, W, B, bias)
+        ctx.save_for_backward(x2, W, B)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, W, B = ctx.saved_tensors
+        g = gy.reshape(-1, W.shape[0]).contiguous()  # (M, out)
+        dx, dB = _bone_col_linear_bwd(g, x2, W, B, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+        dbias = g.float().sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None  # (out,)
+        return (None if dx is None else dx.view(*gy.shape[:-1], x2.shape[1])), None, dB, dbias
+
+
+def bone_col_linear_reference(x, W, B, bias=None):
+    """Plain PyTorch oracle: materialises W' (out, in) — for tests and benchmarks, not a training path."""
+    nbo, b = B.shape[0], B.shape[1]
+    Wb = W.reshape(nbo, b, -1, b)  # (out/b, b, in/b, b): W_ij[p, q] = Wb[i, p, j, q]
+    WB = torch.einsum("ipjr,irq->ipjq", Wb, B)  # (out/b, b, in/b, b): W_ij B_i
+    Wp = (Wb + WB + B[:, :, None, :]).reshape(W.shape)  # (out, in)
+    return torch.nn.functional.linear(x, Wp, bias)
+
+
+def bone_col_linear(x, W, B, bias=None):
+    """Triton Bone-col linear: x (..., in), frozen W (out, in), B (out/b, b, b) -> x W'^T + bias."""
+    n_out, n_in = W.shape
+    if B.dim() != 3 or B.shape[1] != B.shape[2] or B.shape[0] * B.shape[1] != n_out or n_in % B.shape[1]:
+        raise ValueError(f"bone_col_linear: need B (out/b, b, b) with b | in, b | out for W {tuple(W.shape)}, "
+                         f"got {tuple(B.shape)}")
+    if x.shape[-1] != n_in:
+        raise ValueError(f"bone_col_linear: x has {x.shape[-1]} features, W expects in={n_in}")
+    if W.requires_grad and torch.is_grad_enabled():
+        raise ValueError("bone_col_linear: W must be frozen (requires_grad=False); its gradient is not computed")
+    return BoneColLinearFunction.apply(x, W, B, bias)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Benchmark: python kernels.py [--device cuda|cpu] [--quick]
+
+
+def _time_ms(fn, device, iters):
+    """Median milliseconds per call: triton's do_bench on CUDA (L2 flushed between calls), else a
+    perf_counter loop after warm-up."""
+    if device.type == "cuda":
+        if triton is not None:
+            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        fn()
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def _op_cases(device, dtype, quick):
+    """(name, shape text, kernel fn, reference fn, work, tensors whose .grad to clear) per op and pass.
+    work is bytes (GB/s: the minimum traffic of a fused implementation, inputs read once, outputs written
+    once) or ("flop", n) (TFLOP/s) and is the same for both columns, so the rates compare like with like."""
+    N, D, r, s = (4096, 1024, 16, 8) if device.type == "cuda" else (256, 256, 16, 8)
+    if quick:
+        N //= 4
+    es = torch.finfo(dtype).bits // 8
+    mk = functools.partial(torch.randn, device=device, dtype=dtype)
+
+    def no_grad(f, *args):
+        def run():
+            with torch.no_grad():
+                f(*args)
+        return run
+
+    def fwd_bwd(f, g, *args):
+        return lambda: torch.autograd.backward(f(*args), g)
+
+    def fresh_y(f):  # the kernel writes into y: a detached alias keeps each call's graph off y itself
+        return lambda y, *rest: f(y.detach(), *rest)
+
+    cases = []
+    for d_in, d_out in ((D, D), (D, 4 * D)):
+        x, y, g = mk(N, d_in).requires_grad_(), mk(N, d_out), mk(N, d_out)
+        A, B, d = (0.01 * mk(r, d_in)).requires_grad_(), (0.01 * mk(d_out, r)).requires_grad_(), \
+            mk(r).requires_grad_()
+        fwd = (N * d_in + 2 * N * d_out) * es  # read x, read + write y
+        bwd = (N * d_out + 2 * N * d_in) * es  # read g, read x, write dx
+        shape = f"N={N} {d_in}->{d_out} r={r}"
+        lr = (y, x, A, B, d, 0.5)
+        cases.append(("lowrank_add fwd", shape, no_grad(lowrank_add, *lr), no_grad(lowrank_add_reference, *lr),
+                      fwd, []))
+        cases.append(("lowrank_add fwd+bwd", shape, fwd_bwd(fresh_y(lowrank_add), g, *lr),
+                      fwd_bwd(fresh_y(lowrank_add_reference), g, *lr), fwd + bwd, [x, A, B, d]))
+        As, C, Bs = (0.1 * mk(s, d_in // s, 1)).requires_grad_(), (0.1 * mk(s, s)).requires_grad_(), \
+            (0.1 * mk(s, 1, d_out // s)).requires_grad_()
+        fwd_s = (N * d_in + N * d_out) * es  # read x, write out
+        shape_s = f"N={N} {d_in}->{d_out} r=split={s}"
+        sr = (x, As, C, Bs, 2.0)
+        cases.append(("sera_delta fwd", shape_s, no_grad(sera_delta, *sr), no_grad(sera_delta_reference, *sr),
+                      fwd_s, []))
+        cases.append(("sera_delta fwd+bwd", shape_s, fwd_bwd(sera_delta, g, *sr),
+                      fwd_bwd(sera_delta_reference, g, *sr), fwd_s + bwd, [x, As, C, Bs]))
+    S, h, b, k = (65536, 256, 256, 2) if device.type == "cuda" else (4096, 256, 256, 2)
+    logits, bank, gv = mk(S, h).requires_grad_(), (0.02 * mk(h, b)).requires_grad_(), mk(S, b)
+    vb = (logits, bank, k)
+    shape = f"S={S} h={h} b={b} k={k}"
+    cases.append(("vblora_compose fwd", shape, no_grad(vblora_compose, *vb), no_grad(vblora_compose_reference, *vb),
+                  (S * h + S * b) * es, []))
+    cases.append(("vblora_compose fwd+bwd", shape, fwd_bwd(vblora_compose, gv, *vb),
+                  fwd_bwd(vblora_compose_reference, gv, *vb), 2 * (S * h + S * b) * es, [logits, bank]))
+    bb = 64
+    x = mk(N, D).requires_grad_()
+    Bb = (0.01 * mk(D // bb, bb, bb)).requires_grad_()
+    shape = f"N={N} in={D} b={bb}"
+    cases.append(("bone_row fwd", shape, no_grad(bone_row, x, Bb), no_grad(bone_row_reference, x, Bb),
+                  (2 * N * D + N * bb) * es, []))
+    cases.append(("bone_row fwd+bwd", shape, fwd_bwd(bone_row, (mk(N, D), mk(N, bb)), x, Bb),
+                  fwd_bwd(bone_row_reference, (mk(N, D), mk(N, bb)), x, Bb), 2 * (2 * N * D + N * bb) * es, [x, Bb]))
+    W, bias = mk(4 * D, D), mk(4 * D)
+    Bc = (0.01 * mk(4 * D // bb, bb, bb)).requires_grad_()
+    shape = f"N={N} {D}->{4 * D} b={bb}"
+    flop = 2 * N * D * 4 * D
+    bc = (x, W, Bc, bias)
+    cases.append(("bone_col_linear fwd", shape, no_grad(bone_col_linear, *bc), no_grad(bone_col_linear_reference, *bc),
+                  ("flop", flop), []))
+    cases.append(("bone_col_linear fwd+bwd", shape, fwd_bwd(bone_col_linear, mk(N, 4 * D), *bc),
+                  fwd_bwd(bone_col_linear_reference, mk(N, 4 * D), *bc), ("flop", 3 * flop), [x, Bc]))
+    return cases
+
+
+def _rate(work, ms):
+    if isinstance(work, tuple):
+        return f"{work[1] / ms / 1e9:.1f} TFLOP/s"
+    return f"{work / ms / 1e6:.1f} GB/s"
+
+
+def _bench_ops(device, dtype, quick):
+    use_kernel = enabled(torch.empty(0, device=device, dtype=dtype))
+    print(f"\n(1) ops vs their PyTorch reference ({device.type}, {str(dtype)[6:]}; "
+          f"triton {'on' if use_kernel else 'off: reference only'})")
+    print(f"{'op':<25}{'shape':<26}{'triton ms':>10}{'torch ms':>10}{'speedup':>9}{'triton rate':>17}"
+          f"{'torch rate':>17}")
+    iters = 5 if quick else 20
+    for name, shape, kern, ref, work, grads in _op_cases(device, dtype, quick):
+        def clear(fn):
+            def run():
+                fn()
+                for t in grads:
+                    t.grad = None
+            return run
+        t_ref = _time_ms(clear(ref), device, iters)
+        line = f"{name:<25}{shape:<26}"
+        if use_kernel:
+            t_k = _time_ms(clear(kern), device, iters)
+            line += f"{t_k:>10.3f}{t_ref:>10.3f}{t_ref / t_k:>8.2f}x{_rate(work, t_k):>17}"
+        else:
+            line += f"{'-':>10}{t_ref:>10.3f}{'-':>9}{'-':>17}"
+        print(line + f"{_rate(work, t_ref):>17}")
+
+
+class _BenchBlock(nn.Module):
+    """A GPT-2 block with q, k, v, o as separate Linears (the papers' targets), pre-LN, GELU MLP."""
+
+    def __init__(self, d, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        Bt, T, C = x.shape
+        h = self.ln_1(x)
+        q, k, v = (m(h).view(Bt, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+                   for m in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(Bt, T, C)  # (B, T, C)
+        x = x + self.o(a)
+        return x + self.proj(F.gelu(self.fc(self.ln_2(x))))
+
+
+_BENCH_TARGETS = ["q", "k", "v", "o", "fc", "proj"]
+
+
+def _bench_methods():
+    """(name, attach(model) -> None) for every method file that imports, plus PEFT's where installed."""
+    import importlib
+    out = []
+    specs = [("lora", "apply_lora", "LoRAConfig", {}), ("sera", "apply_sera", "SeRAConfig", {}),
+             ("siva", "apply_siva", "SiVAConfig", {}), ("bone-row", "apply_bone", "BoneConfig", {"grouping": "row"}),
+             ("bone-col", "apply_bone", "BoneConfig", {"grouping": "col"}),
+             ("vblora", "apply_vblora", "VBLoRAConfig", {})]
+    for name, apply_name, cfg_name, kw in specs:
+        try:
+            mod = importlib.import_module(name.split("-")[0])
+        except ImportError as e:
+            print(f"  ({name}: not importable: {e})")
+            continue
+        out.append((name, lambda m, mod=mod, a=apply_name, c=cfg_name, kw=kw:
+                    getattr(mod, a)(m, getattr(mod, c)(**kw), _BENCH_TARGETS)))
+    try:
+        import peft
+    except ImportError:
+        return out
+    peft_cfgs = [("peft-lora", lambda: peft.LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1,
+                                                      target_modules=_BENCH_TARGETS)),
+                 ("peft-vblora", lambda: peft.VBLoRAConfig(r=4, vector_length=256, num_vectors=256, topk=2,
+                                                          target_modules=_BENCH_TARGETS)),
+                 ("peft-miss-bat", lambda: peft.MissConfig(r=64, init_weights="bat", target_modules=_BENCH_TARGETS))]
+    for name, cfg in peft_cfgs:
+        out.append((name, lambda m, cfg=cfg: peft.get_peft_model(m, cfg())))
+    return out
+
+
+def _bench_steps(device, quick):
+    """One training step (forward, backward, AdamW step on the trainable tensors) per method, over a stack of
+    GPT-2-Medium-shaped blocks with every Linear adapted, divided by the same step of the frozen base model.
+    The baseline's input activations require grad (a stand-in for an unfrozen embedding), so it, too,
+    backpropagates through every layer; the adapted models get the same input."""
+    cuda = device.type == "cuda"
+    if cuda:
+        d, n_layer, Bt, T, iters = 1024, (2 if quick else 4), (4 if quick else 8), (256 if quick else 512), \
+            (5 if quick else 20)
+    else:
+        d, n_layer, Bt, T, iters = 256, 2, (2 if quick else 4), (32 if quick else 64), (3 if quick else 10)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    print(f"\n(2) training step vs frozen base model ({device.type}: {n_layer} blocks d={d}, "
+          f"batch {Bt}x{T}, {'bf16 autocast' if cuda else 'fp32'})")
+    print(f"{'method':<15}{'step ms':>10}{'x base':>9}{'peak GiB':>10}{'trainable':>12}")
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(*[_BenchBlock(d, d // 64) for _ in range(n_layer)]).to(device)
+
+    def run(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+        x = torch.randn(Bt, T, d, device=device, requires_grad=True)
+
+        def step():
+            with amp:
+                loss = model(x).float().square().mean()
+            loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            x.grad = None
+
+        for _ in range(2):  # also autotunes, and creates AdamW's state
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f}" if cuda else "-"
+        return 1e3 * sorted(times)[len(times) // 2], peak, sum(p.numel() for p in params)
+
+    t_base, peak, _ = run(build().requires_grad_(False))
+    print(f"{'base (frozen)':<15}{t_base:>10.2f}{1.0:>9.2f}{peak:>10}{0:>12,}")
+    for name, attach in _bench_methods():
+        model = build()
+        try:
+            attach(model)
+            t, peak, n = run(model)
+        except Exception as e:  # one broken method must not hide the others' numbers
+            print(f"{name:<15}failed: {type(e).__name__}: {e}")
+        else:
+            print(f"{name:<15}{t:>10.2f}{t / t_base:>9.2f}{peak:>10}{n:>12,}")
+        del model
+        gc.collect()  # adapters may hold reference cycles (a shared bank): free them before the next peak
+
+
+def main():
+    p = argparse.ArgumentParser(description="Benchmark the Triton kernels and one training step per method.")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, triton {triton.__version__ if triton is not None else 'not installed'}, "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
+    if device.type == "cpu":
+        # one thread: on a shared or busy machine torch's thread pool turns small ops into barrier waits
+        # that swamp the differences being measured; base and methods run alike, so ratios stay fair
+        torch.set_num_threads(1)
+        if _interpreting():
+            print("note: TRITON_INTERPRET=1 runs the kernels in the (slow) interpreter; their times mean nothing")
+    torch.manual_seed(0)
+    _bench_ops(device, torch.bfloat16 if device.type == "cuda" else torch.float32, args.quick)
+    _bench_steps(device, args.quick)
+
+
+if __name__ == "__main__":
+    main()
