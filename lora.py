@@ -60,7 +60,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         x = self.dropout(x)
-        if _kernels is not None and _kernels.enabled(x, self.lora_A, self.lora_B):
+        if _kernels is not None:  # Triton on GPU, else a PyTorch op with CPU-friendly layouts
             return _kernels.lowrank_add(y, x, self.lora_A, self.lora_B, None, self.scale)
         t = self.scale * F.linear(x, self.lora_A)  # (..., r): scaling the narrow tensor is cheapest
         return y + F.linear(t, self.lora_B)  # (..., out)
