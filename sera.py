@@ -59,6 +59,58 @@ class SeRAConfig:
             raise ValueError(f"SeRA: dropout={self.dropout} must lie in [0, 1)")
 
 
+class SeRAFunction(torch.autograd.Function):
+    """y += scale * x blockdiag(A) C blockdiag(B), segment-wise in plain PyTorch (where Triton is off).
+
+    Autograd through the einsum version is correct but slow on CPU: einsum picks operand layouts that
+    CPU BLAS runs 3-10x slower than their transposes, and y + ... allocates a second (N, out) tensor.
+    Here every product is one bmm/mm in its fast layout, the narrow tensors are kept transposed
+    ((r, N), contiguous), and the update goes into the fresh base output y in place.
+    Row-vector form, per segment s (x_s (N, in/split), g_s = dL/dy_s (N, out/split)):
+        forward:  h_s = x_s A_s,  z = scale h C,  y_s += z_s B_s                  (h, z: (N, r))
+        backward: dz_s = g_s B_s^T,  dB_s = z_s^T g_s,  dC = scale h^T dz,
+                  dh = scale dz C^T,  dA_s = x_s^T dh_s,  dx_s = dh_s A_s^T
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, A, C, B, scale):
+        ct = y.dtype  # compute in the activations' dtype (bf16 under autocast, fp32 adapter weights)
+        s, i, a = A.shape
+        xs = x.reshape(-1, s, i).to(ct)  # (N, split, in/split)
+        At, Ct, Bt = A.to(ct), C.to(ct), B.to(ct)
+        hT = torch.bmm(At.transpose(1, 2), xs.permute(1, 2, 0))  # (split, r/split, N): h_s^T = A_s^T x_s^T
+        zT = (scale * Ct.t()) @ hT.view(s * a, -1)  # (r, N): z^T = scale C^T h^T
+        ys = y.view(-1, s, B.shape[-1]).transpose(0, 1)  # (split, N, out/split), a strided view of y
+        ys.baddbmm_(zT.view(s, a, -1).transpose(1, 2), Bt)  # y_s += z_s B_s, (N, r/split) @ (r/split, out/split)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(xs, At, Ct, Bt, hT, zT)
+        ctx.scale, ctx.x_shape, ctx.dtypes = scale, x.shape, (x.dtype, A.dtype, C.dtype, B.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        xs, A, C, B, hT, zT = ctx.saved_tensors
+        _, nx, nA, nC, nB, _ = ctx.needs_input_grad
+        (n, s, i), a = xs.shape, A.shape[-1]
+        gs = g.reshape(n, s, -1).to(xs.dtype)  # (N, split, out/split)
+        dx = dA = dC = dB = None
+        if nB:
+            dB = torch.bmm(zT.view(s, a, n), gs.transpose(0, 1)).to(ctx.dtypes[3])  # (split, r/split, out/split)
+        if nx or nA or nC:
+            dzT = torch.bmm(B, gs.permute(1, 2, 0)).view(s * a, n)  # (r, N): dz_s^T = B_s g_s^T
+        if nC:
+            dC = (ctx.scale * (hT.view(s * a, n) @ dzT.t())).to(ctx.dtypes[2])  # (r, r)
+        if nx or nA:
+            dhT = ((ctx.scale * C) @ dzT).view(s, a, n)  # (split, r/split, N): dh^T = scale C dz^T
+        if nA:
+            dA = torch.bmm(dhT, xs.transpose(0, 1)).transpose(1, 2).contiguous().to(ctx.dtypes[1])  # (split, in/split, r/split)
+        if nx:
+            dx = xs.new_empty(n, s, i)  # (N, split, in/split): contiguous for the layer below
+            torch.bmm(dhT.transpose(1, 2), A.transpose(1, 2), out=dx.transpose(0, 1))  # dx_s = dh_s A_s^T
+            dx = dx.view(ctx.x_shape).to(ctx.dtypes[0])  # (..., in)
+        return g if ctx.needs_input_grad[0] else None, dx, dA, dC, dB, None
+
+
 class SeRALinear(nn.Module):
     def __init__(self, base: nn.Linear, cfg: SeRAConfig):
         super().__init__()
@@ -92,11 +144,7 @@ class SeRALinear(nn.Module):
         A, C, B, s = self.sera_A, self.sera_C, self.sera_B, self.split
         if _kernels is not None and _kernels.enabled(x, A, C, B):
             return y + _kernels.sera_delta(x, A, C, B, self.scale)
-        xs = x.reshape(-1, s, x.shape[-1] // s)  # (N, split, in/split)
-        c = torch.einsum("nsi,sia->nsa", xs, A)  # (N, split, r/split): each segment reduced by its A_i
-        c = self.scale * (c.reshape(-1, self.r) @ C)  # (N, r): segments mixed; scale the narrow tensor
-        h = torch.einsum("nsa,sao->nso", c.view(-1, s, self.r // s), B)  # (N, split, out/split)
-        return y + h.reshape(y.shape)  # (..., out)
+        return SeRAFunction.apply(y, x, A, C, B, self.scale)
 
     def delta_weight(self):
         ct = torch.promote_types(self.sera_A.dtype, torch.float32)  # fp32 at least, so merges round once

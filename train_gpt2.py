@@ -757,6 +757,7 @@ def save_atomic(obj, path):
 
 
 def main(argv=None):
+    """The script; returns {model, step, predictions, scores} for tests and notebooks."""
     args = get_args(argv)
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
