@@ -420,7 +420,7 @@ class LowRankAddTorchFunction(torch.autograd.Function):
         gB = torch.mm(B.t().to(ct), g2.t()).t() if (nx or nA or nd) else None  # (N, r) = g B
         gh = None if gB is None else ctx.scale * (gB if d is None else gB * d.to(ct))  # (N, r): dL/dh
         if nx:
-            dx = torch.mm(gh, A.to(ct)).view(ctx.x_shape).to(ctx.x_dtype)  # (..., in); contiguous for what follows
+            dx = torch.mm(gh, A.to(ct)).to(ctx.x_dtype).view(ctx.x_shape)  # (..., in), contiguous
         if nA:
             dA = torch.mm(gh.t(), x2).to(A.dtype)  # (r, in)
         if nB:

@@ -56,14 +56,16 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # fan-in = in: bound 1 / sqrt(in)
 
     def forward(self, x):
-        y = self.base(x)
         if self.merged:
-            return y
-        x = self.dropout(x)
+            return self.base(x)
         if _kernels is not None:  # Triton on GPU, else a PyTorch op with CPU-friendly layouts
-            return _kernels.lowrank_add(y, x, self.lora_A, self.lora_B, None, self.scale)
-        t = self.scale * F.linear(x, self.lora_A)  # (..., r): scaling the narrow tensor is cheapest
-        return y + F.linear(t, self.lora_B)  # (..., out)
+            # 2-D: nn.Linear returns a view for 3-D x, and adding into a view in place makes autograd copy
+            # the whole gradient in backward; a 2-D base output is a tensor of its own
+            x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+            y = _kernels.lowrank_add(self.base(x2), self.dropout(x2), self.lora_A, self.lora_B, None, self.scale)
+            return y.view(*x.shape[:-1], -1)  # (..., out)
+        t = self.scale * F.linear(self.dropout(x), self.lora_A)  # (..., r): scaling the narrow tensor is cheapest
+        return self.base(x) + F.linear(t, self.lora_B)  # (..., out)
 
     def delta_weight(self):
         ct = torch.promote_types(self.lora_A.dtype, torch.float32)  # fp32 at least, so merges round once

@@ -103,11 +103,14 @@ class SeRAFunction(torch.autograd.Function):
         if nx or nA:
             dhT = ((ctx.scale * C) @ dzT).view(s, a, n)  # (split, r/split, N): dh^T = scale C dz^T
         if nA:
-            dA = torch.bmm(dhT, xs.transpose(0, 1)).transpose(1, 2).contiguous().to(ctx.dtypes[1])  # (split, in/split, r/split)
+            dAT = torch.bmm(dhT, xs.transpose(0, 1))  # (split, r/split, in/split): dA_s^T = dh_s^T x_s
+            dA = dAT.transpose(1, 2).contiguous().to(ctx.dtypes[1])  # (split, in/split, r/split)
         if nx:
-            dx = xs.new_empty(n, s, i)  # (N, split, in/split): contiguous for the layer below
-            torch.bmm(dhT.transpose(1, 2), A.transpose(1, 2), out=dx.transpose(0, 1))  # dx_s = dh_s A_s^T
-            dx = dx.view(ctx.x_shape).to(ctx.dtypes[0])  # (..., in)
+            # a fresh contiguous tensor, not a view: autograd can then add x's other gradient into it in place
+            dx = xs.new_empty(ctx.x_shape)  # (..., in)
+            dxs = dx.view(n, s, i).transpose(0, 1)  # (split, N, in/split), a strided view of dx
+            torch.bmm(dhT.transpose(1, 2), A.transpose(1, 2), out=dxs)  # dx_s = dh_s A_s^T
+            dx = dx.to(ctx.dtypes[0])
         return g if ctx.needs_input_grad[0] else None, dx, dA, dC, dB, None
 
 
@@ -137,14 +140,16 @@ class SeRALinear(nn.Module):
         nn.init.uniform_(self.sera_C, -bound_C, bound_C)
 
     def forward(self, x):
-        y = self.base(x)
         if self.merged:
-            return y
-        x = self.dropout(x)
-        A, C, B, s = self.sera_A, self.sera_C, self.sera_B, self.split
-        if _kernels is not None and _kernels.enabled(x, A, C, B):
-            return y + _kernels.sera_delta(x, A, C, B, self.scale)
-        return SeRAFunction.apply(y, x, A, C, B, self.scale)
+            return self.base(x)
+        xd = self.dropout(x)
+        A, C, B = self.sera_A, self.sera_C, self.sera_B
+        if _kernels is not None and _kernels.enabled(xd, A, C, B):
+            return self.base(x) + _kernels.sera_delta(xd, A, C, B, self.scale)
+        # nn.Linear returns a view for 3-D x, and an in-place update of a view makes autograd copy the
+        # whole gradient in backward (CopySlices); a 2-D base output is a tensor of its own
+        y = self.base(x.reshape(-1, x.shape[-1]))  # (N, out)
+        return SeRAFunction.apply(y, xd, A, C, B, self.scale).view(*x.shape[:-1], -1)  # (..., out)
 
     def delta_weight(self):
         ct = torch.promote_types(self.sera_A.dtype, torch.float32)  # fp32 at least, so merges round once

@@ -107,13 +107,14 @@ class SiVALinear(nn.Module):
         self.siva_s = nn.Parameter(torch.zeros(k, device=W.device, dtype=W.dtype))
 
     def forward(self, x):
-        y = self.base(x)
         if self.merged:
-            return y
+            return self.base(x)
         if _kernels is not None:  # Triton on GPU, else a PyTorch op with CPU-friendly layouts
-            return _kernels.lowrank_add(y, x, self.siva_V, self.siva_U, self.siva_s, 1.0)
+            x2 = x.reshape(-1, x.shape[-1])  # (N, in): a 2-D base output is no view, so the in-place add is free
+            y = _kernels.lowrank_add(self.base(x2), x2, self.siva_V, self.siva_U, self.siva_s, 1.0)
+            return y.view(*x.shape[:-1], -1)  # (..., out)
         t = F.linear(x, self.siva_V) * self.siva_s  # (..., k) coordinates along V_k, rescaled
-        return y + F.linear(t, self.siva_U)  # (..., out)
+        return self.base(x) + F.linear(t, self.siva_U)  # (..., out)
 
     def delta_weight(self):
         ct = torch.promote_types(self.siva_s.dtype, torch.float32)  # fp32 at least, so merges round once

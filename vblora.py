@@ -177,13 +177,13 @@ class VBLoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x):
-        y = self.base(x)
         if self.merged:
-            return y
+            return self.base(x)
         A, B = self.bank.matrices(self)
         if _kernels is not None:  # Triton on GPU, else a PyTorch op with CPU-friendly layouts
-            return _kernels.lowrank_add(y, x, A, B, None, 1.0)
-        return y + (x @ A.t()) @ B.t()  # (..., in) -> (..., r) -> (..., out)
+            x2 = x.reshape(-1, x.shape[-1])  # (N, in): a 2-D base output is no view, so the in-place add is free
+            return _kernels.lowrank_add(self.base(x2), x2, A, B, None, 1.0).view(*x.shape[:-1], -1)  # (..., out)
+        return self.base(x) + (x @ A.t()) @ B.t()  # (..., in) -> (..., r) -> (..., out)
 
     def delta_weight(self):
         A, B = self.bank.matrices(self)
