@@ -11,7 +11,8 @@ steering the update throughout training:
 
 B = 0 at init, so W' = W. Forward never builds W' where it can be avoided (y = x W'^T + bias):
   - row: with t_j = x_j B_j^T (x_j the j-th b-chunk of x), x_j W'_ij^T = (x_j + t_j) W_ij^T + t_j, hence
-    y = (x + t) W^T + tile_i(Σ_j t_j) + bias: one extra b×b matmul per chunk, no W', no dW'.
+    y = (x + t) W^T + tile_i(Σ_j t_j) + bias: one extra b×b matmul per chunk, no W', no dW'. BoneRowFunction
+    does this with in-place adds and contiguous grads, faster on CPU than autograd through the same maths.
   - col: B_i depends on the output block, so no such factorisation exists. BoneColFunction forms W'
     block-wise in forward, and again in backward, saving only x, W and B; the paper keeps W' alive and
     reports ~1.7× LoRA's memory (its Table 7), which this avoids.
@@ -90,6 +91,17 @@ def _weight_prime(W, B, grouping, variant):
     return Wp.reshape(W.shape)                               # (out, in)
 
 
+def _col_weight_prime(W, B, variant):
+    """W' for Bone-col as a fresh (out, in) tensor; for "bone": B_i tiled, then W_ij (I + B_i) added by one bmm."""
+    if variant != "bone":
+        return _weight_prime(W, B, "col", variant)
+    n_i, b = B.shape[0], B.shape[-1]
+    Wp = B[:, :, None, :].expand(n_i, b, W.shape[1] // b, b).contiguous()  # (out/b, b, in/b, b): B_i per block
+    eye = torch.eye(b, dtype=B.dtype, device=B.device)
+    Wp.view(n_i, -1, b).baddbmm_(W.view(n_i, -1, b), B + eye)  # (out/b, in, b): row-block i as b-vectors
+    return Wp.view_as(W)                                       # (out, in)
+
+
 class BoneColFunction(torch.autograd.Function):
     """y = x W'^T + bias for Bone-col (variant "bone" or "hadamard"); W' lives only inside forward and backward.
 
@@ -97,32 +109,34 @@ class BoneColFunction(torch.autograd.Function):
         dx = g W'                                  (W' recomputed, then dropped)
         bone:      W'_ij = W_ij (I + B_i) + B_i  →  dB_i = Σ_j W_ij^T G_ij + Σ_j G_ij,  dW_ij = G_ij (I + B_i)^T
         hadamard:  W'_ij = W_ij ⊙ (1 + B_i) + B_i →  dB_i = Σ_j (W_ij + 1) ⊙ G_ij,     dW_ij = G_ij ⊙ (1 + B_i)
-    dW is computed only if W requires grad (it is frozen under apply_bone).
+    dW is computed only if W requires grad (it is frozen under apply_bone). Σ_j W_ij^T G_ij is one bmm per
+    row-block i: viewing row-block i of W and of G as (in, b) (rows r·in/b + j) contracts r and j together.
     """
 
     @staticmethod
     def forward(ctx, x, W, B, bias, variant):
         ctx.save_for_backward(x, W, B)
         ctx.variant = variant
-        return F.linear(x, _weight_prime(W, B, "col", variant), bias)
+        return F.linear(x, _col_weight_prime(W, B, variant), bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         x, W, B = ctx.saved_tensors
         nx, nW, nB, nbias, _ = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1]).to(W.dtype).contiguous()        # (N, out); bf16 under autocast
         dx = dW = dB = dbias = None
         if nx:
-            dx = g @ _weight_prime(W, B, "col", ctx.variant)            # (..., in)
+            dx = torch.mm(g2, _col_weight_prime(W, B, ctx.variant)).view(x.shape)  # (..., in), contiguous
         if nW or nB:
             b = B.shape[-1]
-            G = g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # (out, in) = g^T x over all tokens
+            G = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]).to(W.dtype))  # (out, in) = g^T x over all tokens
             G4 = G.view(-1, b, G.shape[1] // b, b)                      # (out/b, b, in/b, b): G4[i, :, j, :] = G_ij
             if ctx.variant == "bone":
                 Gv = G.view(-1, G.shape[1], b)                          # (out/b, in, b): row-block i as b-vectors
                 if nB:
                     Wv = W.view(-1, W.shape[1], b)                      # (out/b, in, b)
-                    dB = torch.bmm(Wv.transpose(1, 2), Gv) + G4.sum(2)  # (out/b, b, b)
+                    dB = torch.baddbmm(G4.sum(2), Wv.transpose(1, 2), Gv)  # (out/b, b, b)
                 if nW:
                     dW = torch.baddbmm(Gv, Gv, B.transpose(1, 2)).view_as(W)  # (out, in)
             else:
@@ -131,8 +145,66 @@ class BoneColFunction(torch.autograd.Function):
                 if nW:
                     dW = (G4 * (1 + B[:, :, None, :])).view_as(W)       # (out, in)
         if nbias:
-            dbias = g.reshape(-1, g.shape[-1]).sum(0)                   # (out,)
+            dbias = g2.sum(0)                                           # (out,)
         return dx, dW, dB, dbias, None
+
+
+def _row_shift(x2, B):
+    """x + t for x2 (N, in), t_j = x_j B_j^T; one bmm over the in/b chunks, added in place into a copy of x."""
+    n_j, b = B.shape[0], B.shape[-1]
+    xt = x2.clone()                                              # (N, in)
+    xv = x2.view(-1, n_j, b).transpose(0, 1)                     # (in/b, N, b): x_j per chunk (a view)
+    xt.view(-1, n_j, b).transpose(0, 1).baddbmm_(xv, B.transpose(1, 2))  # (in/b, N, b) += x_j B_j^T
+    return xt
+
+
+class BoneRowFunction(torch.autograd.Function):
+    """y = (x + t) W^T + tile_i(Σ_j t_j) + bias for Bone-row, t_j = x_j B_j^T (x_j the j-th b-chunk of x).
+
+    Neither W' nor dW' exists: forward adds t into a copy of x, and the tile into y, in place. Backward, with
+    g = dL/dy, g_i its b-chunks and s = Σ_i g_i:
+        dL/dt_j = (g W)_j + s  =: u_j
+        dx_j = (g W)_j + u_j B_j,   dB_j = u_j^T x_j
+        dW = g^T (x + t) (x + t recomputed; only if W requires grad),   dbias = Σ_rows g
+    Every product runs as one bmm over the in/b chunks on strided views, and dx comes back contiguous.
+    Computed in B's dtype (autograd casts the grads back), so autocast's bf16 y and g are fine.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, B, bias):
+        n_j, b = B.shape[0], B.shape[-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(B.dtype)                  # (N, in)
+        xt = _row_shift(x2, B)                                       # (N, in) = x + t
+        t_sum = xt.view(-1, n_j, b).sum(1) - x2.view(-1, n_j, b).sum(1)  # (N, b) = Σ_j t_j
+        y = F.linear(xt, W, bias)                                    # (N, out)
+        y.view(y.shape[0], -1, b).add_(t_sum.unsqueeze(1))          # (N, out/b, b): Σ_j t_j into every block
+        ctx.save_for_backward(x2, W, B)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], W.shape[0])                     # (..., out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x2, W, B = ctx.saved_tensors
+        nx, nW, nB, nbias = ctx.needs_input_grad
+        n_j, b = B.shape[0], B.shape[-1]
+        g2 = g.reshape(-1, g.shape[-1]).to(B.dtype).contiguous()     # (N, out); bf16 under autocast
+        W = W.to(B.dtype)
+        dx = dW = dB = dbias = None
+        if nx or nB:
+            s = g2.view(g2.shape[0], -1, b).sum(1)                   # (N, b) = Σ_i g_i
+            gW = torch.mm(g2, W)                                     # (N, in) = g W
+            u = gW.view(-1, n_j, b) + s.unsqueeze(1)                 # (N, in/b, b): u_j = (g W)_j + s
+            if nB:
+                dB = torch.bmm(u.permute(1, 2, 0), x2.view(-1, n_j, b).transpose(0, 1))  # (in/b, b, b): u_j^T x_j
+            if nx:
+                gW.view(-1, n_j, b).transpose(0, 1).baddbmm_(u.transpose(0, 1), B)  # (in/b, N, b) += u_j B_j
+                dx = gW.view(ctx.x_shape)                            # (..., in)
+        if nW:
+            dW = torch.mm(g2.t(), _row_shift(x2, B))                 # (out, in)
+        if nbias:
+            dbias = g2.sum(0)                                        # (out,)
+        return dx, dW, dB, dbias
 
 
 class BoneLinear(nn.Module):
@@ -160,10 +232,11 @@ class BoneLinear(nn.Module):
             return F.linear(x, W, bias) + F.linear(s, B.reshape(-1, cfg.b))  # (..., out): block i gets s B_i^T
         if kern and _kernels.enabled(x, B):
             x_t, t_sum = _kernels.bone_row(x, B)                      # (..., in), (..., b)
+        elif cfg.variant == "bone":
+            return BoneRowFunction.apply(x, W, B, bias)
         else:
-            t = torch.einsum("...jc,jdc->...jd", x.unflatten(-1, (-1, cfg.b)), B)  # (..., in/b, b): t_j = x_j B_j^T
-            t_sum = t.sum(-2)                                         # (..., b)
-            x_t = x + t.flatten(-2) if cfg.variant == "bone" else x   # (..., in)
+            x_t = x
+            t_sum = torch.einsum("...jc,jdc->...d", x.unflatten(-1, (-1, cfg.b)), B)  # (..., b) = Σ_j x_j B_j^T
         y = F.linear(x_t, W, bias)
         y.unflatten(-1, (-1, cfg.b)).add_(t_sum.unsqueeze(-2))       # (..., out/b, b): Σ_j t_j into every block
         return y
