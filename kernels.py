@@ -43,7 +43,6 @@ training step per method against the frozen base model (see `_bench_steps`).
 """
 import argparse
 import functools
-import gc
 import os
 import time
 
@@ -1437,13 +1436,14 @@ def _bench_methods():
     """(name, attach(model) -> None) for every method file that imports, plus PEFT's where installed."""
     import importlib
     out = []
-    specs = [("lora", "apply_lora", "LoRAConfig", {}), ("sera", "apply_sera", "SeRAConfig", {}),
+    specs = [("lora", "apply_lora", "LoRAConfig", {}), ("lora p=0", "apply_lora", "LoRAConfig", {"dropout": 0.0}),
+             ("sera", "apply_sera", "SeRAConfig", {}),
              ("siva", "apply_siva", "SiVAConfig", {}), ("bone-row", "apply_bone", "BoneConfig", {"grouping": "row"}),
              ("bone-col", "apply_bone", "BoneConfig", {"grouping": "col"}),
              ("vblora", "apply_vblora", "VBLoRAConfig", {})]
     for name, apply_name, cfg_name, kw in specs:
         try:
-            mod = importlib.import_module(name.split("-")[0])
+            mod = importlib.import_module(apply_name[len("apply_"):])
         except ImportError as e:
             print(f"  ({name}: not importable: {e})")
             continue
@@ -1467,26 +1467,30 @@ def _bench_steps(device, quick):
     """One training step (forward, backward, AdamW step on the trainable tensors) per method, over a stack of
     GPT-2-Medium-shaped blocks with every Linear adapted, divided by the same step of the frozen base model.
     The baseline's input activations require grad (a stand-in for an unfrozen embedding), so it, too,
-    backpropagates through every layer; the adapted models get the same input."""
+    backpropagates through every layer; the adapted models get the same input.
+
+    All models are built first and their steps interleaved round-robin, and each time is the median: a
+    machine that slows down mid-run slows every method alike, so the ratios stay side by side. Peak memory
+    (CUDA) is the model's own tensors plus the most its step allocates on top."""
     cuda = device.type == "cuda"
     if cuda:
         d, n_layer, Bt, T, iters = 1024, (2 if quick else 4), (4 if quick else 8), (256 if quick else 512), \
             (5 if quick else 20)
     else:
-        d, n_layer, Bt, T, iters = (256 if quick else 512), 2, 4, (64 if quick else 128), (3 if quick else 10)
+        d, n_layer, Bt, T, iters = (256 if quick else 512), 2, 4, (64 if quick else 128), (3 if quick else 9)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     print(f"\n(2) training step vs frozen base model ({device.type}: {n_layer} blocks d={d}, "
-          f"batch {Bt}x{T}, {'bf16 autocast' if cuda else 'fp32'})")
+          f"batch {Bt}x{T}, {'bf16 autocast' if cuda else 'fp32'}; median of {iters} interleaved steps)")
     print(f"{'method':<15}{'step ms':>10}{'x base':>9}{'peak GiB':>10}{'trainable':>12}")
+    x = torch.randn(Bt, T, d, device=device, requires_grad=True)
 
     def build():
         torch.manual_seed(0)
         return nn.Sequential(*[_BenchBlock(d, d // 64) for _ in range(n_layer)]).to(device)
 
-    def run(model):
+    def make_step(model):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-        x = torch.randn(Bt, T, d, device=device, requires_grad=True)
 
         def step():
             with amp:
@@ -1496,35 +1500,39 @@ def _bench_steps(device, quick):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             x.grad = None
+            if cuda:
+                torch.cuda.synchronize()
 
         for _ in range(2):  # also autotunes, and creates AdamW's state
             step()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f}" if cuda else "-"
-        return 1e3 * sorted(times)[len(times) // 2], peak, sum(p.numel() for p in params)
+        state = [t for st in (opt.state.values() if opt else ()) for t in st.values() if torch.is_tensor(t)]
+        own = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers(), *state])
+        return step, sum(p.numel() for p in params), own
 
-    t_base, peak, _ = run(build().requires_grad_(False))
-    print(f"{'base (frozen)':<15}{t_base:>10.2f}{1.0:>9.2f}{peak:>10}{0:>12,}")
+    runs = {"base (frozen)": make_step(build().requires_grad_(False))}
     for name, attach in _bench_methods():
-        model = build()
         try:
+            model = build()
             attach(model)
-            t, peak, n = run(model)
+            runs[name] = make_step(model)
         except Exception as e:  # one broken method must not hide the others' numbers
             print(f"{name:<15}failed: {type(e).__name__}: {e}")
-        else:
-            print(f"{name:<15}{t:>10.2f}{t / t_base:>9.2f}{peak:>10}{n:>12,}")
-        del model
-        gc.collect()  # adapters may hold reference cycles (a shared bank): free them before the next peak
+    times = {name: [] for name in runs}
+    for _ in range(iters):
+        for name, (step, _, _) in runs.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    t_base = sorted(times["base (frozen)"])[iters // 2]
+    for name, (step, n, own) in runs.items():
+        t = sorted(times[name])[iters // 2]
+        peak = "-"
+        if cuda:  # this model's tensors + the most one of its steps allocates beyond what is resident
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            peak = f"{(own + torch.cuda.max_memory_allocated() - before) / 2 ** 30:.2f}"
+        print(f"{name:<15}{1e3 * t:>10.2f}{t / t_base:>9.2f}{peak:>10}{n:>12,}")
 
 
 def main():
