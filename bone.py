@@ -150,12 +150,14 @@ class BoneColFunction(torch.autograd.Function):
 
 
 def _row_shift(x2, B):
-    """x + t for x2 (N, in), t_j = x_j B_j^T; one bmm over the in/b chunks, added in place into a copy of x."""
+    """(x + t, Σ_j t_j) for x2 (N, in), t_j = x_j B_j^T: one bmm over the in/b chunks.
+
+    Σ_j t_j is summed from t itself, not as Σ(x + t) − Σx, which would lose t's digits while B is small."""
     n_j, b = B.shape[0], B.shape[-1]
+    t = torch.bmm(x2.view(-1, n_j, b).transpose(0, 1), B.transpose(1, 2))  # (in/b, N, b): t_j = x_j B_j^T
     xt = x2.clone()                                              # (N, in)
-    xv = x2.view(-1, n_j, b).transpose(0, 1)                     # (in/b, N, b): x_j per chunk (a view)
-    xt.view(-1, n_j, b).transpose(0, 1).baddbmm_(xv, B.transpose(1, 2))  # (in/b, N, b) += x_j B_j^T
-    return xt
+    xt.view(-1, n_j, b).add_(t.transpose(0, 1))                  # (N, in/b, b) += t
+    return xt, t.sum(0)                                          # (N, in), (N, b)
 
 
 class BoneRowFunction(torch.autograd.Function):
@@ -172,10 +174,9 @@ class BoneRowFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, B, bias):
-        n_j, b = B.shape[0], B.shape[-1]
+        b = B.shape[-1]
         x2 = x.reshape(-1, x.shape[-1]).to(B.dtype)                  # (N, in)
-        xt = _row_shift(x2, B)                                       # (N, in) = x + t
-        t_sum = xt.view(-1, n_j, b).sum(1) - x2.view(-1, n_j, b).sum(1)  # (N, b) = Σ_j t_j
+        xt, t_sum = _row_shift(x2, B)                                # (N, in) = x + t, (N, b) = Σ_j t_j
         y = F.linear(xt, W, bias)                                    # (N, out)
         y.view(y.shape[0], -1, b).add_(t_sum.unsqueeze(1))          # (N, out/b, b): Σ_j t_j into every block
         ctx.save_for_backward(x2, W, B)
@@ -201,7 +202,7 @@ class BoneRowFunction(torch.autograd.Function):
                 gW.view(-1, n_j, b).transpose(0, 1).baddbmm_(u.transpose(0, 1), B)  # (in/b, N, b) += u_j B_j
                 dx = gW.view(ctx.x_shape)                            # (..., in)
         if nW:
-            dW = torch.mm(g2.t(), _row_shift(x2, B))                 # (out, in)
+            dW = torch.mm(g2.t(), _row_shift(x2, B)[0])              # (out, in)
         if nbias:
             dbias = g2.sum(0)                                        # (out,)
         return dx, dW, dB, dbias
@@ -245,7 +246,6 @@ class BoneLinear(nn.Module):
         dt = torch.promote_types(self.base.weight.dtype, torch.float32)  # float32, or float64 for float64 weights
         return self.base.weight.to(dt), self.bone_B.to(dt)
 
-    @torch.no_grad()
     def delta_weight(self):
         if self.merged:
             raise RuntimeError("Bone: delta_weight() needs the unmerged W; call unmerge() first")

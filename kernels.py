@@ -1034,7 +1034,7 @@ def _bone_row_bwd(gx, gs, x, B, need_x, need_B):
     return dx, dB
 
 
-class BoneRowFunction(torch.autograd.Function):
+class BoneRowPrologueFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, B):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
@@ -1060,11 +1060,18 @@ def bone_row_reference(x, B):
     return (xs + t).reshape(x.shape), t.sum(-2)  # (..., in), (..., b)
 
 
+def _autocast_input(x):
+    """x in the autocast dtype when autocast is on: the Bone kernels compute and return in x's dtype, and an
+    fp32 activation (e.g. from a LayerNorm) would otherwise run fp32 dots and hand fp32 on to bf16 layers."""
+    dev = x.device.type
+    return x.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x
+
+
 def bone_row(x, B):
     """Triton Bone-row prologue: x (..., in), B (in/b, b, b) -> (x + t, sum_j t_j); grads to x and B."""
     if B.dim() != 3 or B.shape[1] != B.shape[2] or x.shape[-1] != B.shape[0] * B.shape[1]:
         raise ValueError(f"bone_row: need B (in/b, b, b) with in = {x.shape[-1]}, got {tuple(B.shape)}")
-    return BoneRowFunction.apply(x, B)
+    return BoneRowPrologueFunction.apply(_autocast_input(x), B)
 
 
 # -----------------------------------------------------------------------------
@@ -1276,7 +1283,7 @@ def bone_col_linear(x, W, B, bias=None):
         raise ValueError(f"bone_col_linear: x has {x.shape[-1]} features, W expects in={n_in}")
     if W.requires_grad and torch.is_grad_enabled():
         raise ValueError("bone_col_linear: W must be frozen (requires_grad=False); its gradient is not computed")
-    return BoneColLinearFunction.apply(x, W, B, bias)
+    return BoneColLinearFunction.apply(_autocast_input(x), W, B, bias)
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -145,6 +145,7 @@ def siva_param_count(d_in, d_out, cfg, k):
 
 def apply_siva(model, cfg, targets):
     """Freeze the whole model, wrap every targeted nn.Linear in SiVALinear; returns the adapted names."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
     model.requires_grad_(False)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     hit = lambda n, t: n == t or n.endswith("." + t)

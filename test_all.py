@@ -1458,6 +1458,46 @@ def test_vblora_kernel_dispatch(monkeypatch):
     assert ("lowrank", (2, 16), (32, 2), None, 1.0) in seen and len(seen) == 1 + 12
 
 
+def test_vblora_cache_survives_autocast_and_steps_that_skip_version():
+    """A bf16-autocast forward must not leave bf16 A, B cached for an fp32 forward, and an optimizer step
+    that writes through .data (as fused AdamW does, without bumping _version) must still recompose."""
+    net = nn.Sequential(nn.Linear(32, 32))
+    vblora.apply_vblora(net, vblora.VBLoRAConfig(r=2, b=16, h=8, k=2), ["0"])
+    x = torch.randn(3, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x)
+    with torch.no_grad():
+        y = net(x)  # would raise a dtype mismatch (or silently use bf16 A, B) with a stale bf16 cache
+    assert y.dtype == torch.float32 and net[0].delta_weight().dtype == torch.float32
+
+    class DataWriter(torch.optim.Optimizer):  # stands in for fused AdamW: no _version bump
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.add_(0.5)
+
+    opt = DataWriter([p for p in net.parameters() if p.requires_grad], {})
+    with torch.no_grad():
+        before = net(x)
+        opt.step()
+        after = net(x)
+    assert not torch.allclose(before, after)
+    net.vblora_bank.clear_cache()
+    with torch.no_grad():
+        torch.testing.assert_close(after, net(x))
+
+
+def test_vblora_and_siva_targets_as_string_and_empty():
+    net = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    bank = vblora.apply_vblora(net, vblora.VBLoRAConfig(r=2, b=16, h=8), "0")
+    assert bank.adapted_names == ["0"]
+    with pytest.raises(ValueError, match="empty"):
+        vblora.apply_vblora(nn.Sequential(nn.Linear(32, 32)), vblora.VBLoRAConfig(r=2, b=16, h=8), [])
+    import siva
+    net = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    assert siva.apply_siva(net, siva.SiVAConfig(), "1") == ["1"]
+
+
 # ================================================================================================
 # kernels_a
 # ================================================================================================

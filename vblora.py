@@ -24,8 +24,11 @@ Choices where the paper is silent:
   In grad mode a hook on the composed tensor drops the cache once backward has passed through it,
   so the next forward (gradient accumulation) recomposes instead of reusing a freed graph. Hence
   forwards that share one composition must be backpropagated together (sum the losses) or with
-  retain_graph=True. Edits through `p.data` do not bump `_version`: call bank.clear_cache() after
-  them (torch.optim, load_state_dict and in-place ops under no_grad all bump it).
+  retain_graph=True. Every optimizer step also clears the cache (a global post-step hook: fused AdamW
+  writes parameters without bumping `_version`); edits through `p.data` do not bump it either, so call
+  bank.clear_cache() after them (load_state_dict and in-place ops under no_grad do bump it).
+- The composition runs outside autocast, so the cached A, B keep the bank's dtype whichever autocast
+  state the next forward has.
 - The layer keeps the bank as a plain reference, not a submodule: the model holds it once, as
   `model.vblora_bank` (state-dict key `vblora_bank.vectors`). The bank's forward is the identity,
   because registering it on an nn.Sequential appends it as a last stage.
@@ -44,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 try:
     import kernels as _kernels
@@ -97,6 +101,7 @@ class VBLoRABank(nn.Module):
         # a cached composition may be a non-leaf tensor, which deepcopy/pickle refuse
         state = self.__dict__.copy()
         state["_cache"] = None
+        state.pop("_step_hook", None)  # a copy relies on `_version` alone (see clear_cache)
         return state
 
     def forward(self, x):
@@ -115,11 +120,13 @@ class VBLoRABank(nn.Module):
         """Compose every registered layer's A and B in one op; cache and return {layer: (A, B)}."""
         cfg, vec = self.cfg, self.vectors
         logits = [t for l in self.layers for t in (l.vblora_logits_A, l.vblora_logits_B)]
-        flat = torch.cat([t.reshape(-1, cfg.h) for t in logits])  # (S_total, h)
-        if _kernels is not None and _kernels.enabled(flat, vec):
-            subs = _kernels.vblora_compose(flat, vec, cfg.k)  # (S_total, b)
-        else:
-            subs = vblora_compose_reference(flat, vec, cfg.k)  # (S_total, b)
+        # outside autocast: the cached A, B keep the bank's dtype whatever the next forward's autocast state
+        with torch.autocast(vec.device.type, enabled=False):
+            flat = torch.cat([t.reshape(-1, cfg.h) for t in logits])  # (S_total, h)
+            if _kernels is not None and _kernels.enabled(flat, vec):
+                subs = _kernels.vblora_compose(flat, vec, cfg.k)  # (S_total, b)
+            else:
+                subs = vblora_compose_reference(flat, vec, cfg.k)  # (S_total, b)
         pieces = subs.split([t.numel() // cfg.h for t in logits])
         entries = {}
         for i, l in enumerate(self.layers):
@@ -192,13 +199,15 @@ class VBLoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self):
         if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            W = self.base.weight  # W + ΔW in fp32 at least, rounded once to W's dtype
+            W.copy_(W.to(torch.promote_types(W.dtype, torch.float32)) + self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            W = self.base.weight
+            W.copy_(W.to(torch.promote_types(W.dtype, torch.float32)) - self.delta_weight())
             self.merged = False
 
     def extra_repr(self):
@@ -227,6 +236,9 @@ def vblora_stored_param_count(model):
 
 def apply_vblora(model, cfg, targets):
     """Swap the targeted nn.Linears for VBLoRALinear around one new shared bank; return the bank."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets:
+        raise ValueError("VB-LoRA: targets is empty; name at least one nn.Linear")
     if hasattr(model, "vblora_bank"):
         raise ValueError("VB-LoRA: model already has a vblora_bank; apply_vblora once per model")
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -244,6 +256,9 @@ def apply_vblora(model, cfg, targets):
         parent, _, child = n.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     bank.adapted_names = names
+    ref = weakref.ref(bank)  # the hook must not keep a deleted model's bank alive
+    bank._step_hook = register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: ref() is not None and ref().clear_cache())
     return bank
 
 
