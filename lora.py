@@ -10,6 +10,9 @@ Choices (loralib's unless said):
 - dropout acts on x before A only; the base path sees the clean x.
 - delta_weight() is float32 (float64 for float64 layers); merge() adds it to W at that precision and
   rounds once to W's dtype.
+- The adapter path goes through kernels.lowrank_add when kernels.py is importable: its Triton kernel on
+  CUDA, else a PyTorch op with CPU-friendly layouts that adds into the base output in place. The
+  plain formula after it is what runs in a copy of this file without kernels.py.
 - No auto-merge on eval() (loralib merges on eval()): merge()/unmerge() are explicit and
   idempotent; while merged, forward = base(x).
 - No analysis helper here: the LoRA paper's subspace similarity φ is sera.subspace_similarity

@@ -32,6 +32,9 @@ Choices where the paper (whose Algorithm 1 is missing from our copy) is silent:
 - A layer cannot be built on device="meta": k depends on the values of W.
 - delta_weight() is float32 (float64 for float64 layers); merge adds it to W at that precision and
   rounds once to W's dtype.
+- The adapter path goes through kernels.lowrank_add when kernels.py is importable: its Triton kernel on
+  CUDA, else a PyTorch op with CPU-friendly layouts that adds into the base output in place. The
+  plain formula after it is what runs in a copy of this file without kernels.py.
 - No auto-merge on eval(): merge()/unmerge() are explicit; while merged, forward = base(x).
 """
 import math

@@ -39,6 +39,9 @@ Choices where the paper is silent:
   stored indices and −inf elsewhere (TopK's own −inf, Eq. 3.3), which reproduces the selection and,
   up to float rounding of softmax(log w), the weights; such logits are for inference and can never
   select new vectors, so resume training from the full form.
+- The adapter path goes through kernels.lowrank_add when kernels.py is importable: its Triton kernel on
+  CUDA, else a PyTorch op with CPU-friendly layouts that adds into the base output in place. The
+  plain formula after it is what runs in a copy of this file without kernels.py.
 - delta_weight() is in the bank's dtype. No auto-merge on eval(): merge()/unmerge() are explicit;
   while merged, forward = base(x).
 """
