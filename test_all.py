@@ -2502,7 +2502,9 @@ def test_gpt2_smoke_every_method(method, tmp_path, monkeypatch, capsys):
     assert (out / "predictions.txt").read_text(encoding="utf-8").count("\n") == 2
     assert (out / "references.txt").read_text(encoding="utf-8").split("\n\n")[0].count("\n") == 1  # 2 refs, MR 1
 
-    sd = torch.load(out / "adapter.pt", weights_only=True)
+    blob = torch.load(out / "adapter.pt", weights_only=True)
+    assert blob["method"] == blob["args"]["method"] == method and blob["args"]["n_embd"] == 32
+    sd = blob["adapter"]
     fresh, trained = _gpt2_fresh(method), res["model"]
     x = torch.randint(0, 257, (2, 9))
     y = torch.zeros_like(x)
@@ -2521,13 +2523,26 @@ def test_gpt2_smoke_every_method(method, tmp_path, monkeypatch, capsys):
     assert [" ".join(enc.decode(t).split()) for t in again] == res["predictions"]
 
 
+class _Gpt2Stop(Exception):
+    pass
+
+
 def test_gpt2_resume_continues_the_same_run(tmp_path, monkeypatch):
     enc = _gpt2_enc()
     monkeypatch.setattr(train_gpt2, "get_tokenizer", lambda bpe_dir=None: enc)
     _gpt2_write_e2e(tmp_path)
     flags = ["--grad_accum", "2", "--warmup_iters", "10", "--eval_samples", "0"]  # 6 batches/epoch: crosses one
     straight = train_gpt2.main(_gpt2_argv(tmp_path, tmp_path / "a", "lora", *flags, "--max_iters", "4"))
-    train_gpt2.main(_gpt2_argv(tmp_path, tmp_path / "b", "lora", *flags, "--max_iters", "2"))
+    save_atomic = train_gpt2.save_atomic
+
+    def save_then_stop(obj, path):  # the same run killed right after its step-2 checkpoint
+        save_atomic(obj, path)
+        if obj.get("step") == 2:
+            raise _Gpt2Stop
+    monkeypatch.setattr(train_gpt2, "save_atomic", save_then_stop)
+    with pytest.raises(_Gpt2Stop):
+        train_gpt2.main(_gpt2_argv(tmp_path, tmp_path / "b", "lora", *flags, "--max_iters", "4"))
+    monkeypatch.setattr(train_gpt2, "save_atomic", save_atomic)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 2
     resumed = train_gpt2.main(_gpt2_argv(tmp_path, tmp_path / "b", "lora", *flags, "--max_iters", "4", "--resume"))
     assert straight["step"] == resumed["step"] == 4
@@ -2537,6 +2552,39 @@ def test_gpt2_resume_continues_the_same_run(tmp_path, monkeypatch):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
     assert any(v.abs().max() > 0 for k, v in a.items() if k.endswith("lora_B"))  # it did train
+
+
+def test_gpt2_lr_schedule_shorter_than_warmup_still_reaches_the_lr():
+    # by hand: warm-up (step+1)/w with w = min(warmup, total), then (total-step)/(total-w)
+    assert [train_gpt2.lr_factor(s, 500, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert [train_gpt2.lr_factor(s, 2, 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+
+
+def test_gpt2_explicit_bpe_dir_is_used_without_a_download(monkeypatch, tmp_path):
+    import tiktoken.load
+
+    def no_download(*a, **k):
+        raise AssertionError("tiktoken.get_encoding called although --bpe_dir was given")
+    read = []
+
+    def ranks(bpe, enc_json, *hashes):
+        read.append((bpe, enc_json))
+        return {bytes([i]): i for i in range(256)}
+    monkeypatch.setattr(tiktoken, "get_encoding", no_download)
+    monkeypatch.setattr(tiktoken.load, "data_gym_to_mergeable_bpe_ranks", ranks)
+    for f in ("vocab.bpe", "encoder.json"):
+        (tmp_path / f).write_text("x")
+    enc = train_gpt2.get_tokenizer(str(tmp_path))
+    assert read == [(str(tmp_path / "vocab.bpe"), str(tmp_path / "encoder.json"))]
+    assert enc.encode_ordinary("ab") == [97, 98] and enc.eot_token == 50256
+
+
+def test_gpt2_resume_with_method_none_exits_cleanly(tmp_path, monkeypatch):
+    enc = _gpt2_enc()
+    monkeypatch.setattr(train_gpt2, "get_tokenizer", lambda bpe_dir=None: enc)
+    _gpt2_write_e2e(tmp_path)
+    with pytest.raises(SystemExit, match="--method none"):
+        train_gpt2.main(_gpt2_argv(tmp_path, tmp_path / "out", "none", "--resume", "--eval_samples", "0"))
 
 
 # ================================================================================================
@@ -2745,6 +2793,23 @@ def test_vit_missing_dataset_names_the_local_flag(monkeypatch):
     with pytest.raises(SystemExit) as e:
         train_vit.load_hub("pets", 224)
     assert "timm/oxford-iiit-pet" in str(e.value) and "--data PATH" in str(e.value)
+    assert "could not reach" in str(e.value) and "Offline?" in str(e.value)
+
+
+def test_vit_dataset_error_that_is_not_the_network_says_what_failed(monkeypatch):
+    import datasets
+
+    def script(*a, **k):
+        try:
+            raise KeyError("builder")
+        except KeyError as inner:
+            raise RuntimeError("Dataset scripts are no longer supported, but found FGVC-Aircraft.py") from inner
+    monkeypatch.setattr(datasets, "load_dataset", script)
+    with pytest.raises(SystemExit) as e:
+        train_vit.load_hub("fgvc", 224)
+    msg = str(e.value)
+    assert "RuntimeError: Dataset scripts are no longer supported" in msg and "--data PATH" in msg
+    assert "Offline?" not in msg and "could not reach" not in msg
 
 
 def test_vit_hub_dataset_picks_image_and_label_columns(monkeypatch):
@@ -2758,8 +2823,10 @@ def test_vit_hub_dataset_picks_image_and_label_columns(monkeypatch):
                                            "image": [Image.new("RGB", sizes[i % 2], (10 * i, 0, 0)) for i in range(n)],
                                            "variant": [(i + 1) % 3 for i in range(n)]}, features=feats)
     dd = datasets.DatasetDict({"train": split(6, [(40, 30), (50, 50)]), "validation": split(2, [(20, 20)] * 2)})
-    monkeypatch.setattr(datasets, "load_dataset", lambda repo: dd)
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, **kw: asked.append((repo, kw)) or dd)
     d = train_vit.load_hub("fgvc", 24)  # label column "variant", test falls back to the validation split
+    assert asked == [("HuggingFaceM4/FGVC-Aircraft", {"revision": train_vit.DATASETS["fgvc"][2]})]  # parquet, pinned
     assert d["classes"] == ["a", "b", "c"] and d["y_train"].tolist() == [1, 2, 0, 1, 2, 0]
     assert d["x_train"].shape == (6, 3, 24, 24) and d["x_test"].shape == (2, 3, 20, 20)
     assert d["x_train"][3, 0].eq(30).all() and d["y_test"].tolist() == [1, 2]
@@ -2813,3 +2880,46 @@ def test_vit_bad_method_config_exits_with_the_constraint(tmp_path):
     with pytest.raises(SystemExit) as e:
         train_vit.main(_vit_smoke_argv(tmp_path, "vblora", "--vblora_b", "48"))
     assert "--method vblora" in str(e.value) and "48" in str(e.value)
+
+
+
+class _VitStop(Exception):
+    pass
+
+
+def test_vit_resume_after_an_interruption_matches_a_straight_run(tmp_path, monkeypatch):
+    # 16 images / batch 4: epoch 1 ends (and saves) at step 4 of 8; the augmentation draws from the global RNG
+    argv = ["--max_iters", "8", "--min_crop", "0.3"]
+    straight = train_vit.main(_vit_smoke_argv(tmp_path, "lora", *argv, "--out_dir", str(tmp_path / "a")))
+    save_atomic, saved = train_vit.save_atomic, []
+
+    def save_then_stop(obj, path):  # a run killed right after its first checkpoint
+        save_atomic(obj, path)
+        saved.append(path)
+        if len(saved) == 2:
+            raise _VitStop
+    monkeypatch.setattr(train_vit, "save_atomic", save_then_stop)
+    with pytest.raises(_VitStop):
+        train_vit.main(_vit_smoke_argv(tmp_path, "lora", *argv, "--out_dir", str(tmp_path / "b")))
+    monkeypatch.setattr(train_vit, "save_atomic", save_atomic)
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 4
+    train_vit.main(_vit_smoke_argv(tmp_path, "lora", *argv, "--out_dir", str(tmp_path / "b"), "--resume"))
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    assert straight["test_acc"] is not None
+
+
+def test_vit_resume_refuses_other_trainables_and_other_optimizer_groups(tmp_path, capsys):
+    train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--max_iters", "1"))
+    with pytest.raises(SystemExit) as e:
+        train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--targets", "q_proj", "--resume"))
+    assert "only in the checkpoint" in str(e.value) and "v_proj.lora_A" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--targets", "q_proj,k_proj,v_proj", "--resume"))
+    assert "only in this run" in str(e.value) and "k_proj.lora_A" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # no decay anywhere: the head's weight and bias share one group
+        train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--weight_decay", "0", "--resume"))
+    assert "optimizer state" in str(e.value)

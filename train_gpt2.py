@@ -18,13 +18,17 @@ no-repeat-ngram 4, at most 64 new tokens. Per-method defaults (targets, shapes, 
 `--help`; where a paper gives no GPT-2 E2E value the choice is ours and says so there.
 
 Choices where the papers are silent:
-- `--max_iters` caps the run and the linear decay ends there; warm-up lr is (step+1)/warmup * lr.
+- `--max_iters` caps the run and the linear decay ends there; warm-up lr is (step+1)/warmup * lr, with
+  warmup = min(--warmup_iters, the run's steps), so a run shorter than the warm-up still reaches --lr
+  (at its last step, without decay).
 - Batches are bucketed (shuffle, sort by length within windows of 50 batches, shuffle the batches) and
   right-padded to the longest example; causal attention never lets a real token see a later pad.
 - Dev loss is plain cross-entropy (no smoothing) on the first --eval_iters of a fixed shuffle of dev.
 - Scratch models come from --seed (checkpoints hold only trainable tensors); --dropout defaults to 0
   (the LoRA code's GPT-2 has no dropout besides the adapter's).
-- VB-LoRA's adapter.pt is the compact top-k form; ckpt.pt keeps the full logits for resuming.
+- adapter.pt is {"method", "args", "adapter"}: the run's arguments (to rebuild the model without the
+  original flags) and the method's adapter state dict (VB-LoRA's compact top-k form; full: the trainable
+  tensors), which load_<m>_state_dict takes as is. ckpt.pt keeps the full logits for resuming.
 
 Metrics (on the test set, references grouped per MR; printed in the papers' units: BLEU, METEOR,
 ROUGE-L x100). What the official e2e-metrics scripts do and how this file differs:
@@ -246,6 +250,7 @@ def load_gpt2(init_from, dropout=0.0):
         sd = load_file(path)
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd["adapter"] if "adapter" in sd and "args" in sd else sd  # a full fine-tune's adapter.pt
     sd = convert_hf_state_dict(sd)
     V, C = sd["transformer.wte.weight"].shape
     n_layer = len([k for k in sd if k.endswith(".ln_1.weight")])
@@ -261,20 +266,26 @@ def load_gpt2(init_from, dropout=0.0):
 
 GPT2_BPE_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
                    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
+SHARED_BPE_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data",
+                                              "gpt2"))
 
 
 def get_tokenizer(bpe_dir=None):
-    """tiktoken's GPT-2 encoding; offline, built from OpenAI's vocab.bpe + encoder.json in bpe_dir."""
+    """tiktoken's GPT-2 encoding, built from OpenAI's vocab.bpe + encoder.json in bpe_dir when one is given
+    (no download tried); else tiktoken's own (downloaded or cached), else the files in SHARED_BPE_DIR."""
     import tiktoken
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken fetches its files from openaipublic.blob.core.windows.net
-        error = e
+    if bpe_dir:
+        why = f"--bpe_dir {bpe_dir} was given"
+    else:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken fetches its files from openaipublic.blob.core.windows.net
+            why = f"tiktoken could not download them ({type(e).__name__}: {e})"
+        bpe_dir = SHARED_BPE_DIR if os.path.isdir(SHARED_BPE_DIR) else None
     files = {f: os.path.join(bpe_dir or "", f) for f in GPT2_BPE_SHA256}
     if not bpe_dir or not all(os.path.isfile(p) for p in files.values()):
-        raise SystemExit(f"tiktoken could not download the GPT-2 BPE files (vocab.bpe, encoder.json) "
-                         f"({type(error).__name__}: {error}).\nPoint --bpe_dir at a folder holding them "
-                         f"(looked in: {bpe_dir}).")
+        raise SystemExit(f"no GPT-2 BPE files (vocab.bpe, encoder.json): {why}, and they are not in "
+                         f"{bpe_dir or SHARED_BPE_DIR}.\nPoint --bpe_dir at a folder holding both.")
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
     ranks = data_gym_to_mergeable_bpe_ranks(files["vocab.bpe"], files["encoder.json"],
@@ -418,7 +429,8 @@ def stored_param_count(model, method):
 
 
 def lr_factor(step, warmup, total):
-    """Linear warm-up to 1 over `warmup` steps, then linear decay to 0 at `total`."""
+    """Linear warm-up to 1 over min(warmup, total) steps, then linear decay to 0 at `total`."""
+    warmup = min(warmup, total)  # a run shorter than the warm-up still reaches the full lr
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
@@ -699,9 +711,8 @@ def get_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the training forward")
     # data
     a("--data_dir", default=None, help="folder with the official E2E CSVs (default: the Hub via `datasets`)")
-    bpe = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "gpt2"))
-    a("--bpe_dir", default=bpe if os.path.isdir(bpe) else None,
-      help="folder with vocab.bpe + encoder.json, used when tiktoken cannot download them")
+    a("--bpe_dir", default=None, help="folder with vocab.bpe + encoder.json, used first when given (no download); "
+      f"default: tiktoken's download, else {SHARED_BPE_DIR} when present")
     a("--max_len", type=int, default=512, help="longest training example, in tokens")
     # method: None = the method's default (epilog)
     a("--targets", default=None, help="comma list of Linear names, suffix match (per method)")
@@ -719,7 +730,8 @@ def get_args(argv=None):
     a("--bank_lr", type=float, default=None, help="VB-LoRA vector bank lr (per method)")
     a("--logits_lr", type=float, default=None, help="VB-LoRA logits lr (per method)")
     a("--weight_decay", type=float, default=0.01, help="AdamW weight decay (none on VB-LoRA)")
-    a("--warmup_iters", type=int, default=500, help="linear warm-up steps")
+    a("--warmup_iters", type=int, default=500, help="linear warm-up steps, cut to the run's steps when longer "
+      "(then the lr reaches --lr at the last step, with no decay)")
     a("--epochs", type=int, default=5, help="passes over the training set")
     a("--max_iters", type=int, default=None, help="cap on optimizer steps; the lr decay ends there (default: none)")
     a("--batch_size", type=int, default=8, help="examples per micro-batch")
@@ -801,6 +813,9 @@ def main(argv=None):
     opt = torch.optim.AdamW(groups, fused=device.type == "cuda") if groups else None
     step = 0
     if args.resume:
+        if opt is None:
+            raise SystemExit("--resume: --method none trains nothing, so there is no run to resume; drop --resume "
+                             "to evaluate the base model")
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -881,7 +896,8 @@ def main(argv=None):
             tokens, t_log = 0, time.time()  # tok/s counts training only
     if total == 0 and dev_batches:
         print(f"dev loss {dev_loss():.4f}")
-    save_atomic(adapter_state_dict(model, args.method), os.path.join(args.out_dir, "adapter.pt"))
+    save_atomic(dict(method=args.method, args=vars(args), adapter=adapter_state_dict(model, args.method)),
+                os.path.join(args.out_dir, "adapter.pt"))
     print(f"saved {os.path.join(args.out_dir, 'adapter.pt')}")
 
     # decoding and scoring

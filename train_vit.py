@@ -18,14 +18,17 @@ Choices made where the papers and SPEC are silent:
   interpolated (bicubic) when --image_size gives another patch grid than the checkpoint's.
 - The head is new, zero-initialised (as in the ViT paper's fine-tuning) and always trained, at its own
   --head_lr. `--method head` is the papers' linear probe (LP); `--method none` trains nothing and
-  only evaluates (useful with --resume, or an --init_from whose classifier fits the classes).
+  only evaluates --init_from (useful when its classifier fits the classes); to evaluate a fine-tuned
+  run, rebuild it with load_finetuned(path to its adapter.pt).
 - Per-method defaults for ViT: LoRA r=16, alpha=16 and SiVA perc=0.95 (siva §4.1); SeRA r=split=16
   (sera §4.1, "easy" mode; split = r is its default); Bone b=64 (its paper's default); VB-LoRA r=4,
   h=256, k=2 with b=256 (its GPT-2 setting; b must divide the width: 256 divides 768 and 1024).
   Targets q_proj, v_proj (both papers). Learning rates are not in our copies of the papers; the
   --lr defaults per method are untuned starting points. VB-LoRA: bank at --lr, logits at
   --vblora_logits_lr, no weight decay on either (its paper).
-- Data: Hub datasets through `datasets` (ids in DATASETS below), or a local .npz / image folder.
+- Data: Hub datasets through `datasets` (ids in DATASETS below; FGVC-Aircraft from the parquet
+  conversion of HuggingFaceM4/FGVC-Aircraft, pinned to its commit, as datasets>=4 runs no loading
+  scripts), or a local .npz / image folder.
   Images are decoded once into a uint8 tensor cache (kept at their own size when the first 32 share
   one square size no larger than --image_size, else resized once to --image_size), and augmented on the
   device in batches: random-resized-crop (area U(--min_crop, 1), aspect log-U(3/4, 4/3), the box
@@ -35,8 +38,8 @@ Choices made where the papers and SPEC are silent:
 - AdamW, linear warmup then cosine decay to 0, gradient clipping; bf16 autocast on CUDA.
 - adapter.pt holds the method's adapter state dict (the whole backbone for `full`, compact top-k for
   VB-LoRA), the head and the run's arguments; load_finetuned(path) rebuilds the model from it (a
-  scratch backbone is rebuilt from --seed). ckpt.pt holds every trainable tensor, the optimiser and
-  the step, for --resume. Both are written atomically.
+  scratch backbone is rebuilt from --seed). ckpt.pt holds every trainable tensor, the optimiser, the
+  step and the torch RNG states (augmentation draws from them), for --resume. Both are written atomically.
 """
 import argparse
 import itertools
@@ -67,11 +70,11 @@ import vblora
 class ViTConfig:
     image_size: int = 224  # input side; the patch grid is image_size // patch_size squared
     patch_size: int = 16  # ViT-B/16, ViT-L/16
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    n_layer: int = 12  # ViT-B depth; a checkpoint's own count of blocks overrides it
+    n_head: int = 12  # ViT-B; not in the weights, so read from config.json (else n_embd // 64)
+    n_embd: int = 768  # ViT-B width; the checkpoint's class token gives the real one
     mlp_dim: int = 3072  # 4 * n_embd in every Google ViT
-    num_classes: int = 10
+    num_classes: int = 10  # sets the head's size: the fine-tuning dataset's classes
     ln_eps: float = 1e-12  # what Google's HF checkpoints were trained with (config layer_norm_eps)
 
 
@@ -301,14 +304,16 @@ def build_model(args, num_classes):
 # -----------------------------------------------------------------------------
 # data
 
-DATASETS = {  # --dataset: (Hugging Face Hub id, label column); test = the "test" split
-    "cifar10": ("uoft-cs/cifar10", "label"),
-    "cifar100": ("uoft-cs/cifar100", "fine_label"),
-    "pets": ("timm/oxford-iiit-pet", "label"),
-    "cars": ("tanganke/stanford_cars", "label"),
-    "eurosat": ("timm/eurosat-rgb", "label"),
-    "fgvc": ("HuggingFaceM4/FGVC-Aircraft", "variant"),
-    "resisc45": ("timm/resisc45", "label"),
+DATASETS = {  # --dataset: (Hugging Face Hub id, label column, revision); test = the "test" split
+    "cifar10": ("uoft-cs/cifar10", "label", None),
+    "cifar100": ("uoft-cs/cifar100", "fine_label", None),
+    "pets": ("timm/oxford-iiit-pet", "label", None),
+    "cars": ("tanganke/stanford_cars", "label", None),
+    "eurosat": ("timm/eurosat-rgb", "label", None),
+    # main still holds a loading script, which datasets>=4 refuses; this commit (the repo's PR #1,
+    # refs/pr/1) is its parquet conversion, with the same train/validation/test splits
+    "fgvc": ("HuggingFaceM4/FGVC-Aircraft", "variant", "e18a7c97147c90dc7f4a60d74a7f4258e9264e97"),
+    "resisc45": ("timm/resisc45", "label", None),
 }
 MEAN, STD = 0.5, 0.5  # Google's in21k preprocessing: pixels to [-1, 1]
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -377,16 +382,29 @@ def load_folder(path, size):
     return out
 
 
+def _unreachable(e):
+    """True when e, or an exception it was raised from, is a failed connection or a timeout (the
+    requests, httpx and huggingface_hub ones included, by their class names)."""
+    while e is not None:
+        if isinstance(e, (ConnectionError, TimeoutError)) or re.search("Connect|Timeout|Offline", type(e).__name__):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def load_hub(name, size):
-    repo, label = DATASETS[name]
+    repo, label, revision = DATASETS[name]
+    local = ("Pass --data PATH: a .npz with x_train, y_train, x_test, y_test (uint8 NHWC) or a folder with "
+             "train/ and test/, each holding one subfolder of images per class.")
     try:
         import datasets
-        ds = datasets.load_dataset(repo)
+        ds = datasets.load_dataset(repo, revision=revision)
     except Exception as e:
-        raise SystemExit(f"could not load the dataset {repo} (--dataset {name}) through `datasets`: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}\n"
-                         f"Offline? Pass --data PATH: a .npz with x_train, y_train, x_test, y_test (uint8 NHWC) "
-                         f"or a folder with train/ and test/, each holding one subfolder of images per class.")
+        why = f"{type(e).__name__}: {str(e)[:500]}"
+        if _unreachable(e):
+            raise SystemExit(f"could not reach the Hugging Face Hub for the dataset {repo} (--dataset {name}): "
+                             f"{why}\nOffline? {local}")
+        raise SystemExit(f"could not load the dataset {repo} (--dataset {name}) through `datasets`: {why}\n{local}")
     feats = ds["train"].features
     image = next(k for k, f in feats.items() if isinstance(f, datasets.Image))
     if label not in feats:
@@ -576,16 +594,20 @@ def evaluate(model, x, y, args, ctx):
 
 
 def param_groups(model, args):
-    """AdamW groups: head at --head_lr, VB-LoRA logits at --vblora_logits_lr, the rest at --lr; weight decay
-    on matrices only and never on VB-LoRA's bank or logits."""
+    """AdamW groups, each named for the log: head at --head_lr, VB-LoRA logits at --vblora_logits_lr, the
+    rest (adapter, VB-LoRA bank, or the backbone for full) at --lr; weight decay on matrices only and never
+    on VB-LoRA's bank or logits."""
+    lrs = {"head": args.head_lr, "logits": args.vblora_logits_lr}
     groups = {}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lr = args.head_lr if n.startswith("head.") else args.vblora_logits_lr if "vblora_logits" in n else args.lr
+        name = "head" if n.startswith("head.") else "logits" if "vblora_logits" in n else "bank" \
+            if "vblora_bank" in n else "backbone" if args.method == "full" else "adapter"
         wd = args.weight_decay if p.dim() >= 2 and "vblora" not in n else 0.0
-        groups.setdefault((lr, wd), []).append(p)
-    return [{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+        groups.setdefault((name, wd), []).append(p)
+    return [{"params": ps, "name": name, "lr": lrs.get(name, args.lr), "base_lr": lrs.get(name, args.lr),
+             "weight_decay": wd} for (name, wd), ps in groups.items()]
 
 
 def main(argv=None):
@@ -634,14 +656,24 @@ def main(argv=None):
         ck = torch.load(ckpt_path, map_location=args.device, weights_only=True)
         if ck["args"]["method"] != args.method:
             raise SystemExit(f"--resume: {ckpt_path} was trained with --method {ck['args']['method']}")
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        extra, missing = sorted(set(ck["model"]) - trainable), sorted(trainable - set(ck["model"]))
+        if extra or missing:
+            raise SystemExit(f"--resume: {ckpt_path} holds other trainable tensors than this run (other --targets "
+                             f"or method flags?): only in the checkpoint {extra[:6]}, only in this run {missing[:6]}")
         try:
-            unexpected = model.load_state_dict(ck["model"], strict=False).unexpected_keys
+            model.load_state_dict(ck["model"], strict=False)
         except RuntimeError as e:  # shape mismatches: other method flags than the checkpoint's
             raise SystemExit(f"--resume: {ckpt_path} does not fit this model: {str(e)[:500]}")
-        if unexpected:
-            raise SystemExit(f"--resume: {ckpt_path} has tensors this model lacks: {unexpected[:6]}")
         if opt is not None:
-            opt.load_state_dict(ck["optimizer"])
+            try:
+                opt.load_state_dict(ck["optimizer"])
+            except ValueError as e:  # other parameter groups: other lrs, weight decay or method flags
+                raise SystemExit(f"--resume: the optimizer state in {ckpt_path} does not fit this run's parameter "
+                                 f"groups (other --lr/--head_lr/--weight_decay or method flags?): {e}")
+        torch.set_rng_state(ck["rng"].cpu())  # the augmentation goes on as if never interrupted
+        if device_type == "cuda" and ck["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), args.device)
         step = ck["step"]
         print(f"resumed from {ckpt_path} at step {step}")
 
@@ -649,6 +681,8 @@ def main(argv=None):
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         save_atomic({"model": {k: v for k, v in model.state_dict().items() if k in trainable},
                      "optimizer": opt.state_dict() if opt is not None else {}, "step": step,
+                     "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state(args.device) if device_type == "cuda" else None,
                      "args": vars(args), "test_acc": acc}, ckpt_path)
         save_atomic({"args": vars(args), "classes": classes, "test_acc": acc,
                      "adapter": adapter_state(model, args.method), "head": model.head.state_dict()},
@@ -679,9 +713,9 @@ def main(argv=None):
             loss_val, now = loss.item(), time.time()  # .item() waits for the device: time after it
             rate = (step - step_log) * args.batch_size / (now - t_log)  # over this interval
             eta = (max_steps - step) * (now - t_start) / (step - step0)
-            print(f"step {step}/{max_steps} | epoch {epoch + 1} | loss {loss_val:.4f} | lr {args.lr * mult:.2e} "
-                  f"(head {args.head_lr * mult:.2e}) | {rate:.1f} img/s | elapsed {now - t_start:.0f}s | "
-                  f"eta {eta:.0f}s")
+            lrs = " ".join(f"{k} {v:.2e}" for k, v in {g["name"]: g["lr"] for g in opt.param_groups}.items())
+            print(f"step {step}/{max_steps} | epoch {epoch + 1} | loss {loss_val:.4f} | lr {lrs} | "
+                  f"{rate:.1f} img/s | elapsed {now - t_start:.0f}s | eta {eta:.0f}s")
             t_log, step_log = now, step
         if step % spe == 0 or step == max_steps:
             acc = evaluate(fwd, x_test, y_test, args, ctx)
