@@ -6,6 +6,7 @@ PyTorch formula the tests compare against, and the public function the method fi
 
     enabled(*tensors)                      may the Triton path run on these tensors (now)?
     lowrank_add(y, x, A, B, d, scale)      y + scale * ((x A^T) * d) B^T     LoRA, SiVA, VB-LoRA
+    lowrank_linear(x, W, bias, A, B, d, s) the same with the base layer y = x W^T + bias fused in
     sera_delta(x, A, C, B, scale)          scale * x blockdiag(A) C blockdiag(B)       SeRA
     vblora_compose(logits, bank, k)        Σ_topk softmax(topk logits) * bank[idx]    VB-LoRA (all layers at once)
     bone_row(x, B)                         (x + t, Σ_j t_j),  t_j = x_j B_j^T          Bone-row prologue
@@ -458,6 +459,65 @@ def lowrank_add(y, x, A, B, d=None, scale=1.0):
         return LowRankAddTorchFunction.apply(y, x, A, B, d, scale)
     return LowRankAddFunction.apply(y, x, A, B, d, scale)
 
+
+
+class LowRankLinearTorchFunction(torch.autograd.Function):
+    """y = x W^T + bias + scale * ((x A^T) * d) B^T for a frozen W, the base layer fused in (PyTorch).
+
+    Fusing the base matmul lets the backward write dx = g W + gh A into one buffer (an in-place addmm)
+    instead of autograd summing two (N, in) gradients: one full pass over dx less per adapted layer.
+    The products use LowRankAddTorchFunction's layouts. dW and dbias are computed only if they require grad.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, bias, A, B, d, scale):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        y = F.linear(x2, W, bias)  # (N, out): the base layer (autocast applies as it would in nn.Linear)
+        ct = y.dtype
+        x2c, Ac = x2.to(ct), A.to(ct)
+        h = torch.mm(Ac, x2c.t()).t()  # (N, r)
+        hd = h if d is None else h * d.to(ct)  # (N, r)
+        y.addmm_(hd, B.t().to(ct), alpha=scale)  # (N, out) += (N, r) @ (r, out)
+        ctx.save_for_backward(x2c, W, A, B, d, h)
+        ctx.scale, ctx.x_shape, ctx.x_dtype, ctx.has_bias = scale, x.shape, x.dtype, bias is not None
+        return y.view(*x.shape[:-1], -1)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, W, A, B, d, h = ctx.saved_tensors
+        nx, nW, nbias, nA, nB, nd, _ = ctx.needs_input_grad
+        ct = h.dtype
+        g2 = g.reshape(-1, g.shape[-1]).to(ct)  # (N, out)
+        dx = dW = dbias = dA = dB = dd = None
+        gB = torch.mm(B.t().to(ct), g2.t()).t() if (nx or nA or nd) else None  # (N, r) = g B
+        gh = None if gB is None else ctx.scale * (gB if d is None else gB * d.to(ct))  # (N, r): dL/dh
+        if nx:
+            dx = torch.mm(g2, W.to(ct))  # (N, in) = g W, then the adapter's share added in place
+            dx.addmm_(gh, A.to(ct))
+            dx = dx.to(ctx.x_dtype).view(ctx.x_shape)  # (..., in)
+        if nW:
+            dW = torch.mm(g2.t(), x2).to(W.dtype)  # (out, in)
+        if nbias:
+            dbias = g2.sum(0)  # (out,)
+        if nA:
+            dA = torch.mm(gh.t(), x2).to(A.dtype)  # (r, in)
+        if nB:
+            hd = h if d is None else h * d.to(ct)  # (N, r)
+            dB = (ctx.scale * torch.mm(hd.t(), g2).t()).to(B.dtype)  # (out, r), as (hd^T g)^T
+        if nd:
+            dd = (ctx.scale * (h * gB).sum(0)).to(d.dtype)  # (r,)
+        return dx, dW, dbias, dA, dB, dd, None
+
+
+def lowrank_linear(x, W, bias, A, B, d=None, scale=1.0):
+    """The whole adapted layer: x W^T + bias + scale * ((x A^T) * d) B^T; x (..., in), W (out, in).
+
+    Triton path: cuBLAS for the base, then the fused low-rank kernel added into its output. Elsewhere
+    LowRankLinearTorchFunction, which also saves the sum of the two input gradients."""
+    if x.numel() and A.shape[0] <= _MAX_RANK and enabled(x, A, B, d):
+        y = F.linear(x.reshape(-1, x.shape[-1]), W, bias)  # (N, out): a fresh 2-D tensor to add into
+        return lowrank_add(y, x.reshape(-1, x.shape[-1]), A, B, d, scale).view(*x.shape[:-1], -1)
+    return LowRankLinearTorchFunction.apply(x, W, bias, A, B, d, scale)
 
 # -----------------------------------------------------------------------------------------------------
 # SeRA: out = scale * x blockdiag(A) C blockdiag(B)

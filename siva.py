@@ -32,9 +32,9 @@ Choices where the paper (whose Algorithm 1 is missing from our copy) is silent:
 - A layer cannot be built on device="meta": k depends on the values of W.
 - delta_weight() is float32 (float64 for float64 layers); merge adds it to W at that precision and
   rounds once to W's dtype.
-- The adapter path goes through kernels.lowrank_add when kernels.py is importable: its Triton kernel on
-  CUDA, else a PyTorch op with CPU-friendly layouts that adds into the base output in place. The
-  plain formula after it is what runs in a copy of this file without kernels.py.
+- With kernels.py importable the layer runs as kernels.lowrank_linear (base + adapter in one op):
+  Triton on CUDA, else PyTorch ops with CPU-friendly layouts. The plain formula after it is what runs
+  in a copy of this file without kernels.py.
 - No auto-merge on eval(): merge()/unmerge() are explicit; while merged, forward = base(x).
 """
 import math
@@ -112,10 +112,9 @@ class SiVALinear(nn.Module):
     def forward(self, x):
         if self.merged:
             return self.base(x)
-        if _kernels is not None:  # Triton on GPU, else a PyTorch op with CPU-friendly layouts
-            x2 = x.reshape(-1, x.shape[-1])  # (N, in): a 2-D base output is no view, so the in-place add is free
-            y = _kernels.lowrank_add(self.base(x2), x2, self.siva_V, self.siva_U, self.siva_s, 1.0)
-            return y.view(*x.shape[:-1], -1)  # (..., out)
+        if _kernels is not None:  # base and adapter as one op: Triton on GPU, else CPU-friendly PyTorch
+            W, bias = self.base.weight, self.base.bias
+            return _kernels.lowrank_linear(x, W, bias, self.siva_V, self.siva_U, self.siva_s, 1.0)
         t = F.linear(x, self.siva_V) * self.siva_s  # (..., k) coordinates along V_k, rescaled
         return self.base(x) + F.linear(t, self.siva_U)  # (..., out)
 

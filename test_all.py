@@ -180,7 +180,12 @@ def test_sera_lora_kernel_dispatch(name, monkeypatch):
         seen.append(x)
         return y + _sera_lora_ref_delta("lora", layer, cfg, x)
 
-    fake = SimpleNamespace(enabled=enabled, sera_delta=sera_delta, lowrank_add=lowrank_add)
+    def lowrank_linear(x, W, bias, A, B, d, scale):
+        assert W is layer.base.weight and bias is layer.base.bias
+        return lowrank_add(F.linear(x, W, bias), x, A, B, d, scale)
+
+    fake = SimpleNamespace(enabled=enabled, sera_delta=sera_delta, lowrank_add=lowrank_add,
+                           lowrank_linear=lowrank_linear)
     monkeypatch.setattr(sera if name == "sera" else lora, "_kernels", fake)
     x = torch.randn(2, 3, 12)
     ref = F.linear(x, layer.base.weight, layer.base.bias) + _sera_lora_ref_delta(name, layer, cfg, x)
@@ -683,10 +688,12 @@ def test_siva_apply_targets_and_freezing():
 
 
 def test_siva_kernel_path_arguments(monkeypatch):
-    """The Triton branch must call lowrank_add(y, x, A=siva_V, B=siva_U, d=siva_s, 1.0); a stand-in with the
-    documented semantics y + scale * ((x A^T) * d) B^T catches a wrong order on a non-square layer."""
-    fake = types.SimpleNamespace(enabled=lambda *t: True,
-                                 lowrank_add=lambda y, x, A, B, d=None, scale=1.0: y + scale * ((x @ A.T) * d) @ B.T)
+    """The kernel branch must call lowrank_linear(x, W, bias, A=siva_V, B=siva_U, d=siva_s, 1.0); a stand-in
+    with the documented semantics catches a wrong order on a non-square layer."""
+    fake = types.SimpleNamespace(
+        enabled=lambda *t: True,
+        lowrank_linear=lambda x, W, bias, A, B, d=None, scale=1.0:
+            F.linear(x, W, bias) + scale * ((x @ A.T) * d) @ B.T)
     monkeypatch.setattr(siva, "_kernels", fake)
     base = nn.Linear(48, 80)
     layer = siva.SiVALinear(copy.deepcopy(base), siva.SiVAConfig(perc=0.8))
@@ -1440,9 +1447,9 @@ def test_vblora_kernel_dispatch(monkeypatch):
             return _vb_loop_compose(logits, bank, k)
 
         @staticmethod
-        def lowrank_add(y, x, A, B, d, scale):
+        def lowrank_linear(x, W, bias, A, B, d, scale):
             seen.append(("lowrank", tuple(A.shape), tuple(B.shape), d, scale))
-            return y + (x @ A.T) @ B.T
+            return F.linear(x, W, bias) + (x @ A.T) @ B.T
 
     model = _VBModel()
     apply_vblora(model, _vb_cfg(), _VB_TARGETS)
@@ -2022,6 +2029,41 @@ def test_integration_copied_file_without_kernels_matches(method, monkeypatch):
     without = run()
     for a, b in zip(with_kernels, without, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_d", [False, True])
+def test_integration_lowrank_linear_torch_path_matches_reference(with_d, monkeypatch):
+    """The fused base + low-rank PyTorch op: output and every gradient (x, W, bias, A, B, d) vs autograd
+    through the plain formula, plus float64 gradcheck."""
+    monkeypatch.setenv("NANOPEFT_NO_TRITON", "1")
+    mk = lambda *s: torch.randn(*s, dtype=torch.float64).requires_grad_()
+    x, W, bias, A, B = mk(2, 5, 12), mk(9, 12), mk(9), mk(3, 12), mk(9, 3)
+    d = mk(3) if with_d else None
+    ins = [x, W, bias, A, B, d]
+    ref = lambda x, W, bias, A, B, d: F.linear(x, W, bias) + 0.7 * (((x @ A.T) * (1 if d is None else d)) @ B.T)
+    g = torch.randn(2, 5, 9, dtype=torch.float64)
+    out = kernels.lowrank_linear(*ins, 0.7)
+    grads = torch.autograd.grad(out, [t for t in ins if t is not None], g)
+    ref_out = ref(*ins)
+    ref_grads = torch.autograd.grad(ref_out, [t for t in ins if t is not None], g)
+    torch.testing.assert_close(out, ref_out)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda *a: kernels.lowrank_linear(*a, 0.7), tuple(ins))
+
+
+def test_integration_lowrank_linear_under_cpu_autocast(monkeypatch):
+    monkeypatch.setenv("NANOPEFT_NO_TRITON", "1")
+    x = torch.randn(4, 16, requires_grad=True)
+    W, bias = torch.randn(8, 16), torch.randn(8)
+    A, B = torch.randn(2, 16, requires_grad=True), torch.randn(8, 2, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.lowrank_linear(x, W, bias, A, B, None, 0.5)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == A.grad.dtype == B.grad.dtype == torch.float32
+    ref = F.linear(x, W, bias) + 0.5 * (x @ A.T) @ B.T
+    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
 
 
 # ================================================================================================

@@ -39,9 +39,9 @@ Choices where the paper is silent:
   stored indices and −inf elsewhere (TopK's own −inf, Eq. 3.3), which reproduces the selection and,
   up to float rounding of softmax(log w), the weights; such logits are for inference and can never
   select new vectors, so resume training from the full form.
-- The adapter path goes through kernels.lowrank_add when kernels.py is importable: its Triton kernel on
-  CUDA, else a PyTorch op with CPU-friendly layouts that adds into the base output in place. The
-  plain formula after it is what runs in a copy of this file without kernels.py.
+- With kernels.py importable the layer runs as kernels.lowrank_linear (base + adapter in one op):
+  Triton on CUDA, else PyTorch ops with CPU-friendly layouts. The plain formula after it is what runs
+  in a copy of this file without kernels.py.
 - delta_weight() is in the bank's dtype. No auto-merge on eval(): merge()/unmerge() are explicit;
   while merged, forward = base(x).
 """
@@ -190,9 +190,8 @@ class VBLoRALinear(nn.Module):
         if self.merged:
             return self.base(x)
         A, B = self.bank.matrices(self)
-        if _kernels is not None:  # Triton on GPU, else a PyTorch op with CPU-friendly layouts
-            x2 = x.reshape(-1, x.shape[-1])  # (N, in): a 2-D base output is no view, so the in-place add is free
-            return _kernels.lowrank_add(self.base(x2), x2, A, B, None, 1.0).view(*x.shape[:-1], -1)  # (..., out)
+        if _kernels is not None:  # base and adapter as one op: Triton on GPU, else CPU-friendly PyTorch
+            return _kernels.lowrank_linear(x, self.base.weight, self.base.bias, A, B, None, 1.0)
         return self.base(x) + (x @ A.t()) @ B.t()  # (..., in) -> (..., r) -> (..., out)
 
     def delta_weight(self):
