@@ -22,7 +22,7 @@ def _seed():
 
 
 # ================================================================================================
-# sera_lora
+# SeRA and LoRA
 # ================================================================================================
 from types import SimpleNamespace
 
@@ -419,7 +419,7 @@ def test_sera_subspace_similarity_by_hand():
 
 
 # ================================================================================================
-# siva
+# SiVA
 # ================================================================================================
 import re
 import types
@@ -705,7 +705,7 @@ def test_siva_kernel_path_arguments(monkeypatch):
 
 
 # ================================================================================================
-# bone
+# Bone
 # ================================================================================================
 import bone
 
@@ -1044,7 +1044,7 @@ def test_bone_cpu_autocast_bf16_backward(grouping):
 
 
 # ================================================================================================
-# vblora
+# VB-LoRA
 # ================================================================================================
 import vblora
 from vblora import (VBLoRABank, VBLoRAConfig, VBLoRALinear, apply_vblora, load_vblora_state_dict,
@@ -1506,7 +1506,7 @@ def test_vblora_and_siva_targets_as_string_and_empty():
 
 
 # ================================================================================================
-# kernels_a
+# Triton kernels: the low-rank path and SeRA (interpreted on CPU)
 # ================================================================================================
 import kernels as KA
 
@@ -1714,7 +1714,7 @@ def test_ka_enabled_truth_table(monkeypatch):
 
 
 # ================================================================================================
-# kernels_b
+# Triton kernels: VB-LoRA compose, Bone row and col (interpreted on CPU)
 # ================================================================================================
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernels as KB
@@ -1915,7 +1915,7 @@ def test_kb_bone_col_bad_input():
 
 
 # ================================================================================================
-# integration
+# Method layers through the kernels, and the PyTorch fast paths
 # ================================================================================================
 import kernels
 import lora, sera, siva, bone, vblora
@@ -2067,7 +2067,7 @@ def test_integration_lowrank_linear_under_cpu_autocast(monkeypatch):
 
 
 # ================================================================================================
-# aot
+# Every Triton kernel compiles for an H100 (sm_90), ahead of time, with its launchers' arguments
 # ================================================================================================
 # Ahead-of-time compilation of every Triton kernel for an H100 (sm_90), on this GPU-less machine.
 # The interpreter (TRITON_INTERPRET=1, what the kernel tests run) accepts code the real compiler rejects;
@@ -2237,7 +2237,7 @@ def test_aot_every_kernel_compiles_for_h100():
 
 
 # ================================================================================================
-# gpt2
+# train_gpt2.py
 # ================================================================================================
 import csv
 import json
@@ -2630,7 +2630,7 @@ def test_gpt2_resume_with_method_none_exits_cleanly(tmp_path, monkeypatch):
 
 
 # ================================================================================================
-# vit
+# train_vit.py
 # ================================================================================================
 import json
 
