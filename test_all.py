@@ -6,7 +6,11 @@ the Triton kernels (forward and every gradient against the references, run on th
 TRITON_INTERPRET=1), then smoke runs of train_gpt2.py and train_vit.py on tiny synthetic data.
 """
 import os
-os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels run on CPU; must be set before triton imports
+# Kernel tests run on the CPU under Triton's interpreter (set before triton is imported), or compiled on a GPU
+# with NANOPEFT_TEST_DEVICE=cuda (then TRITON_INTERPRET must stay unset).
+KERNEL_DEVICE = os.environ.get("NANOPEFT_TEST_DEVICE", "cpu")
+if KERNEL_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("NANOPEFT_NO_TRITON", "1") # method tests use the reference path; kernel tests opt in
 import sys, math, copy, tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -19,6 +23,14 @@ import torch.nn.functional as F
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def kernel_device():
+    """Tensors a kernel test creates land on KERNEL_DEVICE."""
+    torch.set_default_device(KERNEL_DEVICE)
+    yield KERNEL_DEVICE
+    torch.set_default_device("cpu")
 
 
 # ================================================================================================
@@ -1519,9 +1531,8 @@ _KA_DTYPES = list(_KA_TOL)
 
 
 @pytest.fixture
-def _ka_triton(monkeypatch):
+def _ka_triton(monkeypatch, kernel_device):
     monkeypatch.setenv("NANOPEFT_NO_TRITON", "0")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _ka_close(actual, expected, dtype):
@@ -1687,7 +1698,7 @@ def test_ka_sera_delta_341_rows_3d_and_partial_grads(_ka_triton):
 
 def test_ka_sera_delta_autocast_and_bad_shapes(_ka_triton):
     x, A, C, B = _ka_sera_inputs((9,), 32, 48, 8, 4, torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
         out = KA.sera_delta(x, A, C, B, 1.0)
     assert out.dtype == torch.bfloat16  # the compute dtype follows autocast, like the reference's einsums
     _ka_close(out, KA.sera_delta_reference(*_ka_f64([x, A, C, B]), 1.0), torch.bfloat16)
@@ -1751,6 +1762,7 @@ def _kb_vblora_logits(S, h):
     return torch.stack([torch.randperm(h) for _ in range(S)]).float() * (3.0 / h)  # (S, h)
 
 
+@pytest.mark.usefixtures("kernel_device")
 def test_kb_vblora_reference_vs_row_loop():
     S, h, b, k = 7, 12, 5, 3
     logits, bank = torch.randn(S, h), torch.randn(h, b)
@@ -1766,6 +1778,7 @@ def test_kb_vblora_reference_vs_row_loop():
 @pytest.mark.parametrize("S,h,b,k", [(1, 16, 16, 1), (9, 40, 24, 2), (41, 16, 16, 3), (300, 16, 16, 3),
                                      (9, 16, 136, 2)])
 @pytest.mark.parametrize("dtype", _KB_DTYPES)
+@pytest.mark.usefixtures("kernel_device")
 def test_kb_vblora_compose_fwd_bwd(S, h, b, k, dtype):
     logits, bank = _kb_vblora_logits(S, h), torch.rand(h, b) * 0.04 - 0.02
     g = torch.randn(S, b)
@@ -1780,6 +1793,7 @@ def test_kb_vblora_compose_fwd_bwd(S, h, b, k, dtype):
     assert (dl != 0).sum(-1).le(k).all()  # only the selected logits get gradient
 
 
+@pytest.mark.usefixtures("kernel_device")
 def test_kb_vblora_bank_grad_is_deterministic_and_zero_for_unused_rows():
     S, h, b, k = 41, 40, 16, 2
     logits = _kb_leaf(_kb_vblora_logits(S, h))
@@ -1793,6 +1807,7 @@ def test_kb_vblora_bank_grad_is_deterministic_and_zero_for_unused_rows():
     assert (grads[0][:5] == 0).all() and (grads[0][5:].abs().sum(-1) > 0).any()
 
 
+@pytest.mark.usefixtures("kernel_device")
 def test_kb_vblora_compose_bad_input():
     with pytest.raises(ValueError, match="k=5"):
         KB.vblora_compose(torch.randn(3, 4), torch.randn(4, 8), 5)
@@ -1802,6 +1817,7 @@ def test_kb_vblora_compose_bad_input():
 
 # ---- Bone-row prologue
 
+@pytest.mark.usefixtures("kernel_device")
 def test_kb_bone_row_reference_vs_chunk_loop():
     x, B = torch.randn(3, 5, 12), torch.randn(3, 4, 4)
     y, ts = KB.bone_row_reference(x, B)
@@ -1815,6 +1831,7 @@ _KB_BONE_ROW_SHAPES = [((1,), 32, 16), ((9,), 96, 32), ((41,), 64, 16), ((2, 5),
 
 @pytest.mark.parametrize("lead,n_in,b", _KB_BONE_ROW_SHAPES)
 @pytest.mark.parametrize("dtype", _KB_DTYPES)
+@pytest.mark.usefixtures("kernel_device")
 def test_kb_bone_row_fwd_bwd(lead, n_in, b, dtype):
     x, B = torch.randn(*lead, n_in), torch.randn(n_in // b, b, b) * 0.1
     gy, gs = torch.randn(*lead, n_in), torch.randn(*lead, b)
@@ -1826,6 +1843,7 @@ def test_kb_bone_row_fwd_bwd(lead, n_in, b, dtype):
 
 
 @pytest.mark.parametrize("lead,n_in,b", [((41,), 64, 32), ((47,), 96, 48)])
+@pytest.mark.usefixtures("kernel_device")
 def test_kb_bone_row_small_tiles(monkeypatch, lead, n_in, b):
     # 16-wide tiles: several tiles per b-chunk; 2 row splits over 3 row blocks in the dB reduction
     monkeypatch.setattr(KB, "_BONE_BLOCK_M", 16)
@@ -1839,6 +1857,7 @@ def test_kb_bone_row_small_tiles(monkeypatch, lead, n_in, b):
         _kb_close(a, r, torch.float32)
 
 
+@pytest.mark.usefixtures("kernel_device")
 def test_kb_bone_row_bad_input():
     with pytest.raises(ValueError, match="bone_row"):
         KB.bone_row(torch.randn(2, 30), torch.randn(2, 16, 16))
@@ -1846,6 +1865,7 @@ def test_kb_bone_row_bad_input():
 
 # ---- Bone-col linear
 
+@pytest.mark.usefixtures("kernel_device")
 def test_kb_bone_col_reference_vs_block_loop():
     n_out, n_in, b = 8, 12, 4
     x, W, B, bias = torch.randn(5, n_in), torch.randn(n_out, n_in), torch.randn(n_out // b, b, b), torch.randn(n_out)
@@ -1863,6 +1883,7 @@ _KB_BONE_COL_SHAPES = [((1,), 32, 64, 16), ((9,), 96, 64, 32), ((41,), 64, 32, 1
 @pytest.mark.parametrize("lead,n_in,n_out,b", _KB_BONE_COL_SHAPES)
 @pytest.mark.parametrize("dtype", _KB_DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.usefixtures("kernel_device")
 def test_kb_bone_col_fwd_bwd(lead, n_in, n_out, b, dtype, with_bias):
     x, W = torch.randn(*lead, n_in), torch.randn(n_out, n_in) / math.sqrt(n_in)
     B, bias = torch.randn(n_out // b, b, b) * 0.1, torch.randn(n_out)
@@ -1879,6 +1900,7 @@ def test_kb_bone_col_fwd_bwd(lead, n_in, n_out, b, dtype, with_bias):
 
 
 @pytest.mark.parametrize("lead,n_in,n_out,b", [((41,), 96, 32, 32), ((21,), 96, 48, 48)])
+@pytest.mark.usefixtures("kernel_device")
 def test_kb_bone_col_small_tiles(monkeypatch, lead, n_in, n_out, b):
     # 16-wide tiles: W' tiles built from several r-tiles, several tiles per block; 2 j splits
     monkeypatch.setattr(KB, "_BONE_BLOCK_M", 16)
@@ -1892,6 +1914,7 @@ def test_kb_bone_col_small_tiles(monkeypatch, lead, n_in, n_out, b):
         _kb_close(a, r, torch.float32)
 
 
+@pytest.mark.usefixtures("kernel_device")
 def test_kb_bone_col_saves_no_out_by_in_tensor():
     n_in, n_out, b = 64, 96, 32
     x, W, B = _kb_leaf(torch.randn(9, n_in)), torch.randn(n_out, n_in), _kb_leaf(torch.randn(n_out // b, b, b))
@@ -1904,6 +1927,7 @@ def test_kb_bone_col_saves_no_out_by_in_tensor():
     assert x.grad is not None and B.grad is not None
 
 
+@pytest.mark.usefixtures("kernel_device")
 def test_kb_bone_col_bad_input():
     W = torch.randn(64, 48)
     with pytest.raises(ValueError, match="b \\| in"):
@@ -1968,7 +1992,7 @@ def _it_run(method, monkeypatch, triton_on):
 
 
 @pytest.mark.parametrize("method", list(_IT_CASES))
-def test_integration_layers_use_kernels_and_match_reference(method, monkeypatch):
+def test_integration_layers_use_kernels_and_match_reference(method, monkeypatch, kernel_device):
     calls = {}
     for name in _IT_CASES[method][1]:
         real = getattr(kernels, name)
