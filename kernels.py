@@ -746,12 +746,11 @@ def sera_delta(x, A, C, B, scale):
 def _dot_flags(t):
     """(DOT_F32, PREC) for the kernels' tl.dot calls.
 
-    DOT_F32: True on CPU, i.e. under TRITON_INTERPRET=1, whose bf16/fp16 tl.dot returns garbage
+    DOT_F32: True under TRITON_INTERPRET=1, whose bf16/fp16 tl.dot returns garbage
     (triton 3.9), so the operands are upcast there; on CUDA the dot runs in the native dtype.
     PREC: fp32 x fp32 dots follow torch's own switch, so fp32 results match torch.matmul.
     """
-    prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return t.device.type == "cpu", prec
+    return _interpreting(), _dot_config(torch.float32)[1]  # the same switches as the other ops' dots
 
 
 if triton is not None:
