@@ -58,6 +58,11 @@ class BoneConfig:
             raise ValueError(f"Bone: variant='hadamard' needs grouping='col', got grouping={self.grouping!r}")
 
 
+def _compute_dtype(x, like):
+    """The dtype a layer's matmuls run in: autocast's when it is on for x's device (as in nn.Linear), else like's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else like.dtype
+
+
 def _check_divides(b, d_in, d_out):
     for name, d in (("in_features", d_in), ("out_features", d_out)):
         if d % b:
@@ -116,7 +121,7 @@ class BoneColFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, B, bias, variant):
         ctx.save_for_backward(x, W, B)
-        ctx.variant = variant
+        ctx.variant, ctx.ct = variant, _compute_dtype(x, W)
         return F.linear(x, _col_weight_prime(W, B, variant), bias)
 
     @staticmethod
@@ -124,13 +129,14 @@ class BoneColFunction(torch.autograd.Function):
     def backward(ctx, g):
         x, W, B = ctx.saved_tensors
         nx, nW, nB, nbias, _ = ctx.needs_input_grad
-        g2 = g.reshape(-1, g.shape[-1]).to(W.dtype).contiguous()        # (N, out); bf16 under autocast
+        ct = ctx.ct                                                     # the forward's matmul dtype
+        g2 = g.reshape(-1, g.shape[-1]).to(ct).contiguous()             # (N, out)
         dx = dW = dB = dbias = None
         if nx:
-            dx = torch.mm(g2, _col_weight_prime(W, B, ctx.variant)).view(x.shape)  # (..., in), contiguous
+            dx = torch.mm(g2, _col_weight_prime(W, B, ctx.variant).to(ct)).view(x.shape)  # (..., in), contiguous
         if nW or nB:
             b = B.shape[-1]
-            G = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]).to(W.dtype))  # (out, in) = g^T x over all tokens
+            G = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]).to(ct)).to(W.dtype)  # (out, in) = g^T x, all tokens
             G4 = G.view(-1, b, G.shape[1] // b, b)                      # (out/b, b, in/b, b): G4[i, :, j, :] = G_ij
             if ctx.variant == "bone":
                 Gv = G.view(-1, G.shape[1], b)                          # (out/b, in, b): row-block i as b-vectors
@@ -145,7 +151,7 @@ class BoneColFunction(torch.autograd.Function):
                 if nW:
                     dW = (G4 * (1 + B[:, :, None, :])).view_as(W)       # (out, in)
         if nbias:
-            dbias = g2.sum(0)                                           # (out,)
+            dbias = g2.float().sum(0)                                   # (out,)
         return dx, dW, dB, dbias, None
 
 
@@ -169,7 +175,8 @@ class BoneRowFunction(torch.autograd.Function):
         dx_j = (g W)_j + u_j B_j,   dB_j = u_j^T x_j
         dW = g^T (x + t) (x + t recomputed; only if W requires grad),   dbias = Σ_rows g
     Every product runs as one bmm over the in/b chunks on strided views, and dx comes back contiguous.
-    Computed in B's dtype (autograd casts the grads back), so autocast's bf16 y and g are fine.
+    The backward's products run in the forward's matmul dtype (autocast's bf16 when it was on, as
+    nn.Linear's would; B's dtype otherwise); autograd casts the grads back to the inputs' dtypes.
     """
 
     @staticmethod
@@ -180,7 +187,7 @@ class BoneRowFunction(torch.autograd.Function):
         y = F.linear(xt, W, bias)                                    # (N, out)
         y.view(y.shape[0], -1, b).add_(t_sum.unsqueeze(1))          # (N, out/b, b): Σ_j t_j into every block
         ctx.save_for_backward(x2, W, B)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.ct = x.shape, _compute_dtype(x, B)
         return y.view(*x.shape[:-1], W.shape[0])                     # (..., out)
 
     @staticmethod
@@ -189,22 +196,23 @@ class BoneRowFunction(torch.autograd.Function):
         x2, W, B = ctx.saved_tensors
         nx, nW, nB, nbias = ctx.needs_input_grad
         n_j, b = B.shape[0], B.shape[-1]
-        g2 = g.reshape(-1, g.shape[-1]).to(B.dtype).contiguous()     # (N, out); bf16 under autocast
-        W = W.to(B.dtype)
+        ct = ctx.ct                                                  # the forward's matmul dtype
+        g2 = g.reshape(-1, g.shape[-1]).to(ct).contiguous()          # (N, out)
+        W, Bc, xc = W.to(ct), B.to(ct), x2.to(ct)
         dx = dW = dB = dbias = None
         if nx or nB:
             s = g2.view(g2.shape[0], -1, b).sum(1)                   # (N, b) = Σ_i g_i
             gW = torch.mm(g2, W)                                     # (N, in) = g W
             u = gW.view(-1, n_j, b) + s.unsqueeze(1)                 # (N, in/b, b): u_j = (g W)_j + s
             if nB:
-                dB = torch.bmm(u.permute(1, 2, 0), x2.view(-1, n_j, b).transpose(0, 1))  # (in/b, b, b): u_j^T x_j
+                dB = torch.bmm(u.permute(1, 2, 0), xc.view(-1, n_j, b).transpose(0, 1)).to(B.dtype)  # (in/b, b, b)
             if nx:
-                gW.view(-1, n_j, b).transpose(0, 1).baddbmm_(u.transpose(0, 1), B)  # (in/b, N, b) += u_j B_j
+                gW.view(-1, n_j, b).transpose(0, 1).baddbmm_(u.transpose(0, 1), Bc)  # (in/b, N, b) += u_j B_j
                 dx = gW.view(ctx.x_shape)                            # (..., in)
         if nW:
-            dW = torch.mm(g2.t(), _row_shift(x2, B)[0])              # (out, in)
+            dW = torch.mm(g2.t(), _row_shift(x2, B)[0].to(ct))       # (out, in)
         if nbias:
-            dbias = g2.sum(0)                                        # (out,)
+            dbias = g2.float().sum(0)                                # (out,)
         return dx, dW, dB, dbias
 
 

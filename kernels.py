@@ -43,6 +43,7 @@ Choices (the papers say nothing about kernels):
 training step per method against the frozen base model (see `_bench_steps`).
 """
 import argparse
+import contextlib
 import functools
 import os
 import time
@@ -269,7 +270,7 @@ if triton is not None:
         stride_g, stride_a0, stride_a1, stride_b0, stride_b1,
         scale,
         HAS_D: tl.constexpr, NEED_DX: tl.constexpr, NEED_GH: tl.constexpr, NEED_HD: tl.constexpr,
-        NEED_DD: tl.constexpr,
+        NEED_DD: tl.constexpr, ACC_DX: tl.constexpr,  # ACC_DX: add into dx (the base layer's g W) in place
         DOT: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
@@ -309,9 +310,14 @@ if triton is not None:
                 cmask = cols < IN
                 a = tl.load(a_ptr + ranks[:, None] * stride_a0 + cols[None, :] * stride_a1,
                             mask=kmask[:, None] & cmask[None, :], other=0.0)  # (BLOCK_R, BLOCK_K)
-                dx = tl.dot(ghd, a.to(DOT), input_precision=PREC)
-                tl.store(dx_ptr + rows[:, None] * IN + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
-                         mask=rmask[:, None] & cmask[None, :])
+                dxp = dx_ptr + rows[:, None] * IN + cols[None, :]
+                dmask = rmask[:, None] & cmask[None, :]
+                if ACC_DX:
+                    dx = tl.dot(ghd, a.to(DOT), tl.load(dxp, mask=dmask, other=0.0).to(tl.float32),
+                                input_precision=PREC)
+                else:
+                    dx = tl.dot(ghd, a.to(DOT), input_precision=PREC)
+                tl.store(dxp, dx.to(dx_ptr.dtype.element_ty), mask=dmask)
 
 
 def _lowrank_fwd(y, x, A, B, d, scale, h, dot, prec):
@@ -330,8 +336,9 @@ def _lowrank_fwd(y, x, A, B, d, scale, h, dot, prec):
         _lowrank_fwd_tuned[grid](*args, **meta)
 
 
-def _lowrank_bwd(g, x, A, B, d, h, scale, need, dot, prec):
-    """Gradients (dx, dA, dB, dd) for the flags in need = (x, A, B, d); None where not needed."""
+def _lowrank_bwd(g, x, A, B, d, h, scale, need, dot, prec, dx=None):
+    """Gradients (dx, dA, dB, dd) for the flags in need = (x, A, B, d); None where not needed. A given dx
+    (N, IN) contiguous receives the low-rank part of the input gradient added in place."""
     need_x, need_A, need_B, need_d = need
     N, IN = x.shape
     OUT, R = B.shape
@@ -339,7 +346,9 @@ def _lowrank_bwd(g, x, A, B, d, h, scale, need, dot, prec):
     bm = _row_block(N, block_r, x.device)
     blocks = triton.cdiv(N, bm)
     f32 = dict(device=x.device, dtype=torch.float32)
-    dx = torch.empty(N, IN, device=x.device, dtype=x.dtype) if need_x else None
+    acc_dx = dx is not None
+    if need_x and dx is None:
+        dx = torch.empty(N, IN, device=x.device, dtype=x.dtype)
     gh = torch.empty(N, R, **f32) if need_A else None
     hd = torch.empty(N, R, **f32) if need_B else None
     dd = torch.empty(blocks, R, **f32) if need_d else None
@@ -348,7 +357,7 @@ def _lowrank_bwd(g, x, A, B, d, h, scale, need, dot, prec):
         g, h, A, B, d if d is not None else A,
         dx if need_x else h, gh if need_A else h, hd if need_B else h, dd if need_d else h,
         N, IN, OUT, R, g.stride(0), A.stride(0), A.stride(1), B.stride(0), B.stride(1), scale,
-        HAS_D=d is not None, NEED_DX=need_x, NEED_GH=need_A, NEED_HD=need_B, NEED_DD=need_d,
+        HAS_D=d is not None, NEED_DX=need_x, NEED_GH=need_A, NEED_HD=need_B, NEED_DD=need_d, ACC_DX=acc_dx,
         DOT=dot, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, num_warps=4,
     )
     dA = _weight_grad(gh, x, dot, prec).to(A.dtype) if need_A else None  # (R, IN)
@@ -509,14 +518,47 @@ class LowRankLinearTorchFunction(torch.autograd.Function):
         return dx, dW, dbias, dA, dB, dd, None
 
 
+class LowRankLinearFunction(torch.autograd.Function):
+    """y = x W^T + bias + scale * ((x A^T) * d) B^T with the Triton kernels: cuBLAS for the base product, the
+    low-rank forward kernel added into its output, and in backward the low-rank dx added into cuBLAS's g W
+    in place (one (N, in) buffer, no separate sum). Products run in the compute dtype (autocast's when on),
+    as nn.Linear's would; W is cast once and the cast kept for backward, as autocast itself does."""
+
+    @staticmethod
+    def forward(ctx, x, W, bias, A, B, d, scale):
+        ct = _compute_dtype(x)
+        x2 = _rows(x, x.shape[-1]).to(ct)  # (N, in)
+        Wc = W.to(ct)
+        y = F.linear(x2, Wc, None if bias is None else bias.to(ct))  # (N, out)
+        save_h = any(ctx.needs_input_grad[3:6])
+        h = torch.empty(x2.shape[0], A.shape[0], device=x.device, dtype=torch.float32) if save_h else None
+        dot, prec = _dot_config(ct)
+        _lowrank_fwd(y, x2, A, B, d, float(scale), h, dot, prec)
+        ctx.save_for_backward(x2, Wc, A, B, d, h)
+        ctx.scale, ctx.dot, ctx.prec, ctx.x_shape, ctx.dtypes = float(scale), dot, prec, x.shape, \
+            (W.dtype, None if bias is None else bias.dtype)
+        return y.view(*x.shape[:-1], -1)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, Wc, A, B, d, h = ctx.saved_tensors
+        nx, nW, nbias, nA, nB, nd, _ = ctx.needs_input_grad
+        g2 = _rows(g, g.shape[-1]).to(x2.dtype)  # (N, out)
+        dx = torch.mm(g2, Wc) if nx else None  # (N, in) = g W; the kernel adds the low-rank part into it
+        _, dA, dB, dd = _lowrank_bwd(g2, x2, A, B, d, h, ctx.scale, (nx, nA, nB, nd), ctx.dot, ctx.prec, dx=dx) \
+            if (nx or nA or nB or nd) else (None,) * 4
+        dW = torch.mm(g2.t(), x2).to(ctx.dtypes[0]) if nW else None  # (out, in)
+        dbias = g2.float().sum(0).to(ctx.dtypes[1]) if nbias else None  # (out,)
+        return None if dx is None else dx.view(ctx.x_shape), dW, dbias, dA, dB, dd, None
+
+
 def lowrank_linear(x, W, bias, A, B, d=None, scale=1.0):
     """The whole adapted layer: x W^T + bias + scale * ((x A^T) * d) B^T; x (..., in), W (out, in).
 
-    Triton path: cuBLAS for the base, then the fused low-rank kernel added into its output. Elsewhere
-    LowRankLinearTorchFunction, which also saves the sum of the two input gradients."""
+    LowRankLinearFunction (Triton) when enabled() and r <= 128, else LowRankLinearTorchFunction; both
+    write the input gradient into one buffer."""
     if x.numel() and A.shape[0] <= _MAX_RANK and enabled(x, A, B, d):
-        y = F.linear(x.reshape(-1, x.shape[-1]), W, bias)  # (N, out): a fresh 2-D tensor to add into
-        return lowrank_add(y, x.reshape(-1, x.shape[-1]), A, B, d, scale).view(*x.shape[:-1], -1)
+        return LowRankLinearFunction.apply(x, W, bias, A, B, d, scale)
     return LowRankLinearTorchFunction.apply(x, W, bias, A, B, d, scale)
 
 # -----------------------------------------------------------------------------------------------------
@@ -907,7 +949,8 @@ def _vblora_compose_bwd(g, idx, wgt, bank, logits_dtype, need_logits, need_bank)
     if need_bank:
         flat = idx.flatten()  # (S*k,) entry e = s*k + i
         order = torch.argsort(flat, stable=True)  # (S*k,) a fixed summation order per bank row
-        count = torch.bincount(flat, minlength=h)  # (h,)
+        count = torch.zeros(h, device=flat.device, dtype=flat.dtype).scatter_add_(0, flat, torch.ones_like(flat))  # (h,)
+        # (scatter_add_, not bincount: bincount syncs with the host, which CUDA graph capture forbids)
         start = torch.cumsum(count, 0) - count  # (h,)
         dbank = torch.empty_like(bank)
         _vblora_compose_bwd_bank_kernel[(h, triton.cdiv(nb, block_b))](g, wgt, order, start, count, dbank, k, nb,
@@ -1135,13 +1178,19 @@ def bone_row(x, B):
 
 # -----------------------------------------------------------------------------
 # Bone-col linear: y = x W'^T + bias with W'_ij = W_ij + W_ij B_i + B_i (b x b blocks; i over out/b,
-# j over in/b; one B_i per output row-block). W' has no factorisation through x (SPEC §5), so each
-# b-tile of W' is formed in registers right where the matmul consumes it:
+# j over in/b; one B_i per output row-block). W' has no factorisation through x (SPEC §5).
+#
+# Design, measured on an H100 (bf16, N=4096, 1024 -> 4096, b=64; `python kernels.py`): a first version
+# formed each W' tile in registers inside a Triton matmul and reduced dW' tile by tile into dB, so W' and
+# dW' never existed in memory. It ran at 60-80 TFLOP/s against cuBLAS's 400-500 on the same products:
+# the W' tile costs b/BLOCK_M extra flops per row block, its registers spill, and a hand-written matmul
+# does not match cuBLAS here. So the three big products (x W'^T, g W', g^T x) stay with cuBLAS and the
+# kernels do the memory-bound parts around them, in one pass each:
+#   fwd kernel:  W' formed block by block from W (any dtype) and B, written once in the compute dtype
+#                (the bf16 copy autocast would make of W anyway; torch needs five passes for it)
+#   bwd kernel:  dB_i = sum_j (W_ij + I)^T G_ij from G = dW' = g^T x, one read of G and W
+# W' and G are transient (one layer's worth, freed at once); only x, W and B are saved for backward.
 #   W'_ij[p, q] = W_ij[p, q] + sum_r W_ij[p, r] B_i[r, q] + B_i[p, q]
-# Output tiles never straddle a row-block i (grid axis 1 = (i, tile within b)), and the K loop walks
-# (j, tile within b), so a tile always sees one W_ij and one B_i. Forming the tile costs
-# b/BLOCK_M extra flops over the plain matmul (redone per row block) and no memory. Neither W' nor
-# dW' is ever stored; only x, W (the frozen weight itself, not a copy) and B are saved for backward.
 
 if triton is not None:
 
@@ -1164,78 +1213,40 @@ if triton is not None:
         bpq = tl.load(bi + p[:, None] * b + q[None, :], mask=pm[:, None] & qm[None, :], other=0.0)
         return w.to(tl.float32) + wb + bpq.to(tl.float32)
 
+    # Forward: one program per (row-block i, p-tile) x column block j; it writes W'_ij's rows p, all q.
     @triton.jit
-    def _bone_col_linear_fwd_kernel(
-        X,  # (M, IN) input
+    def _bone_col_wprime_kernel(
         W,  # (OUT, IN) frozen weight
         BW,  # (OUT/b, b, b) Bone blocks B_i
-        BIAS,  # (OUT,) or a dummy when HAS_BIAS is False
-        Y,  # (M, OUT) output
-        M, IN, OUT, NBI, b,  # rows, in, out, in/b, b
-        HAS_BIAS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+        WP,  # (OUT, IN) output W' in the compute dtype
+        IN, b,
+        BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     ):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         nt = tl.cdiv(b, BLOCK_B)
-        i = tl.program_id(1).to(tl.int64) // nt
-        p = tl.program_id(1) % nt * BLOCK_B + tl.arange(0, BLOCK_B)
-        rm = rows < M
+        i = tl.program_id(0).to(tl.int64) // nt
+        p = tl.program_id(0) % nt * BLOCK_B + tl.arange(0, BLOCK_B)
+        j = tl.program_id(1).to(tl.int64)
         pm = p < b
-        acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
-        for j in range(NBI):
-            for q0 in range(0, b, BLOCK_B):
-                q = q0 + tl.arange(0, BLOCK_B)
-                wp = _bone_col_wprime_tile(W, BW, i, j, p, q, IN, b, BLOCK_B, DOT_F32, PREC)  # (p, q)
-                x = tl.load(X + rows[:, None] * IN + j * b + q[None, :], mask=rm[:, None] & (q < b)[None, :],
-                            other=0.0)
-                acc = _bone_dot(x, tl.trans(wp), acc, DOT_F32, PREC)
-        n = i * b + p
-        if HAS_BIAS:
-            acc += tl.load(BIAS + n, mask=pm, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rows[:, None] * OUT + n[None, :], acc.to(Y.dtype.element_ty), mask=rm[:, None] & pm[None, :])
+        for q0 in range(0, b, BLOCK_B):
+            q = q0 + tl.arange(0, BLOCK_B)
+            wp = _bone_col_wprime_tile(W, BW, i, j, p, q, IN, b, BLOCK_B, DOT_F32, PREC)  # (p, q) fp32
+            out = WP + (i * b + p).to(tl.int64)[:, None] * IN + j * b + q[None, :]
+            tl.store(out, wp.to(WP.dtype.element_ty), mask=pm[:, None] & (q < b)[None, :])
 
-    # Backward. With g = dL/dy (M, out), g_i its i-th b-column block and x_j likewise:
-    #   dx_j   = sum_i g_i W'_ij                              (this kernel; W' tiles re-formed on the fly)
-    #   dW'_ij = g_i^T x_j                                    (b, b)
-    #   dB_i   = sum_j (W_ij^T dW'_ij + dW'_ij) = sum_j (W_ij + I)^T dW'_ij
-    #            (W'_ij is affine in B_i: d tr(G^T W B) / dB = W^T G, and the +B_i term gives G)
-    #   dbias  = sum over rows of g
+    # Backward. With g = dL/dy (M, out), G = dL/dW' = g^T x (out, in) and its b x b blocks G_ij:
+    #   dx    = g W'                                    (cuBLAS, W' re-formed by the forward kernel)
+    #   G     = g^T x                                   (cuBLAS)
+    #   dB_i  = sum_j (W_ij^T G_ij + G_ij) = sum_j (W_ij + I)^T G_ij     (this kernel)
+    #           (W'_ij is affine in B_i: d tr(G^T W B)/dB = W^T G, and the + B_i term gives G)
+    #   dbias = sum over rows of g
+    # Program (i, tile (p, q), split s) sums j = s, s + SPLIT, ... into its fp32 dB tile; the host adds the
+    # SPLIT slices (a fixed order: deterministic, no atomics).
     @triton.jit
-    def _bone_col_linear_bwd_kernel(
-        G,  # (M, OUT) dL/dy
-        W,  # (OUT, IN) frozen weight
-        BW,  # (OUT/b, b, b) Bone blocks
-        DX,  # (M, IN) output
-        M, IN, OUT, NBO, b,  # rows, in, out, out/b, b
-        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
-    ):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        nt = tl.cdiv(b, BLOCK_B)
-        j = tl.program_id(1).to(tl.int64) // nt
-        q = tl.program_id(1) % nt * BLOCK_B + tl.arange(0, BLOCK_B)
-        rm = rows < M
-        qm = q < b
-        acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
-        for i in range(NBO):
-            for p0 in range(0, b, BLOCK_B):
-                p = p0 + tl.arange(0, BLOCK_B)
-                wp = _bone_col_wprime_tile(W, BW, i, j, p, q, IN, b, BLOCK_B, DOT_F32, PREC)  # (p, q)
-                g = tl.load(G + rows[:, None] * OUT + i * b + p[None, :], mask=rm[:, None] & (p < b)[None, :],
-                            other=0.0)
-                acc = _bone_dot(g, wp, acc, DOT_F32, PREC)
-        tl.store(DX + rows[:, None] * IN + j * b + q[None, :], acc.to(DX.dtype.element_ty),
-                 mask=rm[:, None] & qm[None, :])
-
-    # dB_i tile (p, q) = sum_j sum_r (W_ij + I)[r, p] dW'_ij[r, q]: program (i, tile (p, q), split s) takes
-    # j = s, s + SPLIT, ..., builds each dW'_ij[r-tile, q] = g_i[:, r]^T x_j[:, q] over all rows in registers,
-    # folds it into its dB tile at once and drops it; the host sums the SPLIT fp32 slices (deterministic).
-    # For b > BLOCK_B the dW' tiles are rebuilt once per p-tile (cdiv(b, BLOCK_B)x the M-loop flops).
-    @triton.jit
-    def _bone_col_linear_bwd_dB_kernel(
-        G, X, W,  # (M, OUT), (M, IN), (OUT, IN)
+    def _bone_col_dB_kernel(
+        G, W,  # (OUT, IN) dW' and the frozen weight
         DBP,  # (SPLIT, OUT/b, b, b) fp32 partial sums
-        M, IN, OUT, NBO, NBI, b, SPLIT,  # rows, in, out, out/b, in/b, b, number of j splits
-        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+        IN, NBO, NBI, b, SPLIT,  # in, out/b, in/b, b, number of j splits
+        BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     ):
         pid = tl.program_id(0)
         nt = tl.cdiv(b, BLOCK_B)
@@ -1250,66 +1261,51 @@ if triton is not None:
             for r0 in range(0, b, BLOCK_B):
                 r = r0 + tl.arange(0, BLOCK_B)
                 rmk = r < b
-                dwp = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)  # dW'_ij[r, q]
-                for m0 in range(0, M, BLOCK_M):
-                    rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-                    rm = rows < M
-                    gT = tl.load(G + rows[None, :] * OUT + i * b + r[:, None], mask=rmk[:, None] & rm[None, :],
-                                 other=0.0)  # (r, m)
-                    x = tl.load(X + rows[:, None] * IN + j * b + q[None, :], mask=rm[:, None] & qm[None, :],
-                                other=0.0)  # (m, q)
-                    dwp = _bone_dot(gT, x, dwp, DOT_F32, PREC)
-                wT = tl.load(W + (i * b + r[None, :]).to(tl.int64) * IN + j * b + p[:, None],
-                             mask=pm[:, None] & rmk[None, :], other=0.0).to(tl.float32)  # W_ij[r, p] as (p, r)
+                row = (i * b + r).to(tl.int64) * IN + j * b  # (BLOCK_B,) start of row r of block ij
+                g = tl.load(G + row[:, None] + q[None, :], mask=rmk[:, None] & qm[None, :], other=0.0)  # (r, q)
+                wT = tl.load(W + row[None, :] + p[:, None], mask=pm[:, None] & rmk[None, :],
+                             other=0.0).to(tl.float32)  # W_ij[r, p] as (p, r)
                 wT += tl.where(p[:, None] == r[None, :], 1.0, 0.0)  # + I
-                acc = _bone_dot(wT, dwp, acc, DOT_F32, PREC)
+                acc = _bone_dot(wT, g, acc, DOT_F32, PREC)
         out = DBP + split.to(tl.int64) * NBO * b * b + i.to(tl.int64) * b * b
         tl.store(out + p[:, None] * b + q[None, :], acc, mask=pm[:, None] & qm[None, :])
 
 
-def _bone_col_linear_fwd(x, W, B, bias):
-    M, n_in = x.shape
-    n_out, b = W.shape[0], B.shape[1]
-    y = torch.empty(M, n_out, device=x.device, dtype=x.dtype)
+def _bone_col_wprime(W, B, dtype):
+    """W' (out, in) in `dtype`, formed from W and B in one pass."""
+    n_out, n_in = W.shape
+    b = B.shape[1]
     bb = _bone_blocks(b)
-    dot_f32, prec = _dot_flags(x)
-    grid = (triton.cdiv(M, _BONE_BLOCK_M), (n_out // b) * triton.cdiv(b, bb))
-    _bone_col_linear_fwd_kernel[grid](x, W, B, y if bias is None else bias, y, M, n_in, n_out, n_in // b, b,
-                                      HAS_BIAS=bias is not None, BLOCK_M=_BONE_BLOCK_M, BLOCK_B=bb,
-                                      DOT_F32=dot_f32, PREC=prec)
-    return y
+    dot_f32, prec = _dot_flags(W)
+    Wp = torch.empty(n_out, n_in, device=W.device, dtype=dtype)
+    _bone_col_wprime_kernel[((n_out // b) * triton.cdiv(b, bb), n_in // b)](
+        W, B, Wp, n_in, b, BLOCK_B=bb, DOT_F32=dot_f32, PREC=prec)
+    return Wp
 
 
-def _bone_col_linear_bwd(g, x, W, B, need_x, need_B):
-    M, n_in = x.shape
-    n_out, b = W.shape[0], B.shape[1]
+def _bone_col_dB(G, W, B):
+    """dB (out/b, b, b) in B's dtype from G = dL/dW' (out, in)."""
+    n_out, n_in = W.shape
+    b = B.shape[1]
     nbo, nbi = n_out // b, n_in // b
     bb = _bone_blocks(b)
-    nt = triton.cdiv(b, bb)
-    dot_f32, prec = _dot_flags(x)
-    dx = dB = None
-    if need_x:
-        dx = torch.empty(M, n_in, device=x.device, dtype=x.dtype)
-        _bone_col_linear_bwd_kernel[(triton.cdiv(M, _BONE_BLOCK_M), nbi * nt)](
-            g, W, B, dx, M, n_in, n_out, nbo, b,
-            BLOCK_M=_BONE_BLOCK_M, BLOCK_B=bb, DOT_F32=dot_f32, PREC=prec)
-    if need_B:
-        tiles = nbo * nt * nt
-        split = max(1, min(nbi, triton.cdiv(_BONE_TARGET_PROGRAMS, tiles)))
-        part = torch.empty(split, nbo, b, b, device=x.device, dtype=torch.float32)
-        _bone_col_linear_bwd_dB_kernel[(tiles, split)](g, x, W, part, M, n_in, n_out, nbo, nbi, b, split,
-                                                      BLOCK_M=_BONE_BLOCK_M, BLOCK_B=bb,
-                                                      DOT_F32=dot_f32, PREC=prec)
-        dB = part.sum(0).to(B.dtype)  # (out/b, b, b)
-    return dx, dB
+    tiles = nbo * triton.cdiv(b, bb) ** 2
+    split = max(1, min(nbi, triton.cdiv(_BONE_TARGET_PROGRAMS, tiles)))
+    part = torch.empty(split, nbo, b, b, device=W.device, dtype=torch.float32)
+    dot_f32, prec = _dot_flags(W)
+    _bone_col_dB_kernel[(tiles, split)](G, W, part, n_in, nbo, nbi, b, split,
+                                        BLOCK_B=bb, DOT_F32=dot_f32, PREC=prec)
+    return part.sum(0).to(B.dtype)  # (out/b, b, b)
 
 
 class BoneColLinearFunction(torch.autograd.Function):
+    """y = x W'^T + bias: W' formed by the forward kernel, the products by cuBLAS (see above)."""
+
     @staticmethod
     def forward(ctx, x, W, B, bias):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
+        x2 = x.reshape(-1, x.shape[-1])  # (M, in), in the compute dtype (see bone_col_linear)
         W, B = W.contiguous(), B.contiguous()
-        y = _bone_col_linear_fwd(x2, W, B, bias)
+        y = F.linear(x2, _bone_col_wprime(W, B, x.dtype), None if bias is None else bias.to(x.dtype))  # (M, out)
         ctx.save_for_backward(x2, W, B)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(*x.shape[:-1], W.shape[0])
@@ -1317,10 +1313,15 @@ class BoneColLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x2, W, B = ctx.saved_tensors
-        g = gy.reshape(-1, W.shape[0]).contiguous()  # (M, out)
-        dx, dB = _bone_col_linear_bwd(g, x2, W, B, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
-        dbias = g.float().sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None  # (out,)
-        return (None if dx is None else dx.view(*gy.shape[:-1], x2.shape[1])), None, dB, dbias
+        g = gy.reshape(-1, W.shape[0]).to(x2.dtype)  # (M, out)
+        dx = dB = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(g, _bone_col_wprime(W, B, x2.dtype)).view(*gy.shape[:-1], x2.shape[1])  # (..., in)
+        if ctx.needs_input_grad[2]:
+            dB = _bone_col_dB(torch.mm(g.t(), x2).contiguous(), W, B)  # G = g^T x: (out, in)
+        if ctx.needs_input_grad[3]:
+            dbias = g.float().sum(0).to(ctx.bias_dtype)  # (out,)
+        return dx, None, dB, dbias
 
 
 def bone_col_linear_reference(x, W, B, bias=None):
@@ -1333,7 +1334,8 @@ def bone_col_linear_reference(x, W, B, bias=None):
 
 
 def bone_col_linear(x, W, B, bias=None):
-    """Triton Bone-col linear: x (..., in), frozen W (out, in), B (out/b, b, b) -> x W'^T + bias."""
+    """Bone-col linear: x (..., in), frozen W (out, in), B (out/b, b, b) -> x W'^T + bias. Computed in x's
+    dtype (autocast's when it is on), like nn.Linear; W' and dW' are transient, never saved."""
     n_out, n_in = W.shape
     if B.dim() != 3 or B.shape[1] != B.shape[2] or B.shape[0] * B.shape[1] != n_out or n_in % B.shape[1]:
         raise ValueError(f"bone_col_linear: need B (out/b, b, b) with b | in, b | out for W {tuple(W.shape)}, "
@@ -1353,8 +1355,9 @@ def _time_ms(fn, device, iters):
     """Median milliseconds per call: triton's do_bench on CUDA (L2 flushed between calls), else a
     perf_counter loop after warm-up."""
     if device.type == "cuda":
-        if triton is not None:
-            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        if triton is not None:  # replayed as a CUDA graph: the GPU's time alone, not Python's launch overhead
+            fn()
+            return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         fn()
         start.record()
@@ -1529,15 +1532,52 @@ def _bench_methods():
     return out
 
 
-def _bench_steps(device, quick):
+@contextlib.contextmanager
+def _triton_off(off):
+    """NANOPEFT_NO_TRITON=1 for the duration (read at every call, so a model's steps can take either path)."""
+    old = os.environ.get("NANOPEFT_NO_TRITON")
+    if off:
+        os.environ["NANOPEFT_NO_TRITON"] = "1"
+    try:
+        yield
+    finally:
+        if off:
+            if old is None:
+                os.environ.pop("NANOPEFT_NO_TRITON")
+            else:
+                os.environ["NANOPEFT_NO_TRITON"] = old
+
+
+def _capture(body, reset):
+    """A CUDA graph of body() (forward, backward, optimizer step), warmed up on a side stream first (this also
+    autotunes). Gradients are None at capture, so each replay writes them afresh, as a real step would."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            body()
+            reset()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
+
+
+def _bench_steps(device, quick, only=None, modes=("eager", "graph")):
     """One training step (forward, backward, AdamW step on the trainable tensors) per method, over a stack of
     GPT-2-Medium-shaped blocks with every Linear adapted, divided by the same step of the frozen base model.
     The baseline's input activations require grad (a stand-in for an unfrozen embedding), so it, too,
     backpropagates through every layer; the adapted models get the same input.
 
-    All models are built first and their steps interleaved round-robin, and each time is the median: a
-    machine that slows down mid-run slows every method alike, so the ratios stay side by side. Peak memory
-    (CUDA) is the model's own tensors plus the most its step allocates on top."""
+    Two columns on CUDA. "eager" is a plain Python loop, what a training script sees: on a GPU this fast
+    each layer's Python and launch overhead can exceed its GPU work, so it measures the host as much as the
+    kernels. "graph" replays the whole step as one CUDA graph: no host overhead, the GPU cost alone, which
+    is what the kernels decide. Rows "[torch]" run the same model with NANOPEFT_NO_TRITON=1.
+
+    All models are built first and their steps interleaved round-robin, each time the median: a machine
+    that slows down mid-run slows every method alike, so the ratios stay side by side. Peak memory (CUDA)
+    is the model's own tensors plus the most its eager step allocates on top."""
     cuda = device.type == "cuda"
     if cuda:
         d, n_layer, Bt, T, iters = 1024, (2 if quick else 4), (4 if quick else 8), (256 if quick else 512), \
@@ -1547,64 +1587,119 @@ def _bench_steps(device, quick):
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     print(f"\n(2) training step vs frozen base model ({device.type}: {n_layer} blocks d={d}, "
           f"batch {Bt}x{T}, {'bf16 autocast' if cuda else 'fp32'}; median of {iters} interleaved steps)")
-    print(f"{'method':<15}{'step ms':>10}{'x base':>9}{'peak GiB':>10}{'trainable':>12}")
     x = torch.randn(Bt, T, d, device=device, requires_grad=True)
 
     def build():
         torch.manual_seed(0)
         return nn.Sequential(*[_BenchBlock(d, d // 64) for _ in range(n_layer)]).to(device)
 
-    def make_step(model):
+    def make(attach, off, graphed):
+        """(step fn, trainable count, bytes of the model's own tensors) for one model."""
+        model = build()
+        if attach is None:
+            model.requires_grad_(False)
+        else:
+            attach(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda, capturable=graphed) if params else None  # as the scripts
 
-        def step():
+        def body():
             with amp:
                 loss = model(x).float().square().mean()
             loss.backward()
             if opt is not None:
                 opt.step()
+
+        def reset():
+            if opt is not None:
                 opt.zero_grad(set_to_none=True)
             x.grad = None
-            if cuda:
-                torch.cuda.synchronize()
 
-        for _ in range(2):  # also autotunes, and creates AdamW's state
-            step()
+        with _triton_off(off):
+            if graphed:
+                replay = _capture(body, reset)
+
+                def step(_keep=(model, opt)):  # the graph holds raw pointers: keep its tensors alive
+                    replay()
+            else:
+                for _ in range(2):  # also autotunes, and creates AdamW's state
+                    body()
+                    reset()
+
+                def step():
+                    with _triton_off(off):
+                        body()
+                        reset()
+                    if cuda:
+                        torch.cuda.synchronize()
         state = [t for st in (opt.state.values() if opt else ()) for t in st.values() if torch.is_tensor(t)]
         own = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers(), *state])
         return step, sum(p.numel() for p in params), own
 
-    runs = {"base (frozen)": make_step(build().requires_grad_(False))}
+    specs = [("base (frozen)", None, False)]
     for name, attach in _bench_methods():
-        try:
-            model = build()
-            attach(model)
-            runs[name] = make_step(model)
-        except Exception as e:  # one broken method must not hide the others' numbers
-            print(f"{name:<15}failed: {type(e).__name__}: {e}")
-    times = {name: [] for name in runs}
-    for _ in range(iters):
-        for name, (step, _, _) in runs.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-    t_base = sorted(times["base (frozen)"])[iters // 2]
-    for name, (step, n, own) in runs.items():
-        t = sorted(times[name])[iters // 2]
-        peak = "-"
-        if cuda:  # this model's tensors + the most one of its steps allocates beyond what is resident
+        if only and name not in only:
+            continue
+        specs.append((name, attach, False))
+        if cuda and not name.startswith("peft"):
+            specs.append((name + " [torch]", attach, True))
+
+    def timed(graphed):
+        runs = {}
+        for name, attach, off in specs:
+            try:
+                runs[name] = make(attach, off, graphed)
+            except Exception as e:  # one broken method must not hide the others' numbers
+                runs[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
+        times = {name: [] for name, r in runs.items() if not isinstance(r, str)}
+        reps = 5 if graphed else 1
+        for _ in range(iters):
+            for name in times:
+                step = runs[name][0]
+                if graphed:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    step()
+                if graphed:
+                    torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - t0) / reps)
+        med = {name: sorted(t)[iters // 2] for name, t in times.items()}
+        return runs, med
+
+    eager, t_eager = timed(False) if "eager" in modes else ({n: "skipped" for n, _, _ in specs}, {})
+    peaks = {}
+    for name, run in eager.items():
+        if cuda and not isinstance(run, str):  # this model's tensors + the most one step allocates beyond that
+            step, _, own = run
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             step()
-            peak = f"{(own + torch.cuda.max_memory_allocated() - before) / 2 ** 30:.2f}"
-        print(f"{name:<15}{1e3 * t:>10.2f}{t / t_base:>9.2f}{peak:>10}{n:>12,}")
+            peaks[name] = (own + torch.cuda.max_memory_allocated() - before) / 2 ** 30
+    eager = {name: (r if isinstance(r, str) else r[1]) for name, r in eager.items()}  # free the models
+    graph, t_graph = timed(True) if cuda and "graph" in modes else ({}, {})
+    print(f"{'method':<22}{'eager ms':>10}{'x base':>8}{'graph ms':>10}{'x base':>8}{'peak GiB':>10}{'trainable':>12}")
+    for name, _, _ in specs:
+        line = f"{name:<22}"
+        for run, t in ((eager, t_eager), (graph, t_graph)):
+            if name in t:
+                line += f"{1e3 * t[name]:>10.2f}{t[name] / t['base (frozen)']:>8.2f}"
+            elif isinstance(run.get(name), str) and run[name] != "skipped":
+                line += f"  failed ({run[name]})"
+            else:
+                line += f"{'-':>10}{'-':>8}"
+        count = eager[name] if not isinstance(eager[name], str) else None
+        line += f"{peaks[name]:>10.2f}" if name in peaks else f"{'-':>10}"
+        print(line + (f"{count:>12,}" if count is not None else ""))
 
 
 def main():
     p = argparse.ArgumentParser(description="Benchmark the Triton kernels and one training step per method.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
+    p.add_argument("--methods", default="", help="comma-separated step rows to run (default: all), e.g. lora,vblora")
+    p.add_argument("--steps", default="eager,graph", help="step timings to take: eager, graph (CUDA) or both")
+    p.add_argument("--no-ops", action="store_true", help="skip the op table")
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, triton {triton.__version__ if triton is not None else 'not installed'}, "
@@ -1616,8 +1711,9 @@ def main():
         if _interpreting():
             print("note: TRITON_INTERPRET=1 runs the kernels in the (slow) interpreter; their times mean nothing")
     torch.manual_seed(0)
-    _bench_ops(device, torch.bfloat16 if device.type == "cuda" else torch.float32, args.quick)
-    _bench_steps(device, args.quick)
+    if not args.no_ops:
+        _bench_ops(device, torch.bfloat16 if device.type == "cuda" else torch.float32, args.quick)
+    _bench_steps(device, args.quick, [m for m in args.methods.split(",") if m], args.steps.split(","))
 
 
 if __name__ == "__main__":
