@@ -127,21 +127,14 @@ def _row_block(N, block_r, device):
 if triton is not None:
 
     # W = U^T V summed over rows: the (r, M) weight gradients dA = gh^T x, dB^T = hd^T g (and SeRA's block
-    # versions). Grid (column tiles, row splits); each program reduces its split's rows into a fp32 partial
-    # W[split]; the host sums the few partials, so the result does not depend on scheduling.
+    # versions). Both of a layer's products go in one launch (Python's launch overhead is per launch):
+    # grid (column tiles of problem 1, then of problem 2; row splits); each program reduces its split's
+    # rows into a fp32 partial W[split] of one (R, M1 + M2) buffer; the host sums the few partials, so the
+    # result does not depend on scheduling.
     @triton.jit
-    def _weight_grad_kernel(
-        u_ptr,  # (N, R) fp32 row factors, contiguous
-        v_ptr,  # (N, M) activations or output gradient, unit column stride
-        w_ptr,  # (SPLITS, R, M) fp32 partial sums, contiguous
-        N, M, R,
-        stride_v,  # row stride of v
-        rows_per_split,  # a multiple of BLOCK_M
-        DOT: tl.constexpr, PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0).to(tl.int64)
-        pid_s = tl.program_id(1).to(tl.int64)
+    def _weight_grad_tile(u_ptr, v_ptr, w_ptr, pid_n, pid_s, N, M, R, stride_v, stride_w, rows_per_split,
+                          DOT: tl.constexpr, PREC: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ranks = tl.arange(0, BLOCK_R)
         cmask, kmask = cols < M, ranks < R
@@ -154,29 +147,56 @@ if triton is not None:
             v = tl.load(v_ptr + rows[:, None] * stride_v + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                         other=0.0)
             acc = tl.dot(tl.trans(u).to(DOT), v.to(DOT), acc, input_precision=PREC)
-        w = w_ptr + pid_s * R * M + ranks[:, None] * M + cols[None, :]
-        tl.store(w, acc, mask=kmask[:, None] & cmask[None, :])
+        tl.store(w_ptr + ranks[:, None] * stride_w + cols[None, :], acc, mask=kmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _weight_grad_kernel(
+        u1_ptr, v1_ptr,  # problem 1: (N, R) fp32 row factors, contiguous; (N, M1), unit column stride
+        u2_ptr, v2_ptr,  # problem 2: the same with M2 columns (M2 = 0: no problem 2)
+        w_ptr,  # (SPLITS, R*M1 + R*M2) fp32 partial sums: per split, (R, M1) then (R, M2), each row-major
+        N, M1, M2, R,
+        stride_v1, stride_v2,  # row strides of v1, v2
+        rows_per_split,  # a multiple of BLOCK_M
+        DOT: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0).to(tl.int64)
+        pid_s = tl.program_id(1).to(tl.int64)
+        tiles1 = tl.cdiv(M1, BLOCK_N)
+        w = w_ptr + pid_s * R * (M1 + M2)
+        if pid_n < tiles1:
+            _weight_grad_tile(u1_ptr, v1_ptr, w, pid_n, pid_s, N, M1, R, stride_v1, M1, rows_per_split,
+                              DOT, PREC, BLOCK_M, BLOCK_N, BLOCK_R)
+        else:
+            _weight_grad_tile(u2_ptr, v2_ptr, w + R * M1, pid_n - tiles1, pid_s, N, M2, R, stride_v2, M2,
+                              rows_per_split, DOT, PREC, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
-def _weight_grad(u, v, dot, prec):
-    """(R, M) fp32 = u^T v for u (N, R) fp32 contiguous, v (N, M) with unit column stride."""
-    N, R = u.shape
-    M = v.shape[1]
+def _weight_grads(u1, v1, u2, v2, dot, prec):
+    """(u1^T v1, u2^T v2), each (R, M) fp32, in one launch; u (N, R) fp32 contiguous, v (N, M) with unit
+    column stride. A pair passed as None gives None."""
+    first = u1 if u1 is not None else u2
+    N, R = first.shape
+    M1 = v1.shape[1] if u1 is not None else 0
+    M2 = v2.shape[1] if u2 is not None else 0
     block_r = _rank_block(R)
-    if _interpreting() or not u.is_cuda:
+    if _interpreting() or not first.is_cuda:
         bm, bn, target = _INTERP_BLOCK, _INTERP_BLOCK, 4
     else:
-        bm, bn, target = 64, 64, 2 * _sm_count(u.device.index)
-    col_tiles, row_blocks = triton.cdiv(M, bn), triton.cdiv(N, bm)
+        bm, bn, target = 64, 64, 2 * _sm_count(first.device.index)
+    col_tiles, row_blocks = triton.cdiv(M1, bn) + triton.cdiv(M2, bn), triton.cdiv(N, bm)
     splits = min(row_blocks, max(1, target // col_tiles))  # enough programs to fill the GPU, no more
     rows_per_split = triton.cdiv(row_blocks, splits) * bm
     splits = triton.cdiv(N, rows_per_split)
-    w = torch.empty(splits, R, M, device=u.device, dtype=torch.float32)
+    w = torch.empty(splits, R * (M1 + M2), device=first.device, dtype=torch.float32)
     _weight_grad_kernel[(col_tiles, splits)](
-        u, v, w, N, M, R, v.stride(0), rows_per_split,
+        u1 if u1 is not None else u2, v1 if u1 is not None else v2, u2 if u2 is not None else u1,
+        v2 if u2 is not None else v1, w, N, M1, M2, R,
+        (v1 if u1 is not None else v2).stride(0), (v2 if u2 is not None else v1).stride(0), rows_per_split,
         DOT=dot, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=block_r, num_warps=4,
     )
-    return w.sum(0)
+    w = w.sum(0)  # (R*M1 + R*M2,)
+    return (w[:R * M1].view(R, M1) if u1 is not None else None), (w[R * M1:].view(R, M2) if u2 is not None else None)
 
 
 def _rows(t, n):
@@ -360,8 +380,9 @@ def _lowrank_bwd(g, x, A, B, d, h, scale, need, dot, prec, dx=None):
         HAS_D=d is not None, NEED_DX=need_x, NEED_GH=need_A, NEED_HD=need_B, NEED_DD=need_d, ACC_DX=acc_dx,
         DOT=dot, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, num_warps=4,
     )
-    dA = _weight_grad(gh, x, dot, prec).to(A.dtype) if need_A else None  # (R, IN)
-    dB = _weight_grad(hd, g, dot, prec).t().to(B.dtype) if need_B else None  # (R, OUT) -> (OUT, R)
+    dA, dBt = _weight_grads(gh, x, hd, g, dot, prec) if (need_A or need_B) else (None, None)  # (R, IN), (R, OUT)
+    dA = dA.to(A.dtype) if need_A else None  # (R, IN)
+    dB = dBt.t().to(B.dtype) if need_B else None  # (OUT, R)
     dd = dd.sum(0).to(d.dtype) if need_d else None  # (R,)
     return dx, dA, dB, dd
 
@@ -717,11 +738,12 @@ def _sera_bwd(g, x, A, C, B, h1, scale, need, dot, prec):
         DOT=dot, PREC=prec, BLOCK_M=bm, BLOCK_R=block_r, **_sera_tiles(x),
     )
     dA = dB = dC = None
+    dad, dbd = _weight_grads(gh1, x, h2, g, dot, prec) if (need_A or need_B) else (None, None)
     if need_A:
-        dad = _weight_grad(gh1, x, dot, prec).view(S, RS, S, IS)  # (R, IN) = Ad-gradient^T, by blocks
+        dad = dad.reshape(S, RS, S, IS)  # (R, IN) = Ad-gradient^T, by blocks
         dA = dad.diagonal(dim1=0, dim2=2).permute(2, 1, 0).to(A.dtype)  # (RS, IS, S) -> (S, IS, RS)
     if need_B:
-        dbd = _weight_grad(h2, g, dot, prec).view(S, RS, S, OS)  # (R, OUT) = Bd-gradient, by blocks
+        dbd = dbd.reshape(S, RS, S, OS)  # (R, OUT) = Bd-gradient, by blocks
         dB = dbd.diagonal(dim1=0, dim2=2).permute(2, 0, 1).to(B.dtype)  # (RS, OS, S) -> (S, RS, OS)
     if need_C:
         dC = dc.sum(0).to(C.dtype)  # (R, R)
