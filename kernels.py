@@ -195,8 +195,8 @@ def _weight_grads(u1, v1, u2, v2, dot, prec):
         (v1 if u1 is not None else v2).stride(0), (v2 if u2 is not None else v1).stride(0), rows_per_split,
         DOT=dot, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=block_r, num_warps=4,
     )
-    w = w.sum(0)  # (R*M1 + R*M2,)
-    return (w[:R * M1].view(R, M1) if u1 is not None else None), (w[R * M1:].view(R, M2) if u2 is not None else None)
+    w1, w2 = w.sum(0).split([R * M1, R * M2])  # (R*M1,), (R*M2,)
+    return (w1.view(R, M1) if u1 is not None else None), (w2.view(R, M2) if u2 is not None else None)
 
 
 def _rows(t, n):
