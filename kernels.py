@@ -1218,8 +1218,10 @@ if triton is not None:
 
     @triton.jit
     def _bone_col_wprime_tile(W, BW, i, j, p, q, IN, b, BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr,
-                              PREC: tl.constexpr):
-        # fp32 tile W'_ij[p, q] (p, q: index vectors within the b x b block)
+                              PREC: tl.constexpr, DOT_DT: tl.constexpr):
+        # fp32 tile W'_ij[p, q] (p, q: index vectors within the b x b block); the W_ij B_i product runs in
+        # DOT_DT, W's own dtype or the output's if narrower (W B is a small correction to W: bf16 operands
+        # cost it less than the bf16 rounding of W' itself)
         pm = p < b
         qm = q < b
         wrow = (i * b + p).to(tl.int64) * IN + j * b  # (BLOCK_B,) start of each W row inside block ij
@@ -1231,7 +1233,7 @@ if triton is not None:
             rmk = r < b
             wr = tl.load(W + wrow[:, None] + r[None, :], mask=pm[:, None] & rmk[None, :], other=0.0)
             br = tl.load(bi + r[:, None] * b + q[None, :], mask=rmk[:, None] & qm[None, :], other=0.0)
-            wb = _bone_dot(wr, br, wb, DOT_F32, PREC)
+            wb = _bone_dot(wr.to(DOT_DT), br, wb, DOT_F32, PREC)
         bpq = tl.load(bi + p[:, None] * b + q[None, :], mask=pm[:, None] & qm[None, :], other=0.0)
         return w.to(tl.float32) + wb + bpq.to(tl.float32)
 
@@ -1242,7 +1244,7 @@ if triton is not None:
         BW,  # (OUT/b, b, b) Bone blocks B_i
         WP,  # (OUT, IN) output W' in the compute dtype
         IN, b,
-        BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, DOT_DT: tl.constexpr,
     ):
         nt = tl.cdiv(b, BLOCK_B)
         i = tl.program_id(0).to(tl.int64) // nt
@@ -1251,7 +1253,7 @@ if triton is not None:
         pm = p < b
         for q0 in range(0, b, BLOCK_B):
             q = q0 + tl.arange(0, BLOCK_B)
-            wp = _bone_col_wprime_tile(W, BW, i, j, p, q, IN, b, BLOCK_B, DOT_F32, PREC)  # (p, q) fp32
+            wp = _bone_col_wprime_tile(W, BW, i, j, p, q, IN, b, BLOCK_B, DOT_F32, PREC, DOT_DT)  # (p, q) fp32
             out = WP + (i * b + p).to(tl.int64)[:, None] * IN + j * b + q[None, :]
             tl.store(out, wp.to(WP.dtype.element_ty), mask=pm[:, None] & (q < b)[None, :])
 
@@ -1286,11 +1288,17 @@ if triton is not None:
                 row = (i * b + r).to(tl.int64) * IN + j * b  # (BLOCK_B,) start of row r of block ij
                 g = tl.load(G + row[:, None] + q[None, :], mask=rmk[:, None] & qm[None, :], other=0.0)  # (r, q)
                 wT = tl.load(W + row[None, :] + p[:, None], mask=pm[:, None] & rmk[None, :],
-                             other=0.0).to(tl.float32)  # W_ij[r, p] as (p, r)
-                wT += tl.where(p[:, None] == r[None, :], 1.0, 0.0)  # + I
-                acc = _bone_dot(wT, g, acc, DOT_F32, PREC)
+                             other=0.0)  # W_ij[r, p] as (p, r)
+                eye = tl.where(p[:, None] == r[None, :], 1.0, 0.0)  # (p, r): the + I, kept apart from W
+                # both products in G's dtype, fp32 sums: 1 + W_pp in bf16 would round W_pp away, I alone is exact
+                acc = _bone_dot(wT.to(G.dtype.element_ty), g, acc, DOT_F32, PREC)
+                acc = _bone_dot(eye.to(G.dtype.element_ty), g, acc, DOT_F32, PREC)
         out = DBP + split.to(tl.int64) * NBO * b * b + i.to(tl.int64) * b * b
         tl.store(out + p[:, None] * b + q[None, :], acc, mask=pm[:, None] & qm[None, :])
+
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} \
+    if triton is not None else {}
 
 
 def _bone_col_wprime(W, B, dtype):
@@ -1300,8 +1308,9 @@ def _bone_col_wprime(W, B, dtype):
     bb = _bone_blocks(b)
     dot_f32, prec = _dot_flags(W)
     Wp = torch.empty(n_out, n_in, device=W.device, dtype=dtype)
+    narrow = dtype if dtype.itemsize < W.dtype.itemsize else W.dtype
     _bone_col_wprime_kernel[((n_out // b) * triton.cdiv(b, bb), n_in // b)](
-        W, B, Wp, n_in, b, BLOCK_B=bb, DOT_F32=dot_f32, PREC=prec)
+        W, B, Wp, n_in, b, BLOCK_B=bb, DOT_F32=dot_f32, PREC=prec, DOT_DT=_TL_DTYPE[narrow])
     return Wp
 
 
