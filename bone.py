@@ -16,6 +16,9 @@ B = 0 at init, so W' = W. Forward never builds W' where it can be avoided (y = x
   - col: B_i depends on the output block, so no such factorisation exists. BoneColFunction forms W'
     block-wise in forward, and again in backward, saving only x, W and B; the paper keeps W' alive and
     reports ~1.7× LoRA's memory (its Table 7), which this avoids.
+  - With kernels.py importable (CUDA, or TRITON_INTERPRET=1) the "bone" variant runs on its Triton ops
+    instead: kernels.bone_row for the row prologue, kernels.bone_col_linear for col (the same transient W',
+    formed in one pass; cuBLAS for the products).
 
 Choices where the paper/SPEC are silent:
   - Ablations (paper §4.5) as `variant`: "unconstrained" ΔW_ij = B_g (no weight guide; both groupings

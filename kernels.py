@@ -6,11 +6,11 @@ PyTorch formula the tests compare against, and the public function the method fi
 
     enabled(*tensors)                      may the Triton path run on these tensors (now)?
     lowrank_add(y, x, A, B, d, scale)      y + scale * ((x A^T) * d) B^T     LoRA, SiVA, VB-LoRA
-    lowrank_linear(x, W, bias, A, B, d, s) the same with the base layer y = x W^T + bias fused in
+    lowrank_linear(x, W, bias, A, B, d, s) the same with the base layer y = x W^T + bias (cuBLAS) in one op
     sera_delta(x, A, C, B, scale)          scale * x blockdiag(A) C blockdiag(B)       SeRA
     vblora_compose(logits, bank, k)        Σ_topk softmax(topk logits) * bank[idx]    VB-LoRA (all layers at once)
     bone_row(x, B)                         (x + t, Σ_j t_j),  t_j = x_j B_j^T          Bone-row prologue
-    bone_col_linear(x, W, B, bias)         x W'^T + bias,  W'_ij = W_ij + W_ij B_i + B_i (W' never stored)  Bone-col
+    bone_col_linear(x, W, B, bias)         x W'^T + bias,  W'_ij = W_ij + W_ij B_i + B_i (W' transient)  Bone-col
 
 Choices (the papers say nothing about kernels):
 - Low-rank path fused: one program per BLOCK_M rows computes h = x A^T over `in`, keeps it in registers,
@@ -18,10 +18,15 @@ Choices (the papers say nothing about kernels):
   except as the fp32 copy of h the backward needs (saved only when a gradient is needed).
 - Backward in two passes, both deterministic (no atomics): a row pass (`_<op>_bwd_kernel`, one program per
   row block) forms the small per-row quantities (g B, dx, the (N, r) factors of the weight gradients, a
-  per-block partial of the r- or r x r-sized gradients); a column pass (`_weight_grad_kernel`) reduces
-  U^T V over the rows for the (r, in) / (r, out) weight gradients, split along N into a few fixed chunks
-  whose fp32 partials torch sums. Row-block partials cost r (or r^2) floats per block and keep the result
-  bit-reproducible run to run.
+  per-block partial of the r- or r x r-sized gradients); a column pass (`_weight_grad_kernel`, both of a
+  layer's products in one launch) reduces U^T V over the rows for the (r, in) / (r, out) weight gradients,
+  split along N into a few fixed chunks whose fp32 partials torch sums. Row-block partials cost r (or r^2)
+  floats per block and keep the result bit-reproducible run to run.
+- lowrank_linear keeps the base product in cuBLAS and adds the low-rank dx into cuBLAS's g W in place: one
+  (N, in) gradient buffer instead of two and their sum.
+- Launch overhead: from Python a Triton launch costs 16-50 us of host time (measured on the H100 machine's
+  host), a torch op 10-20 us. On a fast GPU that can exceed an adapted layer's GPU work, so an eager
+  training step at GPT-2-Medium size is host-bound; CUDA graphs remove it (the benchmark shows both).
 - tl.dot needs every dimension >= 16: the rank is padded to a power of two >= 16 with masked loads.
 - Dtypes: tensors are loaded in their own dtype (so fp32 adapter parameters can meet bf16 activations);
   dot operands are cast to the compute dtype (the autocast dtype when autocast is on, else x's dtype);
