@@ -131,6 +131,23 @@ def _row_block(N, block_r, device):
 
 if triton is not None:
 
+    # LoRA's dropout, drawn inside the kernels as in the Triton tutorial "Low-Memory Dropout": element e of
+    # x (flat offset row * in + col, int64) is kept iff tl.rand(seed, e) >= p, and kept values are scaled
+    # by 1 / (1 - p). The mask is a pure function of (seed, offset), so the forward and both backward
+    # kernels regenerate it where they read x: no (N, in) mask or dropped-out copy of x is ever stored.
+    # The seed is a 1-element device tensor drawn from torch's generator at each forward, so CUDA-graph
+    # replays draw fresh masks.
+    @triton.jit
+    def _dropout(x, seed, offsets, p):
+        keep = tl.rand(seed, offsets) >= p
+        return tl.where(keep, x.to(tl.float32) * (1.0 / (1.0 - p)), 0.0)
+
+    @triton.jit
+    def _dropout_mask_kernel(seed_ptr, out_ptr, numel, p, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        keep = tl.rand(tl.load(seed_ptr), offs) >= p
+        tl.store(out_ptr + offs, keep.to(tl.int8), mask=offs < numel)
+
     # W = U^T V summed over rows: the (r, M) weight gradients dA = gh^T x, dB^T = hd^T g (and SeRA's block
     # versions). Both of a layer's products go in one launch (Python's launch overhead is per launch):
     # grid (column tiles of problem 1, then of problem 2; row splits); each program reduces its split's
@@ -138,7 +155,7 @@ if triton is not None:
     # result does not depend on scheduling.
     @triton.jit
     def _weight_grad_tile(u_ptr, v_ptr, w_ptr, pid_n, pid_s, N, M, R, stride_v, stride_w, rows_per_split,
-                          DOT: tl.constexpr, PREC: tl.constexpr,
+                          seed, p_drop, DROPOUT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ranks = tl.arange(0, BLOCK_R)
@@ -151,6 +168,8 @@ if triton is not None:
             u = tl.load(u_ptr + rows[:, None] * R + ranks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             v = tl.load(v_ptr + rows[:, None] * stride_v + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                         other=0.0)
+            if DROPOUT:  # v is x: the same mask the forward drew (element offsets row * M + col, M = in)
+                v = _dropout(v, seed, rows[:, None] * M + cols[None, :], p_drop)
             acc = tl.dot(tl.trans(u).to(DOT), v.to(DOT), acc, input_precision=PREC)
         tl.store(w_ptr + ranks[:, None] * stride_w + cols[None, :], acc, mask=kmask[:, None] & cmask[None, :])
 
@@ -162,24 +181,28 @@ if triton is not None:
         N, M1, M2, R,
         stride_v1, stride_v2,  # row strides of v1, v2
         rows_per_split,  # a multiple of BLOCK_M
-        DOT: tl.constexpr, PREC: tl.constexpr,
+        seed_ptr, p_drop,  # LoRA's dropout on v1 (= x): read only if DROPOUT1
+        DROPOUT1: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         pid_n = tl.program_id(0).to(tl.int64)
         pid_s = tl.program_id(1).to(tl.int64)
         tiles1 = tl.cdiv(M1, BLOCK_N)
         w = w_ptr + pid_s * R * (M1 + M2)
+        seed = 0
+        if DROPOUT1:
+            seed = tl.load(seed_ptr)
         if pid_n < tiles1:
             _weight_grad_tile(u1_ptr, v1_ptr, w, pid_n, pid_s, N, M1, R, stride_v1, M1, rows_per_split,
-                              DOT, PREC, BLOCK_M, BLOCK_N, BLOCK_R)
+                              seed, p_drop, DROPOUT1, DOT, PREC, BLOCK_M, BLOCK_N, BLOCK_R)
         else:
             _weight_grad_tile(u2_ptr, v2_ptr, w + R * M1, pid_n - tiles1, pid_s, N, M2, R, stride_v2, M2,
-                              rows_per_split, DOT, PREC, BLOCK_M, BLOCK_N, BLOCK_R)
+                              rows_per_split, seed, p_drop, False, DOT, PREC, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
-def _weight_grads(u1, v1, u2, v2, dot, prec):
+def _weight_grads(u1, v1, u2, v2, dot, prec, seed=None, p=0.0):
     """(u1^T v1, u2^T v2), each (R, M) fp32, in one launch; u (N, R) fp32 contiguous, v (N, M) with unit
-    column stride. A pair passed as None gives None."""
+    column stride. A pair passed as None gives None. With a seed, v1 is x under LoRA's dropout p."""
     first = u1 if u1 is not None else u2
     N, R = first.shape
     M1 = v1.shape[1] if u1 is not None else 0
@@ -198,6 +221,7 @@ def _weight_grads(u1, v1, u2, v2, dot, prec):
         u1 if u1 is not None else u2, v1 if u1 is not None else v2, u2 if u2 is not None else u1,
         v2 if u2 is not None else v1, w, N, M1, M2, R,
         (v1 if u1 is not None else v2).stride(0), (v2 if u2 is not None else v1).stride(0), rows_per_split,
+        seed if seed is not None else w, float(p), DROPOUT1=seed is not None and u1 is not None,
         DOT=dot, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=block_r, num_warps=4,
     )
     w1, w2 = w.sum(0).split([R * M1, R * M2])  # (R*M1,), (R*M2,)
@@ -223,10 +247,11 @@ if triton is not None:
         d_ptr,  # (R,) per-rank scale; read only if HAS_D
         y_ptr,  # (N, OUT) base output, updated in place, unit column stride
         h_ptr,  # (N, R) fp32: h = x A^T saved for the backward; written only if SAVE_H
+        seed_ptr,  # (1,) int64 dropout seed; read only if DROPOUT
         N, IN, OUT, R,
         stride_x, stride_y, stride_a0, stride_a1, stride_b0, stride_b1,
-        scale,
-        HAS_D: tl.constexpr, SAVE_H: tl.constexpr,
+        scale, p_drop,
+        HAS_D: tl.constexpr, SAVE_H: tl.constexpr, DROPOUT: tl.constexpr,  # DROPOUT: x -> dropout(x, p_drop)
         DOT: tl.constexpr, PREC: tl.constexpr,  # dot operand dtype, fp32 input precision
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
@@ -234,12 +259,16 @@ if triton is not None:
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         ranks = tl.arange(0, BLOCK_R)
         rmask, kmask = rows < N, ranks < R
+        if DROPOUT:
+            seed = tl.load(seed_ptr)
         h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, IN, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             cmask = cols < IN
             x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                         other=0.0)
+            if DROPOUT:
+                x = _dropout(x, seed, rows[:, None] * IN + cols[None, :], p_drop)
             at = tl.load(a_ptr + ranks[None, :] * stride_a0 + cols[:, None] * stride_a1,
                          mask=cmask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_K, BLOCK_R) = A^T tile
             h = tl.dot(x.to(DOT), at.to(DOT), h, input_precision=PREC)
@@ -279,7 +308,8 @@ if triton is not None:
     #   dA = gh^T x                (R, IN)   -> column pass
     #   dd = s * sum_rows h * gB   (R,)      -> per-row-block partials here, summed on the host
     # One program per BLOCK_M rows: loop over OUT for gB, then over IN for dx; stores gh and hd (N, R) fp32
-    # for the column pass.
+    # for the column pass. With LoRA's dropout, x above is x~ = m * x / (1 - p) (mask m regenerated from
+    # the seed): dx = (gh A) * m / (1 - p) and dA = gh^T x~; h was computed from x~, so dB and dd need nothing.
     @triton.jit
     def _lowrank_bwd_kernel(
         g_ptr,  # (N, OUT) output gradient, unit column stride
@@ -291,11 +321,13 @@ if triton is not None:
         gh_ptr,  # (N, R) fp32 gh, written only if NEED_GH
         hd_ptr,  # (N, R) fp32 s * h * d, written only if NEED_HD
         dd_ptr,  # (row blocks, R) fp32 partial dd, written only if NEED_DD
+        seed_ptr,  # (1,) int64 dropout seed; read only if DROPOUT
         N, IN, OUT, R,
         stride_g, stride_a0, stride_a1, stride_b0, stride_b1,
-        scale,
+        scale, p_drop,
         HAS_D: tl.constexpr, NEED_DX: tl.constexpr, NEED_GH: tl.constexpr, NEED_HD: tl.constexpr,
         NEED_DD: tl.constexpr, ACC_DX: tl.constexpr,  # ACC_DX: add into dx (the base layer's g W) in place
+        DROPOUT: tl.constexpr,  # the forward's x was dropout(x): dx's low-rank part goes through the same mask
         DOT: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
@@ -329,6 +361,8 @@ if triton is not None:
         if NEED_HD:
             tl.store(hd_ptr + rows[:, None] * R + ranks[None, :], hd, mask=hmask)
         if NEED_DX:
+            if DROPOUT:
+                seed = tl.load(seed_ptr)
             ghd = gh.to(DOT)
             for k0 in range(0, IN, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
@@ -337,23 +371,26 @@ if triton is not None:
                             mask=kmask[:, None] & cmask[None, :], other=0.0)  # (BLOCK_R, BLOCK_K)
                 dxp = dx_ptr + rows[:, None] * IN + cols[None, :]
                 dmask = rmask[:, None] & cmask[None, :]
+                dx = tl.dot(ghd, a.to(DOT), input_precision=PREC)
+                if DROPOUT:
+                    dx = _dropout(dx, seed, rows[:, None] * IN + cols[None, :], p_drop)
                 if ACC_DX:
-                    dx = tl.dot(ghd, a.to(DOT), tl.load(dxp, mask=dmask, other=0.0).to(tl.float32),
-                                input_precision=PREC)
-                else:
-                    dx = tl.dot(ghd, a.to(DOT), input_precision=PREC)
+                    dx += tl.load(dxp, mask=dmask, other=0.0).to(tl.float32)
                 tl.store(dxp, dx.to(dx_ptr.dtype.element_ty), mask=dmask)
 
 
-def _lowrank_fwd(y, x, A, B, d, scale, h, dot, prec):
-    """y (N, OUT) += scale * ((x A^T) * d) B^T in place; h (N, R) fp32 receives x A^T when not None."""
+def _lowrank_fwd(y, x, A, B, d, scale, h, dot, prec, seed=None, p=0.0):
+    """y (N, OUT) += scale * ((x A^T) * d) B^T in place; h (N, R) fp32 receives x A^T when not None. With a
+    seed, x is dropped out with probability p inside the kernel."""
     N, IN = x.shape
     OUT, R = B.shape
     block_r = _rank_block(R)
     bm = _row_block(N, block_r, x.device)
-    args = (x, A, B, d if d is not None else A, y, h if h is not None else x, N, IN, OUT, R,
-            x.stride(0), y.stride(0), A.stride(0), A.stride(1), B.stride(0), B.stride(1), scale)
-    meta = dict(HAS_D=d is not None, SAVE_H=h is not None, DOT=dot, PREC=prec, BLOCK_M=bm, BLOCK_R=block_r)
+    args = (x, A, B, d if d is not None else A, y, h if h is not None else x, seed if seed is not None else x,
+            N, IN, OUT, R, x.stride(0), y.stride(0), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+            scale, float(p))
+    meta = dict(HAS_D=d is not None, SAVE_H=h is not None, DROPOUT=seed is not None, DOT=dot, PREC=prec,
+                BLOCK_M=bm, BLOCK_R=block_r)
     grid = (triton.cdiv(N, bm),)
     if _interpreting() or not x.is_cuda:
         _lowrank_fwd_kernel[grid](*args, **meta, BLOCK_N=_INTERP_BLOCK, BLOCK_K=_INTERP_BLOCK)
@@ -361,7 +398,7 @@ def _lowrank_fwd(y, x, A, B, d, scale, h, dot, prec):
         _lowrank_fwd_tuned[grid](*args, **meta)
 
 
-def _lowrank_bwd(g, x, A, B, d, h, scale, need, dot, prec, dx=None):
+def _lowrank_bwd(g, x, A, B, d, h, scale, need, dot, prec, dx=None, seed=None, p=0.0):
     """Gradients (dx, dA, dB, dd) for the flags in need = (x, A, B, d); None where not needed. A given dx
     (N, IN) contiguous receives the low-rank part of the input gradient added in place."""
     need_x, need_A, need_B, need_d = need
@@ -381,11 +418,13 @@ def _lowrank_bwd(g, x, A, B, d, h, scale, need, dot, prec, dx=None):
     _lowrank_bwd_kernel[(blocks,)](
         g, h, A, B, d if d is not None else A,
         dx if need_x else h, gh if need_A else h, hd if need_B else h, dd if need_d else h,
-        N, IN, OUT, R, g.stride(0), A.stride(0), A.stride(1), B.stride(0), B.stride(1), scale,
+        seed if seed is not None else h,
+        N, IN, OUT, R, g.stride(0), A.stride(0), A.stride(1), B.stride(0), B.stride(1), scale, float(p),
         HAS_D=d is not None, NEED_DX=need_x, NEED_GH=need_A, NEED_HD=need_B, NEED_DD=need_d, ACC_DX=acc_dx,
+        DROPOUT=seed is not None,
         DOT=dot, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, num_warps=4,
     )
-    dA, dBt = _weight_grads(gh, x, hd, g, dot, prec) if (need_A or need_B) else (None, None)  # (R, IN), (R, OUT)
+    dA, dBt = _weight_grads(gh, x, hd, g, dot, prec, seed, p) if (need_A or need_B) else (None, None)  # (R, IN), (R, OUT)
     dA = dA.to(A.dtype) if need_A else None  # (R, IN)
     dB = dBt.t().to(B.dtype) if need_B else None  # (OUT, R)
     dd = dd.sum(0).to(d.dtype) if need_d else None  # (R,)
@@ -551,7 +590,7 @@ class LowRankLinearFunction(torch.autograd.Function):
     as nn.Linear's would; W is cast once and the cast kept for backward, as autocast itself does."""
 
     @staticmethod
-    def forward(ctx, x, W, bias, A, B, d, scale):
+    def forward(ctx, x, W, bias, A, B, d, scale, p, seed):
         ct = _compute_dtype(x)
         x2 = _rows(x, x.shape[-1]).to(ct)  # (N, in)
         Wc = W.to(ct)
@@ -559,33 +598,55 @@ class LowRankLinearFunction(torch.autograd.Function):
         save_h = any(ctx.needs_input_grad[3:6])
         h = torch.empty(x2.shape[0], A.shape[0], device=x.device, dtype=torch.float32) if save_h else None
         dot, prec = _dot_config(ct)
-        _lowrank_fwd(y, x2, A, B, d, float(scale), h, dot, prec)
-        ctx.save_for_backward(x2, Wc, A, B, d, h)
-        ctx.scale, ctx.dot, ctx.prec, ctx.x_shape, ctx.dtypes = float(scale), dot, prec, x.shape, \
+        _lowrank_fwd(y, x2, A, B, d, float(scale), h, dot, prec, seed, p)
+        ctx.save_for_backward(x2, Wc, A, B, d, h, seed)
+        ctx.scale, ctx.p, ctx.dot, ctx.prec, ctx.x_shape, ctx.dtypes = float(scale), p, dot, prec, x.shape, \
             (W.dtype, None if bias is None else bias.dtype)
         return y.view(*x.shape[:-1], -1)  # (..., out)
 
     @staticmethod
     def backward(ctx, g):
-        x2, Wc, A, B, d, h = ctx.saved_tensors
-        nx, nW, nbias, nA, nB, nd, _ = ctx.needs_input_grad
+        x2, Wc, A, B, d, h, seed = ctx.saved_tensors
+        nx, nW, nbias, nA, nB, nd = ctx.needs_input_grad[:6]
         g2 = _rows(g, g.shape[-1]).to(x2.dtype)  # (N, out)
         dx = torch.mm(g2, Wc) if nx else None  # (N, in) = g W; the kernel adds the low-rank part into it
-        _, dA, dB, dd = _lowrank_bwd(g2, x2, A, B, d, h, ctx.scale, (nx, nA, nB, nd), ctx.dot, ctx.prec, dx=dx) \
-            if (nx or nA or nB or nd) else (None,) * 4
+        _, dA, dB, dd = _lowrank_bwd(g2, x2, A, B, d, h, ctx.scale, (nx, nA, nB, nd), ctx.dot, ctx.prec, dx=dx,
+                                     seed=seed, p=ctx.p) if (nx or nA or nB or nd) else (None,) * 4
         dW = torch.mm(g2.t(), x2).to(ctx.dtypes[0]) if nW else None  # (out, in)
         dbias = g2.float().sum(0).to(ctx.dtypes[1]) if nbias else None  # (out,)
-        return None if dx is None else dx.view(ctx.x_shape), dW, dbias, dA, dB, dd, None
+        return None if dx is None else dx.view(ctx.x_shape), dW, dbias, dA, dB, dd, None, None, None
 
 
-def lowrank_linear(x, W, bias, A, B, d=None, scale=1.0):
-    """The whole adapted layer: x W^T + bias + scale * ((x A^T) * d) B^T; x (..., in), W (out, in).
+def lowrank_linear(x, W, bias, A, B, d=None, scale=1.0, dropout=0.0, seed=None):
+    """The whole adapted layer: x W^T + bias + scale * ((dropout(x) A^T) * d) B^T; x (..., in), W (out, in).
 
-    LowRankLinearFunction (Triton) when enabled() and r <= 128, else LowRankLinearTorchFunction; both
-    write the input gradient into one buffer."""
+    dropout (LoRA's, on the adapter's input only; pass 0 in eval mode) is drawn inside the kernels from
+    `seed`, a (1,) int64 tensor on x's device (drawn from torch's generator when None); `dropout_mask`
+    gives the mask a seed draws. LowRankLinearFunction (Triton) when enabled() and r <= 128, else
+    LowRankLinearTorchFunction (or, with dropout, F.dropout and LowRankAddTorchFunction: torch's mask)."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lowrank_linear: dropout must be in [0, 1), got {dropout}")
     if x.numel() and A.shape[0] <= _MAX_RANK and enabled(x, A, B, d):
-        return LowRankLinearFunction.apply(x, W, bias, A, B, d, scale)
-    return LowRankLinearTorchFunction.apply(x, W, bias, A, B, d, scale)
+        if dropout > 0 and seed is None:
+            seed = torch.randint(2 ** 31 - 1, (1,), device=x.device)  # device RNG: fresh per CUDA-graph replay
+        return LowRankLinearFunction.apply(x, W, bias, A, B, d, scale, float(dropout),
+                                           seed if dropout > 0 else None)
+    if dropout == 0:
+        return LowRankLinearTorchFunction.apply(x, W, bias, A, B, d, scale)
+    # 2-D: F.linear returns a view for 3-D x, and adding into a view in place makes autograd copy the whole
+    # gradient in backward; a 2-D base output is a tensor of its own
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    y = LowRankAddTorchFunction.apply(F.linear(x2, W, bias), F.dropout(x2, dropout), A, B, d, scale)  # (N, out)
+    return y.view(*x.shape[:-1], -1)  # (..., out)
+
+
+def dropout_mask(seed, n_rows, n_cols, p):
+    """The (n_rows, n_cols) bool keep-mask the low-rank kernels draw for seed (a (1,) int64 tensor) and
+    dropout p, for an input viewed as (n_rows, n_cols): for tests, and to reproduce a step."""
+    out = torch.empty(n_rows, n_cols, device=seed.device, dtype=torch.int8)
+    block = 1024
+    _dropout_mask_kernel[(triton.cdiv(out.numel(), block),)](seed, out, out.numel(), float(p), BLOCK=block)
+    return out.bool()
 
 # -----------------------------------------------------------------------------------------------------
 # SeRA: out = scale * x blockdiag(A) C blockdiag(B)

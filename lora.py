@@ -10,10 +10,10 @@ Choices (loralib's unless said):
 - dropout acts on x before A only; the base path sees the clean x.
 - delta_weight() is float32 (float64 for float64 layers); merge() adds it to W at that precision and
   rounds once to W's dtype.
-- With kernels.py importable the layer runs as kernels.lowrank_linear (base + adapter in one op; with
-  dropout active, kernels.lowrank_add on the dropped-out x): Triton on CUDA, else PyTorch ops with
-  CPU-friendly layouts that add into the base output in place. The plain formula after it is what runs
-  in a copy of this file without kernels.py.
+- With kernels.py importable the layer runs as kernels.lowrank_linear (base + adapter + dropout in one
+  op): Triton on CUDA, drawing the dropout mask inside the kernels (never stored), else PyTorch ops with
+  CPU-friendly layouts that add into the base output in place (and torch's own dropout). The plain
+  formula after it is what runs in a copy of this file without kernels.py.
 - No auto-merge on eval() (loralib merges on eval()): merge()/unmerge() are explicit and
   idempotent; while merged, forward = base(x).
 - No analysis helper here: the LoRA paper's subspace similarity φ is sera.subspace_similarity
@@ -62,15 +62,10 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.merged:
             return self.base(x)
-        if _kernels is not None:  # Triton on GPU, else PyTorch ops with CPU-friendly layouts
-            W, bias, A, B = self.base.weight, self.base.bias, self.lora_A, self.lora_B
-            if not (self.training and self.cfg.dropout > 0):  # no dropout: base and adapter as one op
-                return _kernels.lowrank_linear(x, W, bias, A, B, None, self.scale)
-            # 2-D: nn.Linear returns a view for 3-D x, and adding into a view in place makes autograd copy
-            # the whole gradient in backward; a 2-D base output is a tensor of its own
-            x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-            y = _kernels.lowrank_add(self.base(x2), self.dropout(x2), A, B, None, self.scale)
-            return y.view(*x.shape[:-1], -1)  # (..., out)
+        if _kernels is not None:  # base and adapter as one op: Triton on GPU, else CPU-friendly PyTorch ops
+            p = self.cfg.dropout if self.training else 0.0  # on GPU the dropout mask is drawn inside the kernels
+            return _kernels.lowrank_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, None,
+                                           self.scale, dropout=p)
         t = self.scale * F.linear(self.dropout(x), self.lora_A)  # (..., r): scaling the narrow tensor is cheapest
         return self.base(x) + F.linear(t, self.lora_B)  # (..., out)
 

@@ -192,8 +192,8 @@ def test_sera_lora_kernel_dispatch(name, monkeypatch):
         seen.append(x)
         return y + _sera_lora_ref_delta("lora", layer, cfg, x)
 
-    def lowrank_linear(x, W, bias, A, B, d, scale):
-        assert W is layer.base.weight and bias is layer.base.bias
+    def lowrank_linear(x, W, bias, A, B, d, scale, dropout=0.0):
+        assert W is layer.base.weight and bias is layer.base.bias and dropout == 0.0  # `small`: no dropout
         return lowrank_add(F.linear(x, W, bias), x, A, B, d, scale)
 
     fake = SimpleNamespace(enabled=enabled, sera_delta=sera_delta, lowrank_add=lowrank_add,
@@ -1677,6 +1677,49 @@ def test_ka_lowrank_linear_fwd_bwd(_ka_triton, dtype, with_d, train_w):
     assert calls == [True]  # the Triton path ran, accumulating into the base gradient
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ka_lowrank_linear_dropout_matches_masked_reference(_ka_triton, dtype):
+    # LoRA's dropout drawn in-kernel: forward and every gradient equal the formula with x~ = m x / (1 - p),
+    # m the mask dropout_mask() draws for the same seed (so the fwd, bwd and weight-grad kernels agree on it)
+    p, lead, d_in, d_out = 0.3, (5, 9), 80, 40
+    x, A, B = [t for t in _ka_lowrank_inputs(lead, d_in, d_out, 6, False, dtype)[1:4]]
+    W, bias = torch.randn(d_out, d_in).to(dtype), torch.randn(d_out).to(dtype).requires_grad_()
+    seed = torch.tensor([20261122])
+    keep = KA.dropout_mask(seed, 45, d_in, p).reshape(*lead, d_in)
+    assert 0.5 < keep.float().mean() < 0.9  # a real mask, neither all-keep nor all-drop
+    ref = lambda x, W, bias, A, B: KA.lowrank_add_reference(x @ W.T + bias, x * keep / (1 - p), A, B, None, 0.5)
+    fn = lambda x, W, bias, A, B: KA.lowrank_linear(x, W, bias, A, B, None, 0.5, dropout=p, seed=seed)
+    _ka_check(fn, ref, [x, W, bias, A, B], torch.randn(*lead, d_out).to(dtype), dtype)
+
+
+def test_ka_dropout_mask_statistics_and_seeds(kernel_device):
+    s1, s2 = torch.tensor([1]), torch.tensor([2])
+    m = KA.dropout_mask(s1, 200, 300, 0.3)
+    assert m.dtype == torch.bool and m.shape == (200, 300)
+    assert abs(m.float().mean().item() - 0.7) < 0.012  # 60,000 Bernoulli(0.7) draws: 6 sigma
+    assert abs(m[:, :150].float().mean().item() - m[:, 150:].float().mean().item()) < 0.02  # no column bias
+    assert torch.equal(m, KA.dropout_mask(s1, 200, 300, 0.3))  # a pure function of the seed
+    assert (m != KA.dropout_mask(s2, 200, 300, 0.3)).float().mean() > 0.3  # another seed, another mask
+    with pytest.raises(ValueError, match="dropout"):
+        KA.lowrank_linear(torch.randn(2, 8), torch.randn(4, 8), None, torch.randn(2, 8), torch.randn(4, 2),
+                          dropout=1.0)
+
+
+def test_ka_lora_layer_dropout_in_kernels(_ka_triton):
+    # train: fresh in-kernel masks per call, reproducible from torch's seed; eval: no dropout at all
+    layer = lora.LoRALinear(nn.Linear(48, 40), lora.LoRAConfig(r=4, alpha=8, dropout=0.5))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(6, 48)
+    torch.manual_seed(3)
+    y1, y2 = layer(x), layer(x)
+    torch.manual_seed(3)
+    assert not torch.allclose(y1, y2) and torch.equal(layer(x), y1)
+    layer.eval()
+    full = layer.base(x) + layer.scale * x @ layer.lora_A.T @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), full, rtol=1e-5, atol=1e-5)
+
+
 def _ka_sera_inputs(lead, d_in, d_out, r, split, dtype):
     mk = lambda *s: torch.randn(*s).to(dtype).requires_grad_()
     return [mk(*lead, d_in), mk(split, d_in // split, r // split), mk(r, r), mk(split, r // split, d_out // split)]
@@ -2191,6 +2234,12 @@ def _aot_compile_all(repo):
                     capture(lab, K._lowrank_fwd, torch.empty_like(g), x, A, B, dd, 2.0, h, dot, prec)
                     capture(lab, K._lowrank_bwd, g, x, A, B, dd, h, 2.0, (True, True, True, dd is not None),
                             dot, prec)
+                seed = torch.empty(1, dtype=torch.int64, **cuda)  # LoRA with dropout: masks drawn in-kernel
+                lab = (name, f"{n_in}->{n_out} dropout")
+                capture(lab, K._lowrank_fwd, torch.empty_like(g), x, A, B, None, 2.0, h, dot, prec, seed, 0.1)
+                capture(lab, K._lowrank_bwd, g, x, A, B, None, h, 2.0, (True, True, True, False), dot, prec,
+                        torch.empty_like(x), seed, 0.1)  # dx accumulated into, as lowrank_linear does
+                capture(lab, K.dropout_mask, seed, N, n_in, 0.1)
                 s = 8  # SeRA r = split = 8
                 As = torch.empty(s, n_in // s, 1, dtype=par, **cuda)
                 C = torch.empty(s, s, dtype=par, **cuda)
