@@ -6,7 +6,9 @@ PyTorch formula the tests compare against, and the public function the method fi
 
     enabled(*tensors)                      may the Triton path run on these tensors (now)?
     lowrank_add(y, x, A, B, d, scale)      y + scale * ((x A^T) * d) B^T     LoRA, SiVA, VB-LoRA
-    lowrank_linear(x, W, bias, A, B, d, s) the same with the base layer y = x W^T + bias (cuBLAS) in one op
+    lowrank_linear(x, W, bias, A, B, d, s, dropout)  the same with the base layer y = x W^T + bias (cuBLAS)
+                                           in one op, and LoRA's dropout on x drawn inside the kernels
+    dropout_mask(seed, rows, cols, p)      the keep-mask those kernels draw for a seed
     sera_delta(x, A, C, B, scale)          scale * x blockdiag(A) C blockdiag(B)       SeRA
     vblora_compose(logits, bank, k)        Σ_topk softmax(topk logits) * bank[idx]    VB-LoRA (all layers at once)
     bone_row(x, B)                         (x + t, Σ_j t_j),  t_j = x_j B_j^T          Bone-row prologue
