@@ -201,16 +201,17 @@ class BoneRowFunction(torch.autograd.Function):
         n_j, b = B.shape[0], B.shape[-1]
         ct = ctx.ct                                                  # the forward's matmul dtype
         g2 = g.reshape(-1, g.shape[-1]).to(ct).contiguous()          # (N, out)
-        W, Bc, xc = W.to(ct), B.to(ct), x2.to(ct)
+        W = W.to(ct)
         dx = dW = dB = dbias = None
         if nx or nB:
             s = g2.view(g2.shape[0], -1, b).sum(1)                   # (N, b) = Σ_i g_i
             gW = torch.mm(g2, W)                                     # (N, in) = g W
             u = gW.view(-1, n_j, b) + s.unsqueeze(1)                 # (N, in/b, b): u_j = (g W)_j + s
             if nB:
-                dB = torch.bmm(u.permute(1, 2, 0), xc.view(-1, n_j, b).transpose(0, 1)).to(B.dtype)  # (in/b, b, b)
+                xc = x2.to(ct).view(-1, n_j, b)                      # (N, in/b, b)
+                dB = torch.bmm(u.permute(1, 2, 0), xc.transpose(0, 1)).to(B.dtype)  # (in/b, b, b): u_j^T x_j
             if nx:
-                gW.view(-1, n_j, b).transpose(0, 1).baddbmm_(u.transpose(0, 1), Bc)  # (in/b, N, b) += u_j B_j
+                gW.view(-1, n_j, b).transpose(0, 1).baddbmm_(u.transpose(0, 1), B.to(ct))  # (in/b, N, b) += u_j B_j
                 dx = gW.view(ctx.x_shape)                            # (..., in)
         if nW:
             dW = torch.mm(g2.t(), _row_shift(x2, B)[0].to(ct))       # (out, in)

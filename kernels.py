@@ -101,13 +101,17 @@ def _compute_dtype(x):
     return x.dtype
 
 
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} \
+    if triton is not None else {}
+
+
 def _dot_config(dtype):
     """(DOT, PREC) constexprs for tl.dot: operand dtype and fp32 input precision."""
     if _interpreting():
         return tl.float32, "ieee"
     if dtype == torch.float32:
         return tl.float32, ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], "ieee"
+    return _TL_DTYPE[dtype], "ieee"
 
 
 @functools.lru_cache(maxsize=None)
@@ -491,9 +495,7 @@ class LowRankAddTorchFunction(torch.autograd.Function):
     def forward(ctx, y, x, A, B, d, scale):
         ct = y.dtype  # compute in the activations' dtype (bf16 under autocast, fp32 adapter weights)
         x2 = x.reshape(-1, x.shape[-1]).to(ct)  # (N, in)
-        h = torch.mm(A.to(ct), x2.t()).t()  # (N, r), as (A x^T)^T: the fast layout
-        hd = h if d is None else h * d.to(ct)  # (N, r)
-        y.view(-1, y.shape[-1]).addmm_(hd, B.t().to(ct), alpha=scale)  # (N, out) += (N, r) @ (r, out)
+        h = _lowrank_fwd_torch(y.view(-1, y.shape[-1]), x2, A, B, d, scale)  # y: (N, out)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x2, A, B, d, h)
         ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype
@@ -503,21 +505,39 @@ class LowRankAddTorchFunction(torch.autograd.Function):
     def backward(ctx, g):
         x2, A, B, d, h = ctx.saved_tensors
         _, nx, nA, nB, nd, _ = ctx.needs_input_grad
-        ct = h.dtype
-        g2 = g.reshape(-1, g.shape[-1]).to(ct)  # (N, out)
-        dx = dA = dB = dd = None
-        gB = torch.mm(B.t().to(ct), g2.t()).t() if (nx or nA or nd) else None  # (N, r) = g B
-        gh = None if gB is None else ctx.scale * (gB if d is None else gB * d.to(ct))  # (N, r): dL/dh
-        if nx:
-            dx = torch.mm(gh, A.to(ct)).to(ctx.x_dtype).view(ctx.x_shape)  # (..., in), contiguous
-        if nA:
-            dA = torch.mm(gh.t(), x2).to(A.dtype)  # (r, in)
-        if nB:
-            hd = h if d is None else h * d.to(ct)  # (N, r)
-            dB = (ctx.scale * torch.mm(hd.t(), g2).t()).to(B.dtype)  # (out, r), as (hd^T g)^T
-        if nd:
-            dd = (ctx.scale * (h * gB).sum(0)).to(d.dtype)  # (r,)
+        g2 = g.reshape(-1, g.shape[-1]).to(h.dtype)  # (N, out)
+        dx, dA, dB, dd = _lowrank_bwd_torch(g2, x2, A, B, d, h, ctx.scale, (nx, nA, nB, nd))
+        dx = None if dx is None else dx.to(ctx.x_dtype).view(ctx.x_shape)  # (..., in), contiguous
         return g if ctx.needs_input_grad[0] else None, dx, dA, dB, dd, None
+
+
+def _lowrank_fwd_torch(y2, x2, A, B, d, scale):
+    """y2 (N, out) += scale * ((x2 A^T) * d) B^T in place, in y2's dtype; returns h = x2 A^T (N, r)."""
+    ct = y2.dtype
+    h = torch.mm(A.to(ct), x2.t()).t()  # (N, r), as (A x^T)^T: the fast layout
+    hd = h if d is None else h * d.to(ct)  # (N, r)
+    y2.addmm_(hd, B.t().to(ct), alpha=scale)  # (N, out) += (N, r) @ (r, out)
+    return h
+
+
+def _lowrank_bwd_torch(g2, x2, A, B, d, h, scale, need, dx=None):
+    """(dx, dA, dB, dd) in PyTorch for the flags need = (x, A, B, d), each product in its fast layout; a
+    given dx (N, in) receives the low-rank share added in place (as _lowrank_bwd does)."""
+    nx, nA, nB, nd = need
+    ct = h.dtype
+    dA = dB = dd = None
+    gB = torch.mm(B.t().to(ct), g2.t()).t() if (nx or nA or nd) else None  # (N, r) = g B
+    gh = None if gB is None else scale * (gB if d is None else gB * d.to(ct))  # (N, r): dL/dh
+    if nx:
+        dx = torch.mm(gh, A.to(ct)) if dx is None else dx.addmm_(gh, A.to(ct))  # (N, in)
+    if nA:
+        dA = torch.mm(gh.t(), x2).to(A.dtype)  # (r, in)
+    if nB:
+        hd = h if d is None else h * d.to(ct)  # (N, r)
+        dB = (scale * torch.mm(hd.t(), g2).t()).to(B.dtype)  # (out, r), as (hd^T g)^T
+    if nd:
+        dd = (scale * (h * gB).sum(0)).to(d.dtype)  # (r,)
+    return dx, dA, dB, dd
 
 
 def lowrank_add_reference(y, x, A, B, d=None, scale=1.0):
@@ -562,11 +582,8 @@ class LowRankLinearTorchFunction(torch.autograd.Function):
     def forward(ctx, x, W, bias, A, B, d, scale):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         y = F.linear(x2, W, bias)  # (N, out): the base layer (autocast applies as it would in nn.Linear)
-        ct = y.dtype
-        x2c, Ac = x2.to(ct), A.to(ct)
-        h = torch.mm(Ac, x2c.t()).t()  # (N, r)
-        hd = h if d is None else h * d.to(ct)  # (N, r)
-        y.addmm_(hd, B.t().to(ct), alpha=scale)  # (N, out) += (N, r) @ (r, out)
+        x2c = x2.to(y.dtype)
+        h = _lowrank_fwd_torch(y, x2c, A, B, d, scale)  # (N, r)
         ctx.save_for_backward(x2c, W, A, B, d, h)
         ctx.scale, ctx.x_shape, ctx.x_dtype, ctx.has_bias = scale, x.shape, x.dtype, bias is not None
         return y.view(*x.shape[:-1], -1)  # (..., out)
@@ -577,24 +594,11 @@ class LowRankLinearTorchFunction(torch.autograd.Function):
         nx, nW, nbias, nA, nB, nd, _ = ctx.needs_input_grad
         ct = h.dtype
         g2 = g.reshape(-1, g.shape[-1]).to(ct)  # (N, out)
-        dx = dW = dbias = dA = dB = dd = None
-        gB = torch.mm(B.t().to(ct), g2.t()).t() if (nx or nA or nd) else None  # (N, r) = g B
-        gh = None if gB is None else ctx.scale * (gB if d is None else gB * d.to(ct))  # (N, r): dL/dh
-        if nx:
-            dx = torch.mm(g2, W.to(ct))  # (N, in) = g W, then the adapter's share added in place
-            dx.addmm_(gh, A.to(ct))
-            dx = dx.to(ctx.x_dtype).view(ctx.x_shape)  # (..., in)
-        if nW:
-            dW = torch.mm(g2.t(), x2).to(W.dtype)  # (out, in)
-        if nbias:
-            dbias = g2.sum(0)  # (out,)
-        if nA:
-            dA = torch.mm(gh.t(), x2).to(A.dtype)  # (r, in)
-        if nB:
-            hd = h if d is None else h * d.to(ct)  # (N, r)
-            dB = (ctx.scale * torch.mm(hd.t(), g2).t()).to(B.dtype)  # (out, r), as (hd^T g)^T
-        if nd:
-            dd = (ctx.scale * (h * gB).sum(0)).to(d.dtype)  # (r,)
+        dx = torch.mm(g2, W.to(ct)) if nx else None  # (N, in) = g W; the adapter's share is added in place
+        dx, dA, dB, dd = _lowrank_bwd_torch(g2, x2, A, B, d, h, ctx.scale, (nx, nA, nB, nd), dx=dx)
+        dx = None if dx is None else dx.to(ctx.x_dtype).view(ctx.x_shape)  # (..., in)
+        dW = torch.mm(g2.t(), x2).to(W.dtype) if nW else None  # (out, in)
+        dbias = g2.sum(0) if nbias else None  # (out,)
         return dx, dW, dbias, dA, dB, dd, None
 
 
@@ -910,6 +914,14 @@ if triton is not None:
             b = b.to(a.dtype)
         return tl.dot(a, b, acc, input_precision=PREC)
 
+    @triton.jit
+    def _bone_tile(pid, b, BLOCK_B: tl.constexpr):
+        # program pid -> (block, p rows, q cols) of a (blocks, b, b) tensor, cdiv(b, BLOCK_B)^2 tiles per block
+        nt = tl.cdiv(b, BLOCK_B)
+        p = (pid // nt) % nt * BLOCK_B + tl.arange(0, BLOCK_B)
+        q = pid % nt * BLOCK_B + tl.arange(0, BLOCK_B)
+        return pid // (nt * nt), p, q
+
 
 # -----------------------------------------------------------------------------
 # VB-LoRA: top-k admixture of a shared vector bank
@@ -1179,11 +1191,7 @@ if triton is not None:
         M, IN, NBLK, b, SPLIT,  # rows, in, in/b, b, number of row splits
         BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        nt = tl.cdiv(b, BLOCK_B)
-        j = pid // (nt * nt)
-        p = (pid // nt) % nt * BLOCK_B + tl.arange(0, BLOCK_B)
-        q = pid % nt * BLOCK_B + tl.arange(0, BLOCK_B)
+        j, p, q = _bone_tile(tl.program_id(0), b, BLOCK_B)
         pm = p < b
         qm = q < b
         split = tl.program_id(1)
@@ -1353,11 +1361,7 @@ if triton is not None:
         IN, NBO, NBI, b, SPLIT,  # in, out/b, in/b, b, number of j splits
         BLOCK_B: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        nt = tl.cdiv(b, BLOCK_B)
-        i = pid // (nt * nt)
-        p = (pid // nt) % nt * BLOCK_B + tl.arange(0, BLOCK_B)
-        q = pid % nt * BLOCK_B + tl.arange(0, BLOCK_B)
+        i, p, q = _bone_tile(tl.program_id(0), b, BLOCK_B)
         pm = p < b
         qm = q < b
         split = tl.program_id(1)
@@ -1376,10 +1380,6 @@ if triton is not None:
                 acc = _bone_dot(eye.to(G.dtype.element_ty), g, acc, DOT_F32, PREC)
         out = DBP + split.to(tl.int64) * NBO * b * b + i.to(tl.int64) * b * b
         tl.store(out + p[:, None] * b + q[None, :], acc, mask=pm[:, None] & qm[None, :])
-
-
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} \
-    if triton is not None else {}
 
 
 def _bone_col_wprime(W, B, dtype):
