@@ -1430,7 +1430,7 @@ class BoneColLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch.mm(g, _bone_col_wprime(W, B, x2.dtype)).view(*gy.shape[:-1], x2.shape[1])  # (..., in)
         if ctx.needs_input_grad[2]:
-            dB = _bone_col_dB(torch.mm(g.t(), x2).contiguous(), W, B)  # G = g^T x: (out, in)
+            dB = _bone_col_dB(torch.mm(g.t(), x2), W, B)  # G = g^T x: (out, in)
         if ctx.needs_input_grad[3]:
             dbias = g.float().sum(0).to(ctx.bias_dtype)  # (out,)
         return dx, None, dB, dbias
