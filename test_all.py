@@ -20,6 +20,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# The one tolerance table, dtype -> (atol, rtol): atol is relative to the reference's largest entry, so one
+# row fits tensors of any scale (Liger's table: fp32 1e-5, the 8-bit-mantissa types 2e-2).
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2),
+       torch.float16: (2e-2, 2e-2)}
+
+
+def assert_close(actual, expected, dtype=None):
+    """actual vs an independent reference, at the tolerance of `dtype` (default: actual's dtype)."""
+    atol, rtol = TOL[dtype or actual.dtype]
+    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
+    scale = max(expected.detach().abs().max().item(), 1e-12) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.detach().double(), expected.detach().double(), atol=atol * scale, rtol=rtol)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
