@@ -20,17 +20,22 @@ Choices where the paper is silent (SPEC §3 decides the rest):
   the per-block fan-in in/split as in MELoRA; B = 0, so the adapted model starts exactly at W0.
 - dropout (default 0, the paper names none) acts on x before A, as in LoRA.
 - The forward never builds blockdiag(A), blockdiag(B) or ΔW: x is viewed as (N, split, in/split) and
-  multiplied segment-wise, N * ((in + out) * r/split + r^2) multiply-adds. delta_weight() forms only
-  the non-zero blocks of ΔW (for merging and analysis).
+  multiplied segment-wise, N * ((in + out) * r/split + r^2) multiply-adds. That plain formula is what
+  runs on a CPU; on CUDA tensors (or under TRITON_INTERPRET=1) the same chain runs as one Triton op,
+  kernels.sera_delta. NANOPEFT_NO_TRITON=1 keeps the plain formula everywhere. delta_weight() forms
+  only the non-zero blocks of ΔW (for merging and analysis).
 - delta_weight() is float32 (float64 for float64 layers); merge() adds it to W at that precision and
   rounds once to W's dtype.
 - No auto-merge on eval(): merge()/unmerge() are explicit and idempotent; while merged, forward = base(x).
+  A weight tied to another module is never merged (that would change the other module too).
+- apply_sera freezes everything except adapter tensors, so adapters applied before stay trainable.
 - subspace_similarity (Eq. 4) takes U = the left singular vectors of the paper's ΔW (in, out), i.e.
   of delta_weight().T: directions in the layer's input space ("column singular directions"), as the
   LoRA paper's φ does for its input-side A.
 """
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -40,78 +45,29 @@ try:
 except ImportError:
     _kernels = None
 
+ADAPTER_PREFIXES = ("lora_", "sera_", "siva_", "bone_", "vblora_")  # every nanopeft method names its tensors so
+
 
 @dataclass
 class SeRAConfig:
     r: int = 8  # width of the mixing space (C is r x r); the paper's CLIP and GLUE runs use 8
-    split: int = 8  # segments of x and of the output; the paper's default is split = r (§4)
+    split: Optional[int] = None  # segments of x and of the output; None = r, the paper's default (§4)
     alpha: float = 16.0  # scale = alpha / r (LoRA's convention); 16 as in LoRA's RoBERTa-large recipe
     dropout: float = 0.0  # on x before A; the paper uses none
 
     def __post_init__(self):
-        if self.r < 1:
-            raise ValueError(f"SeRA: r={self.r} must be >= 1")
-        if self.split < 1:
-            raise ValueError(f"SeRA: split={self.split} must be >= 1")
+        if self.split is None:
+            self.split = self.r
+        for name in ("r", "split"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"SeRA: {name}={v!r} must be an int >= 1")
         if self.r % self.split:
             raise ValueError(f"SeRA: split={self.split} must divide r={self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"SeRA: dropout={self.dropout} must lie in [0, 1)")
-
-
-class SeRAFunction(torch.autograd.Function):
-    """y += scale * x blockdiag(A) C blockdiag(B), segment-wise in plain PyTorch (where Triton is off).
-
-    Autograd through the einsum version is correct but slow on CPU: einsum picks operand layouts that
-    CPU BLAS runs 3-10x slower than their transposes, and y + ... allocates a second (N, out) tensor.
-    Here every product is one bmm/mm in its fast layout, the narrow tensors are kept transposed
-    ((r, N), contiguous), and the update goes into the fresh base output y in place.
-    Row-vector form, per segment s (x_s (N, in/split), g_s = dL/dy_s (N, out/split)):
-        forward:  h_s = x_s A_s,  z = scale h C,  y_s += z_s B_s                  (h, z: (N, r))
-        backward: dz_s = g_s B_s^T,  dB_s = z_s^T g_s,  dC = scale h^T dz,
-                  dh = scale dz C^T,  dA_s = x_s^T dh_s,  dx_s = dh_s A_s^T
-    """
-
-    @staticmethod
-    def forward(ctx, y, x, A, C, B, scale):
-        ct = y.dtype  # compute in the activations' dtype (bf16 under autocast, fp32 adapter weights)
-        s, i, a = A.shape
-        xs = x.reshape(-1, s, i).to(ct)  # (N, split, in/split)
-        At, Ct, Bt = A.to(ct), C.to(ct), B.to(ct)
-        hT = torch.bmm(At.transpose(1, 2), xs.permute(1, 2, 0))  # (split, r/split, N): h_s^T = A_s^T x_s^T
-        zT = (scale * Ct.t()) @ hT.view(s * a, -1)  # (r, N): z^T = scale C^T h^T
-        ys = y.view(-1, s, B.shape[-1]).transpose(0, 1)  # (split, N, out/split), a strided view of y
-        ys.baddbmm_(zT.view(s, a, -1).transpose(1, 2), Bt)  # y_s += z_s B_s, (N, r/split) @ (r/split, out/split)
-        ctx.mark_dirty(y)
-        ctx.save_for_backward(xs, At, Ct, Bt, hT, zT)
-        ctx.scale, ctx.x_shape, ctx.dtypes = scale, x.shape, (x.dtype, A.dtype, C.dtype, B.dtype)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        xs, A, C, B, hT, zT = ctx.saved_tensors
-        _, nx, nA, nC, nB, _ = ctx.needs_input_grad
-        (n, s, i), a = xs.shape, A.shape[-1]
-        gs = g.reshape(n, s, -1).to(xs.dtype)  # (N, split, out/split)
-        dx = dA = dC = dB = None
-        if nB:
-            dB = torch.bmm(zT.view(s, a, n), gs.transpose(0, 1)).to(ctx.dtypes[3])  # (split, r/split, out/split)
-        if nx or nA or nC:
-            dzT = torch.bmm(B, gs.permute(1, 2, 0)).view(s * a, n)  # (r, N): dz_s^T = B_s g_s^T
-        if nC:
-            dC = (ctx.scale * (hT.view(s * a, n) @ dzT.t())).to(ctx.dtypes[2])  # (r, r)
-        if nx or nA:
-            dhT = ((ctx.scale * C) @ dzT).view(s, a, n)  # (split, r/split, N): dh^T = scale C dz^T
-        if nA:
-            dAT = torch.bmm(dhT, xs.transpose(0, 1))  # (split, r/split, in/split): dA_s^T = dh_s^T x_s
-            dA = dAT.transpose(1, 2).contiguous().to(ctx.dtypes[1])  # (split, in/split, r/split)
-        if nx:
-            # a fresh contiguous tensor, not a view: autograd can then add x's other gradient into it in place
-            dx = xs.new_empty(ctx.x_shape)  # (..., in)
-            dxs = dx.view(n, s, i).transpose(0, 1)  # (split, N, in/split), a strided view of dx
-            torch.bmm(dhT.transpose(1, 2), A.transpose(1, 2), out=dxs)  # dx_s = dh_s A_s^T
-            dx = dx.to(ctx.dtypes[0])
-        return g if ctx.needs_input_grad[0] else None, dx, dA, dC, dB, None
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"SeRA: alpha={self.alpha!r} must be a finite number > 0")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"SeRA: dropout={self.dropout!r} must lie in [0, 1)")
 
 
 class SeRALinear(nn.Module):
@@ -127,6 +83,7 @@ class SeRALinear(nn.Module):
         self.scale = cfg.alpha / r
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.merged = False
+        self.tied_to = []  # other parameters that are this weight (set by apply_sera); merge() refuses then
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.sera_A = nn.Parameter(torch.empty(s, d_in // s, r // s, **kw))  # A_i stacked
         self.sera_C = nn.Parameter(torch.empty(r, r, **kw))
@@ -142,14 +99,15 @@ class SeRALinear(nn.Module):
     def forward(self, x):
         if self.merged:
             return self.base(x)
-        xd = self.dropout(x)
         A, C, B = self.sera_A, self.sera_C, self.sera_B
-        if _kernels is not None and _kernels.enabled(xd, A, C, B):
-            return self.base(x) + _kernels.sera_delta(xd, A, C, B, self.scale)
-        # nn.Linear returns a view for 3-D x, and an in-place update of a view makes autograd copy the
-        # whole gradient in backward (CopySlices); a 2-D base output is a tensor of its own
-        y = self.base(x.reshape(-1, x.shape[-1]))  # (N, out)
-        return SeRAFunction.apply(y, xd, A, C, B, self.scale).view(*x.shape[:-1], -1)  # (..., out)
+        if _kernels is not None and _kernels.applies(x, A, C, B):  # the same chain, one Triton op
+            return self.base(x) + _kernels.sera_delta(self.dropout(x), A, C, B, self.scale)
+        xs = self.dropout(x).unflatten(-1, (self.split, -1))  # (..., split, in/split): x's segments x_s
+        h = torch.einsum("...si,sia->...sa", xs, A)  # (..., split, r/split): h_s = x_s A_s
+        z = (self.scale * h.flatten(-2)) @ C  # (..., r): the segments mixed by C
+        zs = z.unflatten(-1, (self.split, -1))  # (..., split, r/split)
+        dy = torch.einsum("...sa,sao->...so", zs, B)  # (..., split, out/split): z_s B_s
+        return self.base(x) + dy.flatten(-2)  # (..., out)
 
     def delta_weight(self):
         ct = torch.promote_types(self.sera_A.dtype, torch.float32)  # fp32 at least, so merges round once
@@ -162,6 +120,10 @@ class SeRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
+        if self.tied_to:
+            raise ValueError(f"SeRA: cannot merge, this layer's weight is shared with {self.tied_to} (tied); "
+                             "merging would change them too. Untie first, e.g. "
+                             "layer.base.weight = nn.Parameter(layer.base.weight.detach().clone())")
         if not self.merged:
             self.base.weight.copy_(self.base.weight + self.delta_weight())
             self.merged = True
@@ -182,22 +144,34 @@ def sera_param_count(d_in, d_out, cfg):
 
 
 def apply_sera(model, cfg, targets):
-    """Freeze the whole model, wrap every targeted nn.Linear in SeRALinear; returns the adapted names.
+    """Wrap every targeted nn.Linear in SeRALinear and freeze all but adapter tensors; returns the names.
 
     A module named n is adapted iff it is an nn.Linear and n == t or n.endswith("." + t) for a t in targets.
+    Adapters applied before (any method, other layers) keep their trainable tensors.
     """
     targets = [targets] if isinstance(targets, str) else list(targets)
-    model.requires_grad_(False)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not targets:
+        raise ValueError("SeRA: targets is empty; name at least one nn.Linear")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     hit = lambda n, t: n == t or n.endswith("." + t)
     for t in targets:
         if not any(hit(n, t) for n in linears):
-            raise ValueError(f"SeRA: target {t!r} matches no nn.Linear; some Linear names: {linears[:6]}")
+            raise ValueError(f"SeRA: target {t!r} matches no nn.Linear; some Linear names: {list(linears)[:6]}")
     names = [n for n in linears if any(hit(n, t) for t in targets)]
-    for n in names:
+    for n in names:  # a parent that reads child.weight itself would bypass the adapter's forward
+        parent = model.get_submodule(n.rpartition(".")[0])
+        if isinstance(parent, nn.MultiheadAttention):
+            raise ValueError(f"SeRA: cannot adapt {n!r}: nn.MultiheadAttention reads its out_proj.weight "
+                             "directly, so the adapter would be bypassed")
+    layers = {n: SeRALinear(linears[n], cfg) for n in names}  # every error before any change to the model
+    for n, p in model.named_parameters():
+        if not any(part.startswith(ADAPTER_PREFIXES) for part in n.split(".")):
+            p.requires_grad_(False)
+    shared = list(model.named_parameters(remove_duplicate=False))
+    for n, layer in layers.items():
         parent_name, _, child = n.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, SeRALinear(getattr(parent, child), cfg))
+        layer.tied_to = [m for m, p in shared if p is linears[n].weight and m != n + ".weight"]
+        setattr(model.get_submodule(parent_name), child, layer)
     return names
 
 
@@ -207,7 +181,9 @@ def sera_state_dict(model):
 
 
 def load_sera_state_dict(model, sd):
-    """Copy adapter tensors into a model that apply_sera adapted with the same config (strict)."""
+    """Copy adapter tensors into a model that apply_sera adapted with the same config (strict).
+
+    Everything is checked before anything is written."""
     own = sera_state_dict(model)
     missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
     if missing or unexpected:
@@ -217,6 +193,8 @@ def load_sera_state_dict(model, sd):
         if t.shape != own[n].shape:
             raise ValueError(f"SeRA: {n!r} has shape {tuple(t.shape)}, the model's is {tuple(own[n].shape)} "
                              f"(different r/split?)")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"SeRA: {n!r} holds non-finite values (NaN or inf)")
     if any(m.merged for m in model.modules() if isinstance(m, SeRALinear)):
         raise ValueError("SeRA: a layer is merged; unmerge() before loading")
     with torch.no_grad():

@@ -140,22 +140,26 @@ def test_sera_lora_gradcheck_every_trainable(name):
 
 
 @pytest.mark.parametrize("r, split", [(4, 4), (4, 2)])  # r/split = 1 (the default) and 2
-def test_sera_function_matches_block_diag_reference(r, split):
-    """SeRAFunction's forward and hand-written gradients vs autograd through the dense paper formula."""
+def test_sera_forward_and_grads_match_block_diag_reference(r, split):
+    """The segment-wise forward and its gradients vs autograd through the dense paper formula, float64."""
     s, d_in, d_out, scale = split, 8, 12, 0.7
-    kw = dict(dtype=torch.float64, requires_grad=True)
-    y0, x = torch.randn(2, 3, d_out, **kw), torch.randn(2, 3, d_in, **kw)
-    A, C = torch.randn(s, d_in // s, r // s, **kw), torch.randn(r, r, **kw)
-    B = torch.randn(s, r // s, d_out // s, **kw)
-    ins = (y0, x, A, C, B)
+    layer = sera.SeRALinear(nn.Linear(d_in, d_out, dtype=torch.float64),
+                            sera.SeRAConfig(r=r, split=split, alpha=scale * r))
+    with torch.no_grad():
+        for t in (layer.sera_A, layer.sera_C, layer.sera_B):
+            t.normal_()
+    x = torch.randn(2, 3, d_in, dtype=torch.float64, requires_grad=True)
+    A, C, B = layer.sera_A, layer.sera_C, layer.sera_B
+    ins = (x, A, C, B)
     g = torch.randn(3, 2, d_out, dtype=torch.float64).transpose(0, 1)  # a non-contiguous upstream gradient
-    ref = y0 + scale * (x @ torch.block_diag(*A.unbind(0)) @ C @ torch.block_diag(*B.unbind(0)))
+    W, bias = layer.base.weight, layer.base.bias
+    ref = F.linear(x, W, bias) + scale * (x @ torch.block_diag(*A.unbind(0)) @ C @ torch.block_diag(*B.unbind(0)))
     ref_grads = torch.autograd.grad(ref, ins, g)
-    out = sera.SeRAFunction.apply(y0.clone(), x, A, C, B, scale)
+    out = layer(x)
     torch.testing.assert_close(out, ref)
     for got, want in zip(torch.autograd.grad(out, ins, g), ref_grads):
         torch.testing.assert_close(got, want)
-    assert torch.autograd.gradcheck(lambda y, *t: sera.SeRAFunction.apply(y.clone(), *t, scale), ins)
+    assert torch.autograd.gradcheck(lambda *t: layer(t[0]), ins)
 
 
 @_sera_lora_names
@@ -193,7 +197,7 @@ def test_sera_lora_kernel_dispatch(name, monkeypatch):
     layer, cfg = _sera_lora_layer(name)
     seen = []
 
-    def enabled(*ts):
+    def applies(*ts):
         return True
 
     def sera_delta(x, A, C, B, scale):
@@ -210,7 +214,7 @@ def test_sera_lora_kernel_dispatch(name, monkeypatch):
         assert W is layer.base.weight and bias is layer.base.bias and dropout == 0.0  # `small`: no dropout
         return lowrank_add(F.linear(x, W, bias), x, A, B, d, scale)
 
-    fake = SimpleNamespace(enabled=enabled, sera_delta=sera_delta, lowrank_add=lowrank_add,
+    fake = SimpleNamespace(applies=applies, sera_delta=sera_delta, lowrank_add=lowrank_add,
                            lowrank_linear=lowrank_linear)
     monkeypatch.setattr(sera if name == "sera" else lora, "_kernels", fake)
     x = torch.randn(2, 3, 12)
