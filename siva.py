@@ -9,7 +9,9 @@ Train only k scalars s that move k singular values of W, along W's own singular 
 k per layer (paper §3.3): the singular values whose eigenvalues σ² together hold the bottom
 (1 − perc) of the variance Σσ²: sort σ² ascending and take the longest prefix whose sum is at most
 (1 − perc)·Σσ²; k ≥ 1 (the conclusion's "cumulative sum of singular values" is read as §3.3's
-variance, as SPEC §4 says). perc = 0.95 (ViT, RoBERTa, GPT-2); the paper uses 0.997 for LLaMA2-7B.
+variance, as SPEC §4 says). perc = 0.95 (the paper's ViT and RoBERTa runs) and 0.997 for LLaMA2-7B;
+for GPT-2 on E2E the paper's hyper-parameter table is missing from our copy, so 0.95 there is our
+assumption, as is adapting q and v.
 The smallest singular values are chosen because raising them raises the effective rank most
 (Theorems 2-3); s starts at zero so the adapted model starts exactly at W.
 
@@ -32,10 +34,12 @@ Choices where the paper (whose Algorithm 1 is missing from our copy) is silent:
 - A layer cannot be built on device="meta": k depends on the values of W.
 - delta_weight() is float32 (float64 for float64 layers); merge adds it to W at that precision and
   rounds once to W's dtype.
-- With kernels.py importable the layer runs as kernels.lowrank_linear (base + adapter in one op):
-  Triton on CUDA, else PyTorch ops with CPU-friendly layouts. The plain formula after it is what runs
-  in a copy of this file without kernels.py.
-- No auto-merge on eval(): merge()/unmerge() are explicit; while merged, forward = base(x).
+- forward is the formula above in plain PyTorch; that is what runs on a CPU. On CUDA tensors (or
+  under TRITON_INTERPRET=1) the same maths runs as kernels.lowrank_linear, one fused op.
+  NANOPEFT_NO_TRITON=1 keeps the plain formula everywhere.
+- No auto-merge on eval(): merge()/unmerge() are explicit; while merged, forward = base(x). A weight
+  tied to another module is never merged (that would change the other module too).
+- apply_siva freezes everything except adapter tensors, so adapters applied before stay trainable.
 """
 import math
 from dataclasses import dataclass
@@ -49,26 +53,29 @@ try:
 except ImportError:
     _kernels = None
 
+ADAPTER_PREFIXES = ("lora_", "sera_", "siva_", "bone_", "vblora_")  # every nanopeft method names its tensors so
 _TIE = 1e-9  # slack on the variance share, so exact hand-made boundaries survive float rounding
 
 
 @dataclass
 class SiVAConfig:
-    perc: float = 0.95  # variance left frozen; paper: 0.95 for ViT/RoBERTa/GPT-2, 0.997 for LLMs
+    perc: float = 0.95  # variance left frozen; paper: 0.95 for ViT/RoBERTa, 0.997 for LLMs (GPT-2: ours)
     select: str = "bottom"  # "bottom" = paper (smallest σ raise erank most); "top" = Table 6 ablation
     basis: str = "svd"  # "svd" = W's singular vectors (paper); "random" = Table 6 ablation
     svd_dtype: torch.dtype = torch.float64  # bottom singular vectors need the precision; reload must agree
     seed: int = 0  # only for basis="random": fixes the random basis so a reload rebuilds it
 
     def __post_init__(self):
-        if not 0 < self.perc < 1:
-            raise ValueError(f"SiVA: perc={self.perc} must lie in (0, 1)")
+        if not (isinstance(self.perc, (int, float)) and 0 < self.perc < 1):  # NaN fails the comparison too
+            raise ValueError(f"SiVA: perc={self.perc!r} must lie in (0, 1)")
         if self.select not in ("bottom", "top"):
             raise ValueError(f"SiVA: select={self.select!r} must be 'bottom' or 'top'")
         if self.basis not in ("svd", "random"):
             raise ValueError(f"SiVA: basis={self.basis!r} must be 'svd' or 'random'")
         if self.svd_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"SiVA: svd_dtype={self.svd_dtype} must be torch.float32 or torch.float64")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"SiVA: seed={self.seed!r} must be an int")
 
 
 def siva_rank(sigma, perc):
@@ -89,6 +96,7 @@ class SiVALinear(nn.Module):
         self.base = base
         self.cfg = cfg
         self.merged = False
+        self.tied_to = []  # other parameters that are this weight (set by apply_siva); merge() refuses then
         base.requires_grad_(False)
         d_out, d_in = W.shape
         Wd = W.detach().to(cfg.svd_dtype)
@@ -112,11 +120,11 @@ class SiVALinear(nn.Module):
     def forward(self, x):
         if self.merged:
             return self.base(x)
-        if _kernels is not None:  # base and adapter as one op: Triton on GPU, else CPU-friendly PyTorch
+        if _kernels is not None and _kernels.applies(x, self.siva_s):  # the same maths, fused, on the GPU
             W, bias = self.base.weight, self.base.bias
             return _kernels.lowrank_linear(x, W, bias, self.siva_V, self.siva_U, self.siva_s, 1.0)
-        t = F.linear(x, self.siva_V) * self.siva_s  # (..., k) coordinates along V_k, rescaled
-        return self.base(x) + F.linear(t, self.siva_U)  # (..., out)
+        t = F.linear(x, self.siva_V) * self.siva_s  # (..., k): coordinates along V_k, rescaled by s
+        return self.base(x) + F.linear(t, self.siva_U)  # (..., out): + ((x V_k) ⊙ s) U_k^T
 
     def delta_weight(self):
         ct = torch.promote_types(self.siva_s.dtype, torch.float32)  # fp32 at least, so merges round once
@@ -124,6 +132,10 @@ class SiVALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
+        if self.tied_to:
+            raise ValueError(f"SiVA: cannot merge, this layer's weight is shared with {self.tied_to} (tied); "
+                             "merging would change them too. Untie first, e.g. "
+                             "layer.base.weight = nn.Parameter(layer.base.weight.detach().clone())")
         if not self.merged:
             self.base.weight.copy_(self.base.weight + self.delta_weight())
             self.merged = True
@@ -146,19 +158,34 @@ def siva_param_count(d_in, d_out, cfg, k):
 
 
 def apply_siva(model, cfg, targets):
-    """Freeze the whole model, wrap every targeted nn.Linear in SiVALinear; returns the adapted names."""
+    """Wrap every targeted nn.Linear in SiVALinear and freeze all but adapter tensors; returns the names.
+
+    A module named n is adapted iff it is an nn.Linear and n == t or n.endswith("." + t) for a t in targets.
+    Adapters applied before (any method, other layers) keep their trainable tensors.
+    """
     targets = [targets] if isinstance(targets, str) else list(targets)
-    model.requires_grad_(False)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not targets:
+        raise ValueError("SiVA: targets is empty; name at least one nn.Linear")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     hit = lambda n, t: n == t or n.endswith("." + t)
     for t in targets:
         if not any(hit(n, t) for n in linears):
-            raise ValueError(f"SiVA: target {t!r} matches no nn.Linear; some Linear names: {linears[:6]}")
+            raise ValueError(f"SiVA: target {t!r} matches no nn.Linear; some Linear names: {list(linears)[:6]}")
     names = [n for n in linears if any(hit(n, t) for t in targets)]
-    for n in names:
+    for n in names:  # a parent that reads child.weight itself would bypass the adapter's forward
+        parent = model.get_submodule(n.rpartition(".")[0])
+        if isinstance(parent, nn.MultiheadAttention):
+            raise ValueError(f"SiVA: cannot adapt {n!r}: nn.MultiheadAttention reads its out_proj.weight "
+                             "directly, so the adapter would be bypassed")
+    layers = {n: SiVALinear(linears[n], cfg) for n in names}  # every error before any change to the model
+    for n, p in model.named_parameters():
+        if not any(part.startswith(ADAPTER_PREFIXES) for part in n.split(".")):
+            p.requires_grad_(False)
+    shared = list(model.named_parameters(remove_duplicate=False))
+    for n, layer in layers.items():
         parent_name, _, child = n.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, SiVALinear(getattr(parent, child), cfg))
+        layer.tied_to = [m for m, p in shared if p is linears[n].weight and m != n + ".weight"]
+        setattr(model.get_submodule(parent_name), child, layer)
     return names
 
 
@@ -168,7 +195,9 @@ def siva_state_dict(model):
 
 
 def load_siva_state_dict(model, sd):
-    """Copy stored s into a model that apply_siva adapted from the same base weights and config."""
+    """Copy stored s into a model that apply_siva adapted from the same base weights and config.
+
+    Everything is checked before anything is written."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SiVALinear)}
     wanted = {n + ".siva_s" for n in layers}
     if set(sd) != wanted:
@@ -179,10 +208,13 @@ def load_siva_state_dict(model, sd):
         if s.numel() != m.k:
             raise ValueError(f"SiVA: layer {n!r} stores k={s.numel()} but W gives k={m.k} "
                              f"(different base weights or perc?)")
+        if not torch.isfinite(s).all():
+            raise ValueError(f"SiVA: {n + '.siva_s'!r} holds non-finite values (NaN or inf)")
         if m.merged:
             raise ValueError(f"SiVA: layer {n!r} is merged; unmerge() before loading")
-        with torch.no_grad():
-            m.siva_s.copy_(s.reshape(m.k))  # (k,)
+    with torch.no_grad():
+        for n, m in layers.items():
+            m.siva_s.copy_(sd[n + ".siva_s"].reshape(m.k))  # (k,)
 
 
 def effective_rank(W):

@@ -721,7 +721,7 @@ def test_siva_kernel_path_arguments(monkeypatch):
     """The kernel branch must call lowrank_linear(x, W, bias, A=siva_V, B=siva_U, d=siva_s, 1.0); a stand-in
     with the documented semantics catches a wrong order on a non-square layer."""
     fake = types.SimpleNamespace(
-        enabled=lambda *t: True,
+        applies=lambda *t: True,
         lowrank_linear=lambda x, W, bias, A, B, d=None, scale=1.0:
             F.linear(x, W, bias) + scale * ((x @ A.T) * d) @ B.T)
     monkeypatch.setattr(siva, "_kernels", fake)
