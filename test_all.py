@@ -12,7 +12,11 @@ KERNEL_DEVICE = os.environ.get("NANOPEFT_TEST_DEVICE", "cpu")
 if KERNEL_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("NANOPEFT_NO_TRITON", "1") # method tests use the reference path; kernel tests opt in
-import sys, math, copy, tempfile
+import copy
+import math
+import re
+import sys
+import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pytest
 import torch
@@ -48,9 +52,250 @@ def kernel_device():
 
 
 # ================================================================================================
-# SeRA and LoRA
+# The shared contract, every method (one table)
 # ================================================================================================
 from types import SimpleNamespace
+
+import bone
+import lora
+import sera
+import siva
+import vblora
+
+# One row per method: the names differ, the contract is the same. `cfg` suits the toy model below (every
+# width a multiple of 4). VB-LoRA starts small but non-zero (its bank and logits are random): zero_start=False.
+METHODS = {
+    "lora": SimpleNamespace(mod=lora, Config=lora.LoRAConfig, cfg=dict(r=3, alpha=5.0, dropout=0.0),
+                            apply=lora.apply_lora, state_dict=lora.lora_state_dict, load=lora.load_lora_state_dict,
+                            zero_start=True, bad=[dict(r=0), dict(r=2.0), dict(r=True), dict(alpha=-1.0),
+                                                  dict(alpha=float("nan")), dict(dropout=1.0)]),
+    "sera": SimpleNamespace(mod=sera, Config=sera.SeRAConfig, cfg=dict(r=4, split=2, alpha=6.0),
+                            apply=sera.apply_sera, state_dict=sera.sera_state_dict, load=sera.load_sera_state_dict,
+                            zero_start=True, bad=[dict(r=4, split=3), dict(r=4.0), dict(r=4, split=2.0),
+                                                  dict(alpha=-2.0), dict(alpha=float("inf")), dict(dropout=-0.1)]),
+    "siva": SimpleNamespace(mod=siva, Config=siva.SiVAConfig, cfg=dict(perc=0.8),
+                            apply=siva.apply_siva, state_dict=siva.siva_state_dict, load=siva.load_siva_state_dict,
+                            zero_start=True, bad=[dict(perc=1.0), dict(perc=float("nan")), dict(select="middle"),
+                                                  dict(seed=0.5)]),
+    "bone-col": SimpleNamespace(mod=bone, Config=bone.BoneConfig, cfg=dict(b=4, grouping="col"),
+                                apply=bone.apply_bone, state_dict=bone.bone_state_dict,
+                                load=bone.load_bone_state_dict, zero_start=True,
+                                bad=[dict(b=0), dict(b=4.0), dict(b=True), dict(grouping="diag")]),
+    "bone-row": SimpleNamespace(mod=bone, Config=bone.BoneConfig, cfg=dict(b=4, grouping="row"),
+                                apply=bone.apply_bone, state_dict=bone.bone_state_dict,
+                                load=bone.load_bone_state_dict, zero_start=True, bad=[]),
+    "vblora": SimpleNamespace(mod=vblora, Config=vblora.VBLoRAConfig, cfg=dict(r=2, b=4, h=8, k=2),
+                              apply=vblora.apply_vblora, state_dict=lambda m: vblora.vblora_state_dict(m, compact=False),
+                              load=vblora.load_vblora_state_dict, zero_start=False,
+                              bad=[dict(r=0), dict(b=4.0), dict(h=True), dict(k=9), dict(init_logits_std=-0.01),
+                                   dict(init_logits_std=float("nan")), dict(init_bank_bound=0.0)]),
+}
+_PENDING = ("bone-col", "bone-row", "vblora")  # rows enabled as their method files meet the contract
+METHODS = {m: M for m, M in METHODS.items() if m not in _PENDING}
+_methods = pytest.mark.parametrize("method", list(METHODS))
+ADAPTER_PREFIXES = ("lora_", "sera_", "siva_", "bone_", "vblora_")
+
+
+class _Toy(nn.Module):
+    """Three Linears (8 -> 12 -> 12 -> 8) and a LayerNorm: targets by name, a frozen non-Linear part."""
+
+    def __init__(self):
+        super().__init__()
+        self.l0, self.l1, self.l2 = nn.Linear(8, 12), nn.Linear(12, 12), nn.Linear(12, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.l2(F.gelu(self.l1(F.gelu(self.l0(x))))))
+
+
+def _toy(method, targets=("l0", "l2"), seed=0):
+    torch.manual_seed(seed)
+    model = _Toy().double()
+    M = METHODS[method]
+    M.apply(model, M.Config(**M.cfg), list(targets))
+    return model
+
+
+def _layers(model):
+    return [m for m in model.modules() if hasattr(m, "base") and hasattr(m, "merged")]
+
+
+def _randomize(model):
+    """O(1) adapter tensors, so that every bug past a zero-initialised factor shows."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(part.startswith(ADAPTER_PREFIXES) for part in n.split(".")):
+                p.normal_(0, 0.3)
+
+
+def _adapter_names(model):
+    return {n for n, _ in model.named_parameters() if any(part.startswith(ADAPTER_PREFIXES) for part in n.split("."))}
+
+
+@_methods
+def test_contract_zero_start(method):
+    """The adapted model starts at the base model (SeRA, SiVA, Bone, LoRA); VB-LoRA's start is small, not zero."""
+    torch.manual_seed(0)
+    base = _Toy().double()
+    model = _toy(method)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    diff = (model(x) - base(x)).abs().max().item()
+    if METHODS[method].zero_start:
+        assert diff == 0.0
+    else:
+        assert 0.0 < diff < 0.05
+
+
+@_methods
+def test_contract_targets_and_freezing(method):
+    torch.manual_seed(0)
+    model = _toy(method, targets=["l0", "l2"])
+    assert [type(m).__name__ for m in (model.l0, model.l1, model.l2)] == \
+        [type(model.l0).__name__, "Linear", type(model.l0).__name__] and type(model.l0) is not nn.Linear
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and trainable == _adapter_names(model)
+    assert not any(n.startswith("l1.") or n.startswith("norm.") for n in trainable)
+
+
+@_methods
+def test_contract_gradients_reach_every_adapter_tensor_only(method):
+    model = _toy(method)
+    _randomize(model)
+    model(torch.randn(4, 8, dtype=torch.float64)).square().sum().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+
+
+@_methods
+def test_contract_merge_round_trip(method):
+    """merge(): the same outputs from W + ΔW alone; unmerge(): W back."""
+    model = _toy(method)
+    _randomize(model)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    y = model(x)
+    W0 = {id(l): l.base.weight.detach().clone() for l in _layers(model)}
+    dW = {id(l): l.delta_weight().detach().clone() for l in _layers(model)}
+    for l in _layers(model):
+        l.merge()
+        assert_close(l.base.weight.detach(), W0[id(l)] + dW[id(l)])
+    assert_close(model(x), y)
+    for l in _layers(model):
+        l.unmerge()
+        torch.testing.assert_close(l.base.weight.detach(), W0[id(l)], atol=1e-9, rtol=1e-9)
+    assert_close(model(x), y)
+
+
+@_methods
+def test_contract_save_load_round_trip(method, tmp_path):
+    model = _toy(method)
+    _randomize(model)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    torch.save(METHODS[method].state_dict(model), tmp_path / "a.pt")
+    fresh = _toy(method, seed=0)  # same base weights (SiVA rebuilds its basis from them), other adapter values
+    with torch.no_grad():
+        for n, p in fresh.named_parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    METHODS[method].load(fresh, torch.load(tmp_path / "a.pt", weights_only=True))
+    assert_close(fresh(x), model(x))
+
+
+@_methods
+def test_contract_empty_targets_raise(method):
+    M = METHODS[method]
+    model = _Toy().double()
+    with pytest.raises(ValueError, match="empty"):
+        M.apply(model, M.Config(**M.cfg), [])
+    assert all(p.requires_grad for p in model.parameters())  # nothing was frozen on the way
+
+
+@pytest.mark.parametrize("first, second", [(m, "lora") for m in METHODS] + [("lora", m) for m in METHODS])
+def test_contract_second_apply_keeps_the_first_adapter(first, second):
+    """Issue 10 item 5: applying methods one after another leaves the earlier adapters as they were."""
+    model = _toy(first, targets=["l0"])
+    before = {n for n, p in model.named_parameters() if p.requires_grad}
+    M = METHODS[second]
+    M.apply(model, M.Config(**M.cfg), ["l2"])
+    after = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert before and before < after
+    assert any(n.startswith("l0.") for n in after) and any(n.startswith("l2.") for n in after)
+
+
+@_methods
+def test_contract_refuses_multihead_attention_out_proj(method):
+    """Issue 10 item 8: nn.MultiheadAttention reads out_proj.weight itself; an adapter there would be bypassed."""
+    M = METHODS[method]
+    model = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0)
+    with pytest.raises(ValueError, match="MultiheadAttention"):
+        M.apply(model, M.Config(**M.cfg), ["out_proj"])
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+        self.head.weight = self.emb.weight  # tied, as GPT-2's lm_head and embedding
+
+    def forward(self, x):
+        return self.head(self.emb(x))
+
+
+@_methods
+def test_contract_merge_refuses_a_tied_weight(method):
+    """Issue 10 item 6: merging into a weight shared with another module would rewrite that module too."""
+    torch.manual_seed(0)
+    model = _Tied().double()
+    M = METHODS[method]
+    M.apply(model, M.Config(**M.cfg), ["head"])
+    _randomize(model)
+    W = model.emb.weight.detach().clone()
+    with pytest.raises(ValueError, match="emb.weight"):
+        model.head.merge()
+    assert torch.equal(model.emb.weight, W) and not model.head.merged
+
+
+@pytest.mark.parametrize("method, bad", [(m, b) for m, M in METHODS.items() for b in M.bad])
+def test_contract_bad_config_values_name_the_value(method, bad):
+    """Issue 10 item 9: non-integer sizes, negative or NaN scales: a ValueError naming the value."""
+    M = METHODS[method]
+    key, value = list(bad.items())[-1]  # the offending field is the last one given
+    with pytest.raises(ValueError, match=re.escape(f"{key}=")) as e:
+        M.Config(**{**M.cfg, **bad})
+    assert repr(value) in str(e.value) or str(value) in str(e.value)
+
+
+@_methods
+def test_contract_load_checks_everything_before_writing(method):
+    """Issue 10 item 9: a non-finite tensor is refused, and nothing of the adapter was overwritten."""
+    model = _toy(method)
+    _randomize(model)
+    sd = {n: t.clone() for n, t in METHODS[method].state_dict(model).items()}
+    first, last = sorted(sd)[0], sorted(sd)[-1]
+    sd[first].add_(1.0)  # a valid change written first, if the loader wrote before checking
+    sd[last].view(-1)[0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="finite|NaN"):
+        METHODS[method].load(model, sd)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+@_methods
+def test_contract_load_into_a_merged_model_is_refused(method):
+    """Issue 10 item 7: loading under a merged W makes a later unmerge() subtract the wrong ΔW."""
+    model = _toy(method)
+    _randomize(model)
+    sd = METHODS[method].state_dict(model)
+    model.l0.merge()
+    with pytest.raises(ValueError, match="merged"):
+        METHODS[method].load(model, sd)
+
+
+# ================================================================================================
+# SeRA and LoRA
+# ================================================================================================
 
 import lora
 import sera
@@ -316,7 +561,7 @@ def _sera_lora_clip_base():
 ])
 def test_sera_paper_counts(model_fn, r, expect):
     model = model_fn()
-    names = sera.apply_sera(model, sera.SeRAConfig(r=r, split=r), ["q_proj", "v_proj"])
+    names = sera.apply_sera(model, sera.SeRAConfig(r=r), ["q_proj", "v_proj"])  # split follows r (issue 10 item 1)
     assert len(names) == 48  # q and v of 24 layers
     assert _sera_lora_trainable(model) == expect
 
@@ -325,6 +570,12 @@ def test_sera_paper_counts(model_fn, r, expect):
     (_sera_lora_clip_base, 491_520),  # SeRA Table 1, LoRA on CLIP-base "0.492M"
     (lambda: _sera_lora_encoder(24, 1024), 786_432),  # LoRA / SeRA Table 3, RoBERTa-large "0.8M"
 ])
+def test_sera_split_defaults_to_r():
+    """Issue 10 item 1: the paper's default is split = r, so changing r alone moves split with it."""
+    assert sera.SeRAConfig(r=16).split == 16 and sera.SeRAConfig().split == sera.SeRAConfig().r == 8
+    assert sera.SeRAConfig(r=16, split=4).split == 4
+
+
 def test_lora_paper_counts(model_fn, expect):
     model = model_fn()
     lora.apply_lora(model, lora.LoRAConfig(r=8, alpha=16.0), ["q_proj", "v_proj"])
