@@ -566,16 +566,16 @@ def test_sera_paper_counts(model_fn, r, expect):
     assert _sera_lora_trainable(model) == expect
 
 
-@pytest.mark.parametrize("model_fn,expect", [
-    (_sera_lora_clip_base, 491_520),  # SeRA Table 1, LoRA on CLIP-base "0.492M"
-    (lambda: _sera_lora_encoder(24, 1024), 786_432),  # LoRA / SeRA Table 3, RoBERTa-large "0.8M"
-])
 def test_sera_split_defaults_to_r():
     """Issue 10 item 1: the paper's default is split = r, so changing r alone moves split with it."""
     assert sera.SeRAConfig(r=16).split == 16 and sera.SeRAConfig().split == sera.SeRAConfig().r == 8
     assert sera.SeRAConfig(r=16, split=4).split == 4
 
 
+@pytest.mark.parametrize("model_fn,expect", [
+    (_sera_lora_clip_base, 491_520),  # SeRA Table 1, LoRA on CLIP-base "0.492M"
+    (lambda: _sera_lora_encoder(24, 1024), 786_432),  # LoRA / SeRA Table 3, RoBERTa-large "0.8M"
+])
 def test_lora_paper_counts(model_fn, expect):
     model = model_fn()
     lora.apply_lora(model, lora.LoRAConfig(r=8, alpha=16.0), ["q_proj", "v_proj"])
