@@ -140,21 +140,40 @@ def test_contract_zero_start(method):
     model = _toy(method)
     x = torch.randn(5, 8, dtype=torch.float64)
     diff = (model(x) - base(x)).abs().max().item()
+    dW = model.l0.delta_weight()
+    assert dW.shape == model.l0.base.weight.shape
     if METHODS[method].zero_start:
-        assert diff == 0.0
+        assert diff == 0.0 and torch.count_nonzero(dW) == 0
     else:
-        assert 0.0 < diff < 0.05
+        assert 0.0 < diff < 0.05 and 0 < dW.abs().max() < 0.05
+
+
+def _named_toy():
+    """Names that a careless suffix match confuses: q_proj / xq_proj, attn.c_proj / mlp.c_proj, a LayerNorm q_proj."""
+    blk = lambda: nn.ModuleDict(dict(
+        attn=nn.ModuleDict(dict(q_proj=nn.Linear(8, 8), v_proj=nn.Linear(8, 8), c_proj=nn.Linear(8, 8),
+                                xq_proj=nn.Linear(8, 8))),
+        mlp=nn.ModuleDict(dict(c_proj=nn.Linear(8, 8))), ln=nn.LayerNorm(8)))
+    return nn.ModuleDict(dict(h=nn.ModuleList([blk(), blk()]), q_proj=nn.LayerNorm(8), head=nn.Linear(8, 4))).double()
 
 
 @_methods
 def test_contract_targets_and_freezing(method):
-    torch.manual_seed(0)
-    model = _toy(method, targets=["l0", "l2"])
-    assert [type(m).__name__ for m in (model.l0, model.l1, model.l2)] == \
-        [type(model.l0).__name__, "Linear", type(model.l0).__name__] and type(model.l0) is not nn.Linear
+    """A module named n is adapted iff it is an nn.Linear and n == t or n ends with "." + t; all else frozen."""
+    M = METHODS[method]
+    model = _named_toy()
+    M.apply(model, M.Config(**M.cfg), ["q_proj", "attn.c_proj"])
+    expect = {f"h.{i}.attn.{m}" for i in range(2) for m in ("q_proj", "c_proj")}
+    adapted = {n for n, m in model.named_modules() if hasattr(m, "base") and hasattr(m, "merged")}
+    assert adapted == expect
+    assert type(model.h[0].mlp.c_proj) is nn.Linear and type(model.h[1].attn.xq_proj) is nn.Linear
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and trainable == _adapter_names(model)
-    assert not any(n.startswith("l1.") or n.startswith("norm.") for n in trainable)
+    assert all(n.startswith(tuple(expect)) or n.startswith("vblora_bank") for n in trainable)
+    with pytest.raises(ValueError, match="k_proj"):
+        M.apply(_named_toy(), M.Config(**M.cfg), ["q_proj", "k_proj"])
+    with pytest.raises(ValueError, match="'ln'"):  # matches only LayerNorms
+        M.apply(_named_toy(), M.Config(**M.cfg), ["ln"])
 
 
 @_methods
@@ -171,7 +190,7 @@ def test_contract_gradients_reach_every_adapter_tensor_only(method):
 
 @_methods
 def test_contract_merge_round_trip(method):
-    """merge(): the same outputs from W + ΔW alone; unmerge(): W back."""
+    """merge(): the same outputs from W + ΔW alone, forward = base(x); unmerge(): W back; both idempotent."""
     model = _toy(method)
     _randomize(model)
     x = torch.randn(6, 8, dtype=torch.float64)
@@ -180,26 +199,46 @@ def test_contract_merge_round_trip(method):
     dW = {id(l): l.delta_weight().detach().clone() for l in _layers(model)}
     for l in _layers(model):
         l.merge()
+        assert l.merged
         assert_close(l.base.weight.detach(), W0[id(l)] + dW[id(l)])
+        W1 = l.base.weight.detach().clone()
+        l.merge()  # idempotent
+        assert torch.equal(l.base.weight, W1)
+    assert torch.equal(model.l0(x), model.l0.base(x))  # merged: forward = base(x)
     assert_close(model(x), y)
     for l in _layers(model):
         l.unmerge()
+        assert not l.merged
+        torch.testing.assert_close(l.base.weight.detach(), W0[id(l)], atol=1e-9, rtol=1e-9)
+        l.unmerge()  # idempotent
         torch.testing.assert_close(l.base.weight.detach(), W0[id(l)], atol=1e-9, rtol=1e-9)
     assert_close(model(x), y)
 
 
 @_methods
 def test_contract_save_load_round_trip(method, tmp_path):
+    M = METHODS[method]
     model = _toy(method)
     _randomize(model)
     x = torch.randn(6, 8, dtype=torch.float64)
-    torch.save(METHODS[method].state_dict(model), tmp_path / "a.pt")
+    sd = M.state_dict(model)
+    assert sd and all(any(part.startswith(ADAPTER_PREFIXES) for part in n.split(".")) for n in sd)
+    torch.save(sd, tmp_path / "a.pt")
+    sd = torch.load(tmp_path / "a.pt", weights_only=True)
     fresh = _toy(method, seed=0)  # same base weights (SiVA rebuilds its basis from them), other adapter values
     with torch.no_grad():
         for n, p in fresh.named_parameters():
             if p.requires_grad:
                 p.add_(1.0)
-    METHODS[method].load(fresh, torch.load(tmp_path / "a.pt", weights_only=True))
+    assert not torch.allclose(fresh(x), model(x))
+    key = sorted(sd)[-1]
+    with pytest.raises(ValueError, match=re.escape(key)):  # a missing key is named
+        M.load(fresh, {n: t for n, t in sd.items() if n != key})
+    with pytest.raises(ValueError, match="9.extra"):  # so is an unexpected one
+        M.load(fresh, {**sd, "9.extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match="shape|k="):
+        M.load(fresh, {**sd, key: torch.zeros(1, dtype=sd[key].dtype)})
+    M.load(fresh, sd)
     assert_close(fresh(x), model(x))
 
 
