@@ -205,6 +205,8 @@ def test_contract_merge_round_trip(method):
         l.merge()  # idempotent
         assert torch.equal(l.base.weight, W1)
     assert torch.equal(model.l0(x), model.l0.base(x))  # merged: forward = base(x)
+    model.eval()
+    assert all(l.merged for l in _layers(model))  # no auto-merge / unmerge on mode switches
     assert_close(model(x), y)
     for l in _layers(model):
         l.unmerge()
@@ -222,7 +224,8 @@ def test_contract_save_load_round_trip(method, tmp_path):
     _randomize(model)
     x = torch.randn(6, 8, dtype=torch.float64)
     sd = M.state_dict(model)
-    assert sd and all(any(part.startswith(ADAPTER_PREFIXES) for part in n.split(".")) for n in sd)
+    if method != "vblora":  # VB-LoRA's compact form (its default) stores indices and weights, tested there
+        assert set(sd) == {n for n, p in model.named_parameters() if p.requires_grad}
     torch.save(sd, tmp_path / "a.pt")
     sd = torch.load(tmp_path / "a.pt", weights_only=True)
     fresh = _toy(method, seed=0)  # same base weights (SiVA rebuilds its basis from them), other adapter values
@@ -510,18 +513,6 @@ def test_sera_lora_kernel_dispatch(name, monkeypatch):
     assert len(seen) == 1  # merged: base only, no kernel
 
 
-# ---------------------------------------------------------------- init
-
-@_sera_lora_names
-def test_sera_lora_init_zero_start(name):
-    M = _sera_lora_M[name]
-    layer, _ = _sera_lora_layer(name, randomize=False)
-    assert torch.count_nonzero(getattr(layer, M.B)) == 0
-    x = torch.randn(2, 5, 12)
-    assert torch.equal(layer(x), layer.base(x))
-    assert torch.equal(layer.delta_weight(), torch.zeros(10, 12))
-
-
 @_sera_lora_names
 def test_sera_lora_init_kaiming_bounds(name):
     """kaiming_uniform_(a=sqrt(5)) is U(-b, b) with b = gain * sqrt(3 / fan_in), gain = sqrt(2 / (1 + a^2))."""
@@ -531,6 +522,7 @@ def test_sera_lora_init_kaiming_bounds(name):
         checks = [(layer.sera_A, d_in // 2), (layer.sera_C, r)]
     else:
         checks = [(layer.lora_A, d_in)]
+    assert torch.count_nonzero(getattr(layer, _sera_lora_M[name].B)) == 0  # B = 0: ΔW = 0 at init
     gain = nn.init.calculate_gain("leaky_relu", math.sqrt(5))
     for t, fan_in in checks:
         b = gain * math.sqrt(3 / fan_in)
@@ -543,27 +535,10 @@ def test_sera_lora_init_kaiming_bounds(name):
 # ---------------------------------------------------------------- merge
 
 @_sera_lora_names
-def test_sera_lora_delta_weight_and_merge_roundtrip(name):
+def test_sera_lora_delta_weight_matches_dense_formula(name):
     layer, cfg = _sera_lora_layer(name)
     ref_dW = _sera_lora_ref_dW(name, layer, cfg)
     torch.testing.assert_close(layer.delta_weight().double(), ref_dW, rtol=1e-5, atol=1e-6)
-    x = torch.randn(3, 4, 12)
-    W0 = layer.base.weight.clone()
-    y0 = layer(x)
-    layer.merge()
-    assert layer.merged
-    torch.testing.assert_close(layer.base.weight, W0 + layer.delta_weight())
-    torch.testing.assert_close(layer(x), y0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)  # merged: forward = base(x)
-    W1 = layer.base.weight.clone()
-    layer.merge()  # idempotent
-    assert torch.equal(layer.base.weight, W1)
-    layer.unmerge()
-    assert not layer.merged
-    torch.testing.assert_close(layer.base.weight, W0, rtol=0, atol=1e-6)
-    torch.testing.assert_close(layer(x), y0, rtol=1e-5, atol=1e-5)
-    layer.unmerge()  # idempotent
-    torch.testing.assert_close(layer.base.weight, W0, rtol=0, atol=1e-6)
 
 
 @_sera_lora_names
@@ -646,69 +621,6 @@ def test_lora_constraints_name_the_numbers():
 
 
 # ---------------------------------------------------------------- apply, save / load
-
-def _sera_lora_toy():
-    blk = lambda: nn.ModuleDict(dict(
-        attn=nn.ModuleDict(dict(q_proj=nn.Linear(8, 8), v_proj=nn.Linear(8, 8), c_proj=nn.Linear(8, 8),
-                                xq_proj=nn.Linear(8, 8))),
-        mlp=nn.ModuleDict(dict(c_proj=nn.Linear(8, 8))), ln=nn.LayerNorm(8)))
-    return nn.ModuleDict(dict(h=nn.ModuleList([blk(), blk()]), q_proj=nn.LayerNorm(8), head=nn.Linear(8, 2)))
-
-
-@_sera_lora_names
-def test_sera_lora_apply_targets_exactly(name):
-    M = _sera_lora_M[name]
-    model = _sera_lora_toy()
-    names = M.apply(model, M.Config(**M.small), ["q_proj", "attn.c_proj"])
-    expect = {f"h.{i}.attn.{m}" for i in range(2) for m in ("q_proj", "c_proj")}
-    assert set(names) == expect and len(names) == 4
-    adapted = {n for n, m in model.named_modules() if isinstance(m, M.Linear)}
-    assert adapted == expect
-    assert isinstance(model.h[0].mlp.c_proj, nn.Linear) and isinstance(model.h[1].attn.xq_proj, nn.Linear)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{n}.{t}" for n in expect for t in M.trainable}
-    with pytest.raises(ValueError, match="k_proj"):
-        M.apply(_sera_lora_toy(), M.Config(**M.small), ["q_proj", "k_proj"])
-    with pytest.raises(ValueError, match="'ln'"):  # matches only LayerNorms
-        M.apply(_sera_lora_toy(), M.Config(**M.small), ["ln"])
-
-
-@_sera_lora_names
-def test_sera_lora_state_dict_roundtrip(name, tmp_path):
-    M = _sera_lora_M[name]
-    cfg = M.Config(**M.small)
-    base = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 10))
-    m1 = copy.deepcopy(base)
-    M.apply(m1, cfg, ["0", "2"])
-    with torch.no_grad():
-        for p in m1.parameters():
-            if p.requires_grad:
-                p.uniform_(-1, 1)
-    sd = M.state_dict(m1)
-    assert set(sd) == {f"{i}.{t}" for i in ("0", "2") for t in M.trainable}
-    path = tmp_path / "adapter.pt"
-    torch.save(sd, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
-    sd2 = torch.load(path, map_location="cpu", weights_only=True)
-    m2 = copy.deepcopy(base)
-    M.apply(m2, cfg, ["0", "2"])
-    x = torch.randn(4, 12)
-    assert not torch.allclose(m1(x), m2(x))
-    M.load(m2, sd2)
-    assert torch.equal(m1(x), m2(x))
-
-    bad = dict(sd2)
-    del bad[f"0.{M.B}"]
-    with pytest.raises(ValueError, match=f"0.{M.B}"):
-        M.load(m2, bad)
-    with pytest.raises(ValueError, match="9.extra"):
-        M.load(m2, {**sd2, "9.extra": torch.zeros(1)})
-    with pytest.raises(ValueError, match="shape"):
-        M.load(m2, {**sd2, f"0.{M.B}": torch.zeros(1)})
-    m2[0].merge()
-    with pytest.raises(ValueError, match="unmerge"):
-        M.load(m2, sd2)
-
 
 # ---------------------------------------------------------------- SeRA's analysis helper
 
@@ -884,25 +796,6 @@ def test_siva_output_equals_base_at_init(select, basis):
     x = torch.randn(2, 5, 48)
     assert torch.equal(layer(x), base(x))
     assert torch.count_nonzero(layer.delta_weight()) == 0
-
-
-def test_siva_merge_unmerge_round_trip():
-    layer = siva.SiVALinear(nn.Linear(80, 48), siva.SiVAConfig(perc=0.8))
-    with torch.no_grad():
-        layer.siva_s.normal_()
-    W0 = layer.base.weight.detach().clone()
-    x = torch.randn(6, 80)
-    y = layer(x)
-    layer.merge()
-    assert layer.merged
-    torch.testing.assert_close(layer.base.weight.detach(), W0 + layer.delta_weight(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
-    layer.eval()
-    assert layer.merged  # no auto-merge / unmerge on mode switches
-    layer.unmerge()
-    assert not layer.merged
-    torch.testing.assert_close(layer.base.weight.detach(), W0, atol=1e-6, rtol=0)
-    torch.testing.assert_close(layer(x), y, atol=1e-6, rtol=1e-6)
 
 
 def test_siva_state_dict_save_load_round_trip():
