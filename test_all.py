@@ -620,8 +620,6 @@ def test_lora_constraints_name_the_numbers():
         lora.LoRAConfig(dropout=-0.1)
 
 
-# ---------------------------------------------------------------- apply, save / load
-
 # ---------------------------------------------------------------- SeRA's analysis helper
 
 def test_sera_subspace_similarity_by_hand():
