@@ -1258,8 +1258,8 @@ def test_bone_cpu_autocast_bf16_backward(grouping):
 # VB-LoRA
 # ================================================================================================
 import vblora
-from vblora import (VBLoRABank, VBLoRAConfig, VBLoRALinear, apply_vblora, load_vblora_state_dict,
-                    vblora_compose_reference, vblora_param_count, vblora_state_dict,
+from vblora import (VBLoRABank, VBLoRAConfig, VBLoRALinear, apply_vblora, from_authors_state_dict,
+                    load_vblora_state_dict, vblora_compose_reference, vblora_param_count, vblora_state_dict,
                     vblora_stored_param_count, vector_usage)
 
 _VB_TARGETS = ["q", "k", "v", "c_proj", "c_fc"]
@@ -1356,7 +1356,6 @@ def test_vblora_gradcheck_layer(k):
     inputs += [params[n].detach().clone().requires_grad_(True) for n in names]
 
     def f(x, *ps):
-        model.vblora_bank.clear_cache()  # gradcheck perturbs inputs through .data, unseen by _version
         return torch.func.functional_call(model, dict(zip(names, ps)), (x,))
 
     assert torch.autograd.gradcheck(f, tuple(inputs))
@@ -1470,7 +1469,7 @@ def test_vblora_constraint_errors():
     with pytest.raises(ValueError, match=r"VB-LoRA: k=300 must be <= h=256"):
         VBLoRAConfig(k=300)
     for field in ("r", "k", "b", "h"):
-        with pytest.raises(ValueError, match=rf"VB-LoRA: {field}=0 must be >= 1"):
+        with pytest.raises(ValueError, match=rf"VB-LoRA: {field}=0 must be an int >= 1"):
             VBLoRAConfig(**{field: 0})
     cfg = _vb_cfg()
     bank = VBLoRABank(cfg)
@@ -1550,7 +1549,7 @@ def test_vblora_index_dtype_and_bad_load():
     apply_vblora(model, VBLoRAConfig(r=1, b=4, h=300, k=2), ["0"])
     sd = vblora_state_dict(model)
     assert sd["0.vblora_idx_A"].dtype == torch.uint16
-    assert vblora_stored_param_count(model) == 300 * 4 + 4 + 4 * 2 * 2 / 4  # S=4, 2-byte indices
+    assert vblora_stored_param_count(model) == 300 * 4 + 4 + 4 * 2  # S=4; the paper counts 4 bytes for h > 256
     other = nn.Sequential(nn.Linear(8, 8))
     apply_vblora(other, VBLoRAConfig(r=1, b=4, h=300, k=3), ["0"])
     with pytest.raises(ValueError, match="shape"):
@@ -1586,22 +1585,34 @@ def _vb_counting(monkeypatch):
     return calls
 
 
-def test_vblora_one_compose_per_forward_and_eval_cache(monkeypatch):
+def test_vblora_one_compose_per_forward(monkeypatch):
     calls = _vb_counting(monkeypatch)
     model = _VBModel()
     apply_vblora(model, _vb_cfg(), _VB_TARGETS)
+    layers = [m for m in model.modules() if isinstance(m, VBLoRALinear)]
     x = torch.randn(3, 16)
     with torch.no_grad():
         y1 = model(x)
         assert calls == [2 * (4 * 2 * 4 + 2 * 2 * 6)]  # every layer's sub-vectors in one call
         y2 = model(x)
-        assert len(calls) == 1 and torch.equal(y1, y2)  # eval reuses the cache
+        assert len(calls) == 2 and torch.equal(y1, y2)  # every forward composes afresh, to the same result
+    assert all(l.composed is None for l in layers)  # nothing outlives the model's forward
     model(x).sum().backward()
-    assert len(calls) == 2  # grad mode does not reuse a no-grad composition
-    with torch.no_grad():
-        model.h[1].mlp.c_fc.vblora_logits_B.add_(1.0)  # an in-place edit bumps _version
-        model(x)
     assert len(calls) == 3
+    with torch.no_grad():
+        model.h[1].mlp.c_fc.vblora_logits_B.add_(1.0)
+        model(x)
+    assert len(calls) == 4
+    layer = model.h[0].mlp.c_fc  # called on its own: composes its own A, B only
+    layer(x)
+    assert calls[-1] == 2 * 2 + 4 * 2 and len(calls) == 5
+    model.h[0].attn.q.merge()  # a merged layer needs no composition
+    with torch.no_grad():
+        model(x)
+    assert calls[-1] == calls[0] - 2 * (2 + 2)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(3, 7))  # a forward that raises still takes its compositions back
+    assert all(l.composed is None for l in layers)
 
 
 def test_vblora_grad_accumulation(monkeypatch):
@@ -1614,17 +1625,18 @@ def test_vblora_grad_accumulation(monkeypatch):
     model(x).square().mean().backward()
     g1 = [p.grad.clone() for p in params]
     model.zero_grad()
-    for _ in range(2):
-        model(x).square().mean().backward()  # reusing the freed graph would raise here
+    losses = [model(x).square().mean() for _ in range(2)]  # two forwards, then one backward each
+    for loss in losses:
+        loss.backward()
     assert len(calls) == 3
     for p, g in zip(params, g1):
-        torch.testing.assert_close(p.grad, 2 * g)
+        assert_close(p.grad, 2 * g)
 
 
 def test_vblora_step_changes_output(monkeypatch):
     calls = _vb_counting(monkeypatch)
     model = _VBModel()
-    bank = apply_vblora(model, _vb_cfg(), _VB_TARGETS)
+    apply_vblora(model, _vb_cfg(), _VB_TARGETS)
     _vb_spread(model, std=0.1)
     x = torch.randn(3, 16)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
@@ -1634,13 +1646,12 @@ def test_vblora_step_changes_output(monkeypatch):
     opt.step()
     with torch.no_grad():
         y1 = model(x)
-        bank._cache = None
-        y1_fresh = model(x)
+        y1_again = model(x)
     assert len(calls) == 4
     assert not torch.allclose(y0, y1)
-    assert torch.equal(y1, y1_fresh)
-    model(x)  # leaves a grad-mode composition (a non-leaf tensor) in the cache
-    torch.testing.assert_close(copy.deepcopy(model)(x), model(x))
+    assert torch.equal(y1, y1_again)
+    assert_close(copy.deepcopy(model)(x), model(x))  # the copy carries its own hooks, on its own bank
+    assert torch.equal(vblora_state_dict(copy.deepcopy(model))["vblora_bank.vectors"], model.vblora_bank.vectors)
 
 
 def test_vblora_kernel_dispatch(monkeypatch):
@@ -1649,7 +1660,7 @@ def test_vblora_kernel_dispatch(monkeypatch):
 
     class _VBFakeKernels:
         @staticmethod
-        def enabled(*ts):
+        def applies(*ts):
             return True
 
         @staticmethod
@@ -1669,23 +1680,22 @@ def test_vblora_kernel_dispatch(monkeypatch):
     with torch.no_grad():
         ref = model(x)
         monkeypatch.setattr(vblora, "_kernels", _VBFakeKernels)
-        model.vblora_bank.clear_cache()
         out = model(x)
-    torch.testing.assert_close(out, ref)
+    assert_close(out, ref)
     assert seen[0] == ("compose", (2 * (4 * 2 * 4 + 2 * 2 * 6), 6), True, 2)
     assert ("lowrank", (2, 16), (32, 2), None, 1.0) in seen and len(seen) == 1 + 12
 
 
-def test_vblora_cache_survives_autocast_and_steps_that_skip_version():
-    """A bf16-autocast forward must not leave bf16 A, B cached for an fp32 forward, and an optimizer step
-    that writes through .data (as fused AdamW does, without bumping _version) must still recompose."""
+def test_vblora_autocast_and_data_writes():
+    """A bf16-autocast forward leaves nothing behind for an fp32 forward, and an optimizer step that writes
+    through .data (as fused AdamW does, without bumping _version) changes the next output."""
     net = nn.Sequential(nn.Linear(32, 32))
     vblora.apply_vblora(net, vblora.VBLoRAConfig(r=2, b=16, h=8, k=2), ["0"])
     x = torch.randn(3, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        net(x)
+        assert net(x).dtype == torch.bfloat16
     with torch.no_grad():
-        y = net(x)  # would raise a dtype mismatch (or silently use bf16 A, B) with a stale bf16 cache
+        y = net(x)
     assert y.dtype == torch.float32 and net[0].delta_weight().dtype == torch.float32
 
     class DataWriter(torch.optim.Optimizer):  # stands in for fused AdamW: no _version bump
@@ -1699,10 +1709,166 @@ def test_vblora_cache_survives_autocast_and_steps_that_skip_version():
         before = net(x)
         opt.step()
         after = net(x)
+        again = net(x)
     assert not torch.allclose(before, after)
-    net.vblora_bank.clear_cache()
+    assert torch.equal(after, again)
+
+
+# ---------------------------------------------------------------- issue 10 items
+
+
+def _vb_meta_llm(n_layer, d, qo, kv, ffn, cfg):
+    """A Llama-shaped stack on the meta device: q, k, v, o projections and a gated MLP (gate, up, down)."""
+    shapes = dict(q_proj=(d, qo), k_proj=(d, kv), v_proj=(d, kv), o_proj=(qo, d),
+                  gate_proj=(d, ffn), up_proj=(d, ffn), down_proj=(ffn, d))
+    model = nn.ModuleList(nn.ModuleDict({n: nn.Linear(i, o, device="meta") for n, (i, o) in shapes.items()})
+                          for _ in range(n_layer))
+    apply_vblora(model, cfg, list(shapes))  # all linear layers (the authors' find_all_linear_names, no lm_head)
+    return model
+
+
+def test_vblora_paper_counts_4byte_indices():
+    # GPT-2 Large, E2E (Table 2 "0.13M"; Sec. 4.2: h=350, b=256, r=4): 36 layers, d=1280, fc 5120
+    large = _vb_paper_model(36, 1280, 5120, _VB_TARGETS, VBLoRAConfig(r=4, b=256, h=350, k=2))
+    assert vblora_stored_param_count(large) == 128_480  # 2-byte indices would give 115,520
+    assert vblora_state_dict(large)["h.0.attn.q.vblora_idx_A"].dtype == torch.uint16  # the file is smaller
+    # Table 4: h=2048, b=256, r=4, all linear layers but lm_head (the authors' math_instruction_tuning code)
+    cfg = VBLoRAConfig(r=4, b=256, h=2048, k=2)
+    mistral = _vb_meta_llm(32, 4096, 4096, 1024, 14336, cfg)  # Mistral-7B: GQA, 8 kv heads x 128
+    assert vblora_stored_param_count(mistral) == 647_168 and round(647_168 / 1e6, 2) == 0.65
+    gemma = _vb_meta_llm(28, 3072, 4096, 4096, 24576, cfg)  # Gemma-7B: 16 heads x 256 for q, k, v, o
+    assert vblora_stored_param_count(gemma) == 670_784 and round(670_784 / 1e6, 2) == 0.67
+
+
+def test_vblora_config_rejects_bad_values():
+    for kw in (dict(r=True), dict(b=256.0), dict(h=2.5), dict(k=False), dict(r=float("nan"))):
+        (name, v), = kw.items()
+        with pytest.raises(ValueError, match=rf"VB-LoRA: {name}={v!r}"):
+            VBLoRAConfig(**kw)
+    for kw in (dict(init_logits_std=-0.01), dict(init_logits_std=float("nan")), dict(init_bank_bound=0.0),
+               dict(init_bank_bound=-0.02), dict(init_bank_bound=float("inf")), dict(init_logits_std=True)):
+        (name, v), = kw.items()
+        with pytest.raises(ValueError, match=rf"VB-LoRA: {name}={v!r}"):
+            VBLoRAConfig(**kw)
+    VBLoRAConfig(init_logits_std=0.0)  # all-equal logits are a valid (tied) start
+
+
+def test_vblora_load_checks_everything_before_writing():
+    model = _VBModel()
+    apply_vblora(model, _vb_cfg(k=3), _VB_TARGETS)
+    good = vblora_state_dict(model)
+    good["vblora_bank.vectors"] = good["vblora_bank.vectors"] + 1.0  # so an early write would show
+    before = {n: t.clone() for n, t in vblora_state_dict(model, compact=False).items()}
+
+    def bad(key, value):
+        return {**good, key: value}
+
+    q = "h.1.mlp.c_proj."
+    cases = [
+        (bad(q + "vblora_idx_B", good[q + "vblora_idx_B"].long().fill_(6)), r"outside \[0, h=6\)"),
+        (bad(q + "vblora_idx_B", good[q + "vblora_idx_B"].long() - 1), r"outside \[0, h=6\)"),
+        (bad(q + "vblora_idx_B", good[q + "vblora_idx_B"].float()), "integer"),
+        (bad(q + "vblora_w_A", good[q + "vblora_w_A"] + 1.0), r"outside \[0, 1\]"),
+        (bad(q + "vblora_w_A", good[q + "vblora_w_A"] * float("nan")), "non-finite"),
+        (bad("vblora_bank.vectors", torch.full((6, 8), float("inf"))), "non-finite"),
+    ]
+    full = vblora_state_dict(model, compact=False)
+    full[q + "vblora_logits_A"] = full[q + "vblora_logits_A"].clone().fill_(float("nan"))
+    full["vblora_bank.vectors"] = full["vblora_bank.vectors"] + 1.0
+    cases.append((full, "non-finite"))
+    for sd, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            load_vblora_state_dict(model, sd)
+        for n, t in vblora_state_dict(model, compact=False).items():
+            assert torch.equal(t, before[n]), n  # nothing was written
+    load_vblora_state_dict(model, good)
+    assert torch.equal(model.vblora_bank.vectors, good["vblora_bank.vectors"])
+    full_again = vblora_state_dict(model, compact=False)  # logits from a compact load are finite: reloadable
+    load_vblora_state_dict(model, full_again)
+
+
+def test_vblora_load_refuses_merged():
+    model = _VBModel()
+    apply_vblora(model, _vb_cfg(), _VB_TARGETS)
+    _vb_spread(model)
+    sd = vblora_state_dict(model, compact=False)
+    other = _VBModel()
+    apply_vblora(other, _vb_cfg(), _VB_TARGETS)
+    layer = other.h[0].attn.v
+    w0 = layer.base.weight.clone()
+    layer.merge()
+    with pytest.raises(ValueError, match="merged"):
+        load_vblora_state_dict(other, sd)
+    layer.unmerge()  # W comes back: the load wrote nothing while the layer held the old ΔW
+    assert_close(layer.base.weight, w0)
+
+
+def _vb_authors_forward(x, W, bias, bank, la_theirs, lb, k):
+    """The authors' NLU VBLinear: logits_A (in/b, r, h), A (in, r), B (r, out), y = x W^T + b + x A B."""
+    r = la_theirs.shape[1]
+    A = vblora_compose_reference(la_theirs.reshape(-1, bank.shape[0]), bank, k)  # (in/b * r, b)
+    A = A.reshape(la_theirs.shape[0], r, -1).transpose(1, 2).reshape(-1, r)  # (in/b, b, r) -> (in, r)
+    B = vblora_compose_reference(lb.reshape(-1, bank.shape[0]), bank, k)  # (out/b * r, b)
+    B = B.reshape(lb.shape[0], r, -1).transpose(0, 1).reshape(r, -1)  # (r, out/b, b) -> (r, out)
+    return F.linear(x, W, bias) + x @ A @ B
+
+
+@pytest.mark.parametrize("d_in, d_out", [(16, 24), (16, 16)])  # (16, 16): in/b = r, both shapes (2, 2, h)
+def test_vblora_from_authors_state_dict(d_in, d_out):
+    cfg = VBLoRAConfig(r=2, b=8, h=6, k=2)
+    model = nn.Sequential()
+    model.add_module("query", nn.Linear(d_in, d_out))
+    bank_t = torch.randn(6, 8)
+    la_t = torch.randn(d_in // 8, 2, 6)  # theirs: (in/b, r, h)
+    lb = torch.randn(d_out // 8, 2, 6)  # (out/b, r, h), as ours
+    theirs = {"vector_bank": bank_t, "query.vector_bank": bank_t, "query.logits_A": la_t,
+              "query.logits_B": lb, "query.weight": model.query.weight.detach(), "query.bias": model.query.bias}
+    x = torch.randn(5, d_in)
+    expected = _vb_authors_forward(x, model.query.weight, model.query.bias, bank_t, la_t, lb, 2)
+    apply_vblora(model, cfg, ["query"])
+    converted = from_authors_state_dict(theirs)
+    assert sorted(converted) == ["query.vblora_logits_A", "query.vblora_logits_B", "vblora_bank.vectors"]
+    load_vblora_state_dict(model, converted)
     with torch.no_grad():
-        torch.testing.assert_close(after, net(x))
+        assert_close(model(x), expected)
+    if d_in == d_out:  # the unconverted tensor has the right shape and loads, into a different adapter
+        load_vblora_state_dict(model, {**converted, "query.vblora_logits_A": la_t})
+        with torch.no_grad():
+            assert not torch.allclose(model(x), expected, atol=1e-3)
+    with pytest.raises(ValueError, match="vector_bank"):
+        from_authors_state_dict({**theirs, "query.vector_bank": bank_t + 1})
+
+
+def test_vblora_apply_keeps_other_adapters_trainable():
+    import lora
+    model = _VBModel()
+    lora.apply_lora(model, lora.LoRAConfig(r=2), ["head"])
+    apply_vblora(model, _vb_cfg(), ["q", "v"])
+    lora.apply_lora(model, lora.LoRAConfig(r=2), ["mlp.c_fc"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"head.lora_A", "head.lora_B", "h.1.mlp.c_fc.lora_A", "vblora_bank.vectors",
+            "h.0.attn.q.vblora_logits_A", "h.1.attn.v.vblora_logits_B"} <= trainable
+    assert all(n.rpartition(".")[2].startswith(("lora_", "vblora_", "vectors")) for n in trainable)
+    with pytest.raises(ValueError, match="already has a vblora_bank"):
+        apply_vblora(model, _vb_cfg(), ["k"])
+
+
+def test_vblora_refuses_multihead_attention_out_proj():
+    model = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32)
+    with pytest.raises(ValueError, match="out_proj.*MultiheadAttention"):
+        apply_vblora(model, _vb_cfg(), ["out_proj", "linear1"])
+    assert isinstance(model.linear1, nn.Linear) and not hasattr(model, "vblora_bank")
+
+
+def test_vblora_tied_weight_never_merged():
+    model = nn.Sequential(nn.Embedding(16, 16), nn.Linear(16, 16, bias=False))
+    model[1].weight = model[0].weight  # GPT-2's lm_head shares the embedding
+    apply_vblora(model, _vb_cfg(), ["1"])
+    assert model[1].tied_to == ["0.weight"]
+    w0 = model[0].weight.clone()
+    with pytest.raises(ValueError, match=r"tied.*Untie"):
+        model[1].merge()
+    assert torch.equal(model[0].weight, w0) and not model[1].merged
 
 
 def test_vblora_and_siva_targets_as_string_and_empty():
