@@ -770,11 +770,11 @@ def get_args(argv=None):
                         + " may differ from its run")
     g.add_argument("--overwrite", action="store_true", help="start over even if out_dir holds a run")
     args = p.parse_args(argv)
+    check_args(args)
     if args.lr is None:
         args.lr = METHOD_LR[args.method]
     if args.vblora_bank_lr is None:
         args.vblora_bank_lr = args.lr
-    check_args(args)
     return args
 
 
@@ -785,7 +785,7 @@ def check_args(args):
             "n_layer", "n_head", "n_embd") if getattr(args, k) < 1]
     bad += [f"--{k} {getattr(args, k)} must be >= 0" for k in
             ("max_iters", "eval_interval", "lr", "head_lr", "vblora_bank_lr", "vblora_logits_lr", "weight_decay",
-             "grad_clip") if getattr(args, k) < 0]
+             "grad_clip") if getattr(args, k) is not None and getattr(args, k) < 0]
     if args.n_head >= 1 and args.n_embd % args.n_head:
         bad.append(f"--n_head {args.n_head} must divide --n_embd {args.n_embd}")
     if args.patch_size >= 1 and args.image_size % args.patch_size:
