@@ -3342,7 +3342,6 @@ def test_vit_existing_run_is_not_replaced_without_a_flag(tmp_path):
 
 
 def _vit_bad_file(path, kind):
-    good = tmp = None
     if kind == "empty":
         path.write_bytes(b"")
     elif kind == "text":
@@ -3352,7 +3351,6 @@ def _vit_bad_file(path, kind):
         path.write_bytes(path.read_bytes()[:300])
     elif kind == "no_keys":
         torch.save({"weights": torch.zeros(2)}, path)
-    return good, tmp
 
 
 @pytest.mark.parametrize("kind, expected", [("empty", "is not a readable checkpoint (truncated or not a torch file)"),
