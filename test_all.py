@@ -3353,7 +3353,7 @@ def _vit_bad_file(path, kind):
         torch.save({"weights": torch.zeros(2)}, path)
 
 
-@pytest.mark.parametrize("kind, expected", [("empty", "is not a readable checkpoint (truncated or not a torch file)"),
+@pytest.mark.parametrize("kind, expected", [("empty", "is an empty file, not a checkpoint"),
                                             ("text", "is not a readable checkpoint (truncated or not a torch file)"),
                                             ("truncated", "is not a readable checkpoint (truncated or not a torch file)"),
                                             ("no_keys", "is not a checkpoint of train_vit.py: no args, step, trainable")])

@@ -645,6 +645,8 @@ ADAPTER_KEYS = ("args", "method", "adapter", "head", "classes")
 
 def load_checkpoint(path, keys=CKPT_KEYS):
     """torch.load(path) as data only; an empty, truncated or foreign file is one `error:` line."""
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f"error: {path} is an empty file, not a checkpoint (a save cut short?)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
