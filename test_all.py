@@ -3089,12 +3089,18 @@ import json
 
 import numpy as np
 
+import re
+import subprocess
+
 import train_vit
 
-_VIT_TINY = dict(depth=2, dim=32, heads=2, patch=4, image=16, mlp=64, classes=5)
+# -------------------------------------------------------------------------------------------------
+# helpers: a tiny ViT under Google/HF names, a plain reference forward, tiny data, tiny runs
+
+_VIT_TINY = dict(n_layer=2, n_embd=32, n_head=2, patch=4, image=16, mlp=64, classes=5)
 
 
-def _vit_fake_hf_state(prefix="vit.", classifier=True, L=_VIT_TINY["depth"], D=_VIT_TINY["dim"],
+def _vit_fake_hf_state(prefix="vit.", classifier=True, L=_VIT_TINY["n_layer"], D=_VIT_TINY["n_embd"],
                        P=_VIT_TINY["patch"], image=_VIT_TINY["image"], M=_VIT_TINY["mlp"], C=_VIT_TINY["classes"]):
     """Random tensors under Google/HF ViT names (ViTModel layout, plus pooler and an optional classifier)."""
     r = lambda *s: torch.randn(*s) * 0.2
@@ -3145,14 +3151,45 @@ def _vit_args(*extra):
     return train_vit.get_args(list(extra))
 
 
-def _vit_save_hf_dir(tmp_path, sd, heads=_VIT_TINY["heads"]):
+def _vit_save_hf_dir(tmp_path, sd, n_head=_VIT_TINY["n_head"]):
     from safetensors.torch import save_file
     d = tmp_path / "ckpt"
     d.mkdir()
     save_file(sd, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps({"num_attention_heads": heads, "layer_norm_eps": 1e-12,
+    (d / "config.json").write_text(json.dumps({"num_attention_heads": n_head, "layer_norm_eps": 1e-12,
                                                "hidden_act": "gelu", "model_type": "vit"}))
     return d
+
+
+def _vit_write_npz(path, n_train=16, n_test=8, side=16, classes=4, seed=0, **override):
+    g = np.random.default_rng(seed)
+    arrays = dict(x_train=g.integers(0, 256, (n_train, side, side, 3), dtype=np.uint8), y_train=np.arange(n_train) % classes,
+                  x_test=g.integers(0, 256, (n_test, side, side, 3), dtype=np.uint8), y_test=np.arange(n_test) % classes,
+                  class_names=np.array([f"c{i}" for i in range(classes)]))
+    arrays.update(override)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+
+
+def _vit_smoke_argv(tmp_path, method, *extra):
+    """A 3-step run of a 1-block scratch ViT on 16 random 16x16 images (4 classes)."""
+    npz = tmp_path / "data.npz"
+    if not npz.exists():
+        _vit_write_npz(str(npz))
+    return ["--method", method, "--init_from", "scratch", "--n_layer", "1", "--n_embd", "64", "--n_head", "2",
+            "--patch_size", "4", "--image_size", "16", "--data", str(npz), "--max_iters", "3", "--batch_size", "4",
+            "--eval_batch_size", "5", "--log_interval", "1", "--vblora_b", "32", "--lr", "1e-2",
+            "--out_dir", str(tmp_path / "out"), "--device", "cpu", *extra]
+
+
+def _vit_exit(argv):
+    """main(argv) must stop with one message; return it."""
+    with pytest.raises(SystemExit) as e:
+        train_vit.main(argv)
+    return str(e.value)
+
+
+# -------------------------------------------------------------------------------------------------
+# model and pretrained weights
 
 
 @pytest.mark.parametrize("prefix", ["vit.", ""])
@@ -3164,9 +3201,7 @@ def test_vit_hf_checkpoint_maps_key_for_key(tmp_path, prefix):
     assert model.cfg.n_head == 2 and model.cfg.mlp_dim == 64
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        got = model.eval()(x)
-        ref = _vit_reference_logits(sd, x, n_head=2, prefix=prefix)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        assert_close(model.eval()(x), _vit_reference_logits(sd, x, n_head=2, prefix=prefix))
 
 
 def test_vit_checkpoint_without_classifier_gets_zero_head_and_other_grid(tmp_path):
@@ -3174,18 +3209,17 @@ def test_vit_checkpoint_without_classifier_gets_zero_head_and_other_grid(tmp_pat
     d = _vit_save_hf_dir(tmp_path, sd)
     model = train_vit.build_model(_vit_args("--init_from", str(d), "--image_size", "32"), 7)
     assert model.pos_embed.shape == (1, 8 * 8 + 1, 32)  # 4x4 grid interpolated to 8x8
-    torch.testing.assert_close(model.pos_embed[0, 0], sd["vit.embeddings.position_embeddings"][0, 0])
+    assert_close(model.pos_embed[0, 0], sd["vit.embeddings.position_embeddings"][0, 0])
     assert torch.equal(model.head.weight, torch.zeros(7, 32))
-    v = sd["vit.encoder.layer.1.attention.attention.value.weight"]
-    torch.testing.assert_close(model.blocks[1].attn.v_proj.weight, v)
+    assert_close(model.blocks[1].attn.v_proj.weight, sd["vit.encoder.layer.1.attention.attention.value.weight"])
 
 
 def test_vit_resize_pos_embed_keeps_a_constant_grid():
     pos = torch.cat([torch.full((1, 1, 6), -3.0), torch.full((1, 9, 6), 2.5)], dim=1)  # 3x3 grid
     out = train_vit.resize_pos_embed(pos, 25)
     assert out.shape == (1, 26, 6)
-    torch.testing.assert_close(out[:, 0], pos[:, 0])
-    torch.testing.assert_close(out[:, 1:], torch.full((1, 25, 6), 2.5))
+    assert_close(out[:, 0], pos[:, 0])
+    assert_close(out[:, 1:], torch.full((1, 25, 6), 2.5))
 
 
 def test_vit_checkpoint_mismatch_lists_every_problem(tmp_path):
@@ -3201,6 +3235,29 @@ def test_vit_checkpoint_mismatch_lists_every_problem(tmp_path):
     assert "blocks.1.ln_2.bias" in msg and "encoder.layer.0.extra.weight" in msg
 
 
+def test_vit_every_linear_is_called_as_a_module():
+    """No Linear (q/k/v/out, mlp, head) is bypassed through its .weight, so an adapter swapped in is used."""
+    model = train_vit.ViT(train_vit.ViTConfig(16, 4, 2, 2, 32, 64, 5))
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+    called = set()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            m.register_forward_hook(lambda mod, inp, out, name=name: called.add(name))
+    model(torch.randn(2, 3, 16, 16))
+    assert called == {n for n, m in model.named_modules() if isinstance(m, nn.Linear)} and "head" in called
+    nn.init.normal_(model.head.weight)  # zero at init: nothing upstream would show
+    lora.apply_lora(model, lora.LoRAConfig(r=2, dropout=0.0), ["q_proj", "v_proj", "fc1", "head"])
+    x = torch.randn(2, 3, 16, 16)
+    before = model(x)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # a non-zero update on any one target must change the logits
+            with torch.no_grad():
+                p.fill_(0.1)
+            assert not torch.allclose(model(x), before), n
+            with torch.no_grad():
+                p.zero_()
+
+
 def test_vit_hub_failure_names_the_repo_and_local_flags(monkeypatch):
     import huggingface_hub
 
@@ -3210,6 +3267,27 @@ def test_vit_hub_failure_names_the_repo_and_local_flags(monkeypatch):
     with pytest.raises(SystemExit) as e:
         train_vit.read_checkpoint("vit-large")
     assert "google/vit-large-patch16-224-in21k" in str(e.value) and "--init_from PATH" in str(e.value)
+    assert "--init_from scratch" in str(e.value)
+
+
+def test_vit_full_finetune_reloads_with_its_saved_n_head(tmp_path):
+    # n_embd 64 with 2 heads: a reload guessing n_embd // 64 = 1 head would give other logits
+    res = train_vit.main(_vit_smoke_argv(tmp_path, "full", "--init_from", "scratch"))
+    model = res["model"].eval()
+    assert model.cfg.n_head == 2
+    path = str(tmp_path / "out" / "adapter.pt")
+    x = torch.randn(3, 3, 16, 16)
+    rebuilt = train_vit.build_model(_vit_args("--init_from", path, "--image_size", "16"), 4)
+    rebuilt.head.load_state_dict(model.head.state_dict())
+    reloaded = train_vit.load_finetuned(path)
+    assert rebuilt.cfg.n_head == 2 and reloaded.cfg.n_head == 2
+    with torch.no_grad():
+        assert_close(rebuilt.eval()(x), model(x))
+        assert_close(reloaded(x), model(x))
+
+
+# -------------------------------------------------------------------------------------------------
+# preprocessing
 
 
 def test_vit_eval_preprocess_normalises_to_unit_range():
@@ -3227,7 +3305,7 @@ def test_vit_train_crop_size_range_and_flip():
     assert out.shape == (6, 3, 20, 20) and out.min() >= -1 and out.max() <= 1
     img = torch.rand(1, 3, 8, 8).expand(64, -1, -1, -1)
     same = train_vit.random_resized_crop_flip(img, 8, min_scale=1.0, ratio=(1, 1), flip=False)
-    torch.testing.assert_close(same, img)  # the whole image at its own size: identity
+    assert_close(same, img.contiguous())  # the whole image at its own size: identity
     out = train_vit.random_resized_crop_flip(img, 8, min_scale=1.0, ratio=(1, 1))
     flipped = [bool(torch.allclose(o, img[0].flip(-1), atol=1e-6)) for o in out]
     kept = [bool(torch.allclose(o, img[0], atol=1e-6)) for o in out]
@@ -3242,11 +3320,15 @@ def test_vit_train_crop_is_a_subwindow():
     assert (out[:, :, 1:] - out[:, :, :1]).abs().max() < 1e-6  # no vertical change: rows stay rows
 
 
-def _vit_write_npz(path, n_train=16, n_test=8, side=16, classes=4, seed=0):
-    g = np.random.default_rng(seed)
-    np.savez(path, x_train=g.integers(0, 256, (n_train, side, side, 3), dtype=np.uint8),
-             y_train=np.arange(n_train) % classes, x_test=g.integers(0, 256, (n_test, side, side, 3), dtype=np.uint8),
-             y_test=np.arange(n_test) % classes, class_names=np.array([f"c{i}" for i in range(classes)]))
+def test_vit_train_crop_is_fixed_by_its_generator():
+    x = torch.rand(4, 3, 12, 12)
+    a = train_vit.random_resized_crop_flip(x, 8, generator=torch.Generator().manual_seed(3))
+    b = train_vit.random_resized_crop_flip(x, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+# -------------------------------------------------------------------------------------------------
+# data: loading, and every bad input refused before training
 
 
 def test_vit_npz_loading(tmp_path):
@@ -3260,6 +3342,53 @@ def test_vit_npz_loading(tmp_path):
     assert d["classes"] == ["c0", "c1", "c2", "c3"]
     small = train_vit.load_npz(p, 8)  # larger than the model input: resized once
     assert small["x_test"].shape == (8, 3, 8, 8)
+
+
+def test_vit_npz_without_its_suffix_is_read_by_content(tmp_path):
+    _vit_write_npz(str(tmp_path / "d.npz"))
+    os.rename(tmp_path / "d.npz", tmp_path / "cifar.data")
+    d = train_vit.load_data(_vit_args("--data", str(tmp_path / "cifar.data"), "--image_size", "16"))
+    assert d["x_train"].shape == (16, 3, 16, 16) and d["classes"] == ["c0", "c1", "c2", "c3"]
+
+
+_VIT_BAD_NPZ = {  # case -> (arrays to override (None: drop), what the message must say)
+    "longer_y": (dict(y_train=np.arange(20) % 4), "x_train holds 16 images but y_train 20 labels"),
+    "missing_keys": (dict(y_train=None, x_test=None), "missing y_train, x_test"),
+    "label_past_classes": (dict(y_test=np.array([0, 1, 2, 4, 0, 1, 2, 3])), "y_test holds labels 0..4, but there are 4"),
+    "negative_label": (dict(y_train=np.arange(16) % 4 - 1), "labels must be 0..3"),
+    "class_names_too_few": (dict(class_names=np.array(["a", "b"])), "y_train holds labels 0..3, but there are 2 classes"),
+    "empty_split": (dict(x_test=np.zeros((0, 16, 16, 3), np.uint8), y_test=np.zeros(0, np.int64)), "the test split is empty"),
+    "float_labels": (dict(y_train=np.arange(16) % 4 * 1.0), "y_train must be a 1-D array of integer labels"),
+}
+
+
+@pytest.mark.parametrize("case", list(_VIT_BAD_NPZ))
+def test_vit_bad_npz_is_one_error_line(tmp_path, case):
+    override, expected = _VIT_BAD_NPZ[case]
+    p = str(tmp_path / "bad.npz")
+    _vit_write_npz(p, **override)
+    with pytest.raises(SystemExit) as e:
+        train_vit.load_data(_vit_args("--data", p, "--image_size", "16"))
+    msg = str(e.value)
+    assert msg.startswith(f"error: --data {p}: ") and expected in msg and "\n" not in msg, msg
+
+
+def test_vit_data_that_is_no_npz_nor_folder_is_refused_clearly(tmp_path):
+    p = tmp_path / "images.csv"
+    p.write_text("x,y\n1,2\n")
+    with pytest.raises(SystemExit, match=r"neither an \.npz archive nor a folder; expected a \.npz holding x_train"):
+        train_vit.load_data(_vit_args("--data", str(p)))
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with pytest.raises(SystemExit, match="one array, not an .npz archive"):
+        train_vit.load_npz(str(tmp_path / "one.npy"), 16)
+
+
+def _vit_image_folder(root, splits=("train", "test"), classes=("cat", "dog")):
+    from PIL import Image
+    for split in splits:
+        for c in classes:
+            os.makedirs(root / split / c)
+            Image.new("RGB", (8, 8), (255, 0, 0)).save(root / split / c / "0.png")
 
 
 def test_vit_image_folder_loading(tmp_path):
@@ -3277,6 +3406,41 @@ def test_vit_image_folder_loading(tmp_path):
     assert d["y_train"].tolist() == [0, 0, 0, 1, 1, 1] and d["y_test"].tolist() == [0, 1]
     assert (d["x_train"][0, 0] == 255).all() and (d["x_train"][0, 2] == 0).all()  # solid red survives resizing
     assert (d["x_test"][1, 2] == 255).all() and (d["x_test"][1, 0] == 0).all()
+
+
+def test_vit_image_folder_hidden_entries_are_not_classes(tmp_path):
+    _vit_image_folder(tmp_path)
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / split / ".ipynb_checkpoints")
+        (tmp_path / split / ".DS_Store").write_text("")
+    (tmp_path / "train" / "cat" / ".hidden.png").write_bytes(b"not a png")
+    d = train_vit.load_folder(str(tmp_path), 8)
+    assert d["classes"] == ["cat", "dog"] and d["y_train"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("layout, expected", [("no_test", "no test/ in this folder"),
+                                              ("flat", "no train/ and no test/ in this folder"),
+                                              ("flat_splits", "train/ holds no class subfolders"),
+                                              ("empty_class", "the test split is empty")])
+def test_vit_image_folder_bad_layout_says_the_expected_one(tmp_path, layout, expected):
+    from PIL import Image
+    if layout == "no_test":
+        _vit_image_folder(tmp_path, splits=("train",))
+    elif layout == "flat":
+        Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
+    elif layout == "flat_splits":
+        for split in ("train", "test"):
+            os.makedirs(tmp_path / split)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / "0.png")
+    else:
+        _vit_image_folder(tmp_path, splits=("train",))
+        os.makedirs(tmp_path / "test" / "cat")
+    with pytest.raises(SystemExit) as e:
+        train_vit.load_folder(str(tmp_path), 8)
+    msg = str(e.value)
+    assert expected in msg and "\n" not in msg, msg
+    if layout != "empty_class":
+        assert "train/<class>/ and test/<class>/" in msg
 
 
 def test_vit_missing_dataset_names_the_local_flag(monkeypatch):
@@ -3327,14 +3491,59 @@ def test_vit_hub_dataset_picks_image_and_label_columns(monkeypatch):
     assert d["x_train"][3, 0].eq(30).all() and d["y_test"].tolist() == [1, 2]
 
 
-def _vit_smoke_argv(tmp_path, method, *extra):
-    npz = tmp_path / "data.npz"
-    if not npz.exists():
-        _vit_write_npz(str(npz))
-    return ["--method", method, "--init_from", "scratch", "--depth", "1", "--dim", "64", "--heads", "2",
-            "--patch_size", "4", "--image_size", "16", "--data", str(npz), "--max_iters", "3", "--batch_size", "4",
-            "--eval_batch_size", "5", "--log_interval", "1", "--vblora_b", "32", "--lr", "1e-2",
-            "--out_dir", str(tmp_path / "out"), "--device", "cpu", *extra]
+def test_vit_offline_run_names_everything_it_could_not_reach(monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")  # in requirements.txt; absent only on a bare GPU box
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    msg = _vit_exit(["--init_from", "vit-base", "--dataset", "cifar10", "--out_dir", str(tmp_path / "out")])
+    lines = msg.splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: could not reach the Hugging Face Hub") for line in lines)
+    assert "google/vit-base-patch16-224-in21k" in lines[0] and "--init_from PATH" in lines[0]
+    assert "--init_from scratch" in lines[0]
+    assert "uoft-cs/cifar10" in lines[1] and "--data PATH" in lines[1]
+
+
+# -------------------------------------------------------------------------------------------------
+# flags: every bad one refused, one line each, before any data is read
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--batch_size", "0"], "error: --batch_size 0 must be >= 1"),
+    (["--grad_accum", "0"], "error: --grad_accum 0 must be >= 1"),
+    (["--n_head", "3"], "error: --n_head 3 must divide --n_embd 64"),
+    (["--lr", "-0.001"], "error: --lr -0.001 must be >= 0"),
+    (["--max_iters", "-5"], "error: --max_iters -5 must be >= 0"),
+    (["--patch_size", "5"], "error: --patch_size 5 must divide --image_size 16"),
+    (["--resume", "--overwrite"], "error: --resume and --overwrite: pass one"),
+    (["--method", "sera", "--sera_r", "6", "--sera_split", "4"], "error: --method sera: SeRA: split=4 must divide r=6"),
+])
+def test_vit_bad_flags_fail_before_training(tmp_path, monkeypatch, flags, expected):
+    monkeypatch.setattr(train_vit, "load_data", lambda args: pytest.fail("data read before the flags were checked"))
+    msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", *flags))
+    assert msg.startswith(expected) and "\n" not in msg, msg
+
+
+def test_vit_bad_flags_are_all_named_at_once(tmp_path):
+    msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--batch_size", "0", "--n_head", "3"))
+    assert msg.splitlines() == ["error: --batch_size 0 must be >= 1", "error: --n_head 3 must divide --n_embd 64"]
+
+
+def test_vit_global_batch_larger_than_the_data_is_refused(tmp_path):
+    msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--batch_size", "8", "--grad_accum", "3"))
+    assert msg == "error: --batch_size 8 x --grad_accum 3 x 1 process(es) = 24 images per step, more than the 16 training images"
+
+
+def test_vit_bad_method_config_exits_with_the_constraint(tmp_path):
+    msg = _vit_exit(_vit_smoke_argv(tmp_path, "vblora", "--vblora_b", "48"))
+    assert "--method vblora" in msg and "48" in msg
+
+
+# -------------------------------------------------------------------------------------------------
+# training runs: every method, the log line, reload
 
 
 @pytest.mark.parametrize("method", train_vit.ALL_METHODS)
@@ -3344,13 +3553,18 @@ def test_vit_smoke_every_method_trains_saves_and_reloads(tmp_path, capsys, metho
     assert "test accuracy" in out and 0.0 <= res["test_acc"] <= 1.0
     assert ("step 3/3" in out) == (method != "none")
     assert "trainable parameters without the head" in out
+    if method != "none":  # the shared log line: ETA and elapsed as H:MM:SS
+        assert re.search(r"^step 3/3 \| loss \d+\.\d{4} \| lr \d\.\d\de[-+]\d\d \| [\d,]+ img/s \| "
+                         r"elapsed \d+:\d\d:\d\d \| eta \d+:\d\d:\d\d$", out, re.M), out
     model = res["model"].eval()
     path = tmp_path / "out" / "adapter.pt"
     assert path.exists() and (tmp_path / "out" / "ckpt.pt").exists()
+    ck = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert set(train_vit.CKPT_KEYS) <= set(ck) and "model" not in ck
     x = train_vit.preprocess(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), 16, train=False)
     reloaded = train_vit.load_finetuned(str(path))
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(x), model(x), atol=1e-5, rtol=1e-5)
+        assert_close(reloaded(x), model(x))
         # the adapter matters: the same backbone with only the trained head gives other logits
         torch.manual_seed(0)
         bare = train_vit.build_model(train_vit.get_args(_vit_smoke_argv(tmp_path, "head")), 4)
@@ -3359,23 +3573,54 @@ def test_vit_smoke_every_method_trains_saves_and_reloads(tmp_path, capsys, metho
     assert differs == (method not in ("none", "head"))
 
 
+def test_vit_hms():
+    assert [train_vit.hms(s) for s in (0, 59.9, 61, 3600 * 27 + 62)] == ["0:00:00", "0:00:59", "0:01:01", "27:01:02"]
+
+
+def _vit_torchrun(argv, nproc):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "train_vit.py", *argv]
+    r = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(train_vit.__file__)), env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+def test_vit_torchrun_two_processes_match_one(tmp_path):
+    """DDP on CPU (gloo): 2 processes with --grad_accum 1 take the steps of 1 process with --grad_accum 2,
+    VB-LoRA's shared bank included (its gradient is all-reduced like any other)."""
+    argv = _vit_smoke_argv(tmp_path, "vblora", "--min_crop", "0.3")
+    train_vit.main(argv + ["--grad_accum", "2", "--out_dir", str(tmp_path / "one")])
+    out = _vit_torchrun(argv + ["--grad_accum", "1", "--out_dir", str(tmp_path / "two")], nproc=2)
+    assert out.count("step 3/3 |") == 1  # only rank 0 logs
+    one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
+    assert two["world_size"] == 2 and one["step"] == two["step"] == 3
+    assert one["trainable"].keys() == two["trainable"].keys() and "vblora_bank.vectors" in one["trainable"]
+    for k in one["trainable"]:
+        assert_close(two["trainable"][k], one["trainable"][k])
+    a1 = torch.load(tmp_path / "one" / "adapter.pt", weights_only=True)
+    a2 = torch.load(tmp_path / "two" / "adapter.pt", weights_only=True)
+    for k in a1["adapter"]:
+        assert_close(a2["adapter"][k].double(), a1["adapter"][k].double(), torch.float32)
+
+
+# -------------------------------------------------------------------------------------------------
+# checkpoints: resume, overwrite, bad files, atomic saves
+
+
 def test_vit_resume_continues_from_the_checkpoint(tmp_path, capsys):
     train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--max_iters", "2"))
     capsys.readouterr()
-    res = train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--max_iters", "3", "--resume"))
+    train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--max_iters", "3", "--resume", "--log_interval", "5",
+                                   "--eval_interval", "1", "--eval_batch_size", "3"))
     out = capsys.readouterr().out
     assert "at step 2" in out and "step 3/3" in out and "step 1/" not in out
     ck = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ck["step"] == 3
-    with pytest.raises(SystemExit):
-        train_vit.main(_vit_smoke_argv(tmp_path, "sera", "--resume"))
-
-
-def test_vit_bad_method_config_exits_with_the_constraint(tmp_path):
-    with pytest.raises(SystemExit) as e:
-        train_vit.main(_vit_smoke_argv(tmp_path, "vblora", "--vblora_b", "48"))
-    assert "--method vblora" in str(e.value) and "48" in str(e.value)
-
+    msg = _vit_exit(_vit_smoke_argv(tmp_path, "sera", "--resume"))
+    assert "--method lora (now sera)" in msg
 
 
 class _VitStop(Exception):
@@ -3383,8 +3628,8 @@ class _VitStop(Exception):
 
 
 def test_vit_resume_after_an_interruption_matches_a_straight_run(tmp_path, monkeypatch):
-    # 16 images / batch 4: epoch 1 ends (and saves) at step 4 of 8; the augmentation draws from the global RNG
-    argv = ["--max_iters", "8", "--min_crop", "0.3"]
+    # 16 images / batch 4: epoch 1 ends (and saves) at step 4 of 8; dropout draws from the global RNG
+    argv = ["--max_iters", "8", "--min_crop", "0.3", "--lora_dropout", "0.2"]
     straight = train_vit.main(_vit_smoke_argv(tmp_path, "lora", *argv, "--out_dir", str(tmp_path / "a")))
     save_atomic, saved = train_vit.save_atomic, []
 
@@ -3399,22 +3644,95 @@ def test_vit_resume_after_an_interruption_matches_a_straight_run(tmp_path, monke
     monkeypatch.setattr(train_vit, "save_atomic", save_atomic)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 4
     train_vit.main(_vit_smoke_argv(tmp_path, "lora", *argv, "--out_dir", str(tmp_path / "b"), "--resume"))
-    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["trainable"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["trainable"]
     assert a.keys() == b.keys() and any("lora_B" in k for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
     assert straight["test_acc"] is not None
 
 
-def test_vit_resume_refuses_other_trainables_and_other_optimizer_groups(tmp_path, capsys):
+def test_vit_resume_refuses_changed_flags_and_names_them(tmp_path):
     train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--max_iters", "1"))
-    with pytest.raises(SystemExit) as e:
-        train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--targets", "q_proj", "--resume"))
-    assert "only in the checkpoint" in str(e.value) and "v_proj.lora_A" in str(e.value)
-    with pytest.raises(SystemExit) as e:
-        train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--targets", "q_proj,k_proj,v_proj", "--resume"))
-    assert "only in this run" in str(e.value) and "k_proj.lora_A" in str(e.value)
-    with pytest.raises(SystemExit) as e:  # no decay anywhere: the head's weight and bias share one group
-        train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--weight_decay", "0", "--resume"))
-    assert "optimizer state" in str(e.value)
+    # a new seed would rebuild the scratch backbone from it: another model, silently
+    msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--seed", "9", "--lr", "2e-2", "--resume"))
+    assert msg.startswith("error: --resume: ") and "\n" not in msg
+    assert "--lr 0.01 (now 0.02)" in msg and "--seed 0 (now 9)" in msg and "--max_iters, --epochs" in msg
+    msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--targets", "q_proj", "--resume"))
+    assert "--targets q_proj,v_proj (now q_proj)" in msg
+    msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--weight_decay", "0", "--resume"))
+    assert "--weight_decay 0.0001 (now 0.0)" in msg
+    msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--n_head", "4", "--sera_split", "2", "--resume"))
+    assert "--n_head 2 (now 4)" in msg and "--sera_split None (now 2)" in msg
+
+
+def test_vit_resume_with_other_tensors_in_the_checkpoint_is_one_line(tmp_path):
+    train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--max_iters", "1"))
+    path = tmp_path / "out" / "ckpt.pt"
+    ck = torch.load(path, weights_only=True)
+    k = next(k for k in ck["trainable"] if "lora_A" in k)
+    ck["trainable"][k] = torch.zeros(3, 3)
+    torch.save(ck, path)
+    msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--resume"))
+    assert msg.startswith(f"error: --resume: {path} does not fit this model") and "\n" not in msg
+    del ck["trainable"][k]
+    torch.save(ck, path)
+    assert "only in this run" in _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--resume"))
+
+
+def test_vit_existing_run_is_not_replaced_without_a_flag(tmp_path):
+    first = train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--max_iters", "1"))
+    msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora"))
+    assert msg == (f"error: {tmp_path / 'out' / 'ckpt.pt'} exists; pass --resume to continue that run or "
+                   f"--overwrite to start over")
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 1  # untouched
+    os.remove(tmp_path / "out" / "ckpt.pt")  # adapter.pt alone is a finished run too
+    assert "adapter.pt exists" in _vit_exit(_vit_smoke_argv(tmp_path, "lora"))
+    res = train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--overwrite"))
+    assert res["step"] == 3 and first["step"] == 1
+
+
+def _vit_bad_file(path, kind):
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("not a checkpoint\n")
+    elif kind == "truncated":
+        torch.save({"args": {}, "step": 1, "trainable": {"w": torch.zeros(1000)}, "optimizer": {}, "rng": {}}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "no_keys":
+        torch.save({"weights": torch.zeros(2)}, path)
+
+
+@pytest.mark.parametrize("kind, expected", [("empty", "is an empty file, not a checkpoint"),
+                                            ("text", "is not a readable checkpoint (truncated or not a torch file)"),
+                                            ("truncated", "is not a readable checkpoint (truncated or not a torch file)"),
+                                            ("no_keys", "is not a checkpoint of train_vit.py: no args, step, trainable")])
+def test_vit_bad_checkpoint_file_is_one_line(tmp_path, kind, expected):
+    os.makedirs(tmp_path / "out")
+    path = tmp_path / "out" / "ckpt.pt"
+    _vit_bad_file(path, kind)
+    msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--resume"))
+    assert msg.startswith(f"error: {path} {expected}") and "\n" not in msg, msg
+    adapter = tmp_path / "adapter.pt"
+    _vit_bad_file(adapter, kind)
+    with pytest.raises(SystemExit, match=f"error: .*adapter.pt {re.escape(expected.split(': no')[0])}"):
+        train_vit.load_finetuned(str(adapter))
+
+
+def test_vit_bad_init_from_file_is_one_line(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"\x00" * 10)
+    msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--init_from", str(path)))
+    assert msg.startswith(f"error: --init_from {path}: not a readable checkpoint") and "\n" not in msg
+
+
+def test_vit_save_atomic_syncs_the_file_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or replace(a, b))
+    path = str(tmp_path / "ckpt.pt")
+    train_vit.save_atomic({"x": torch.ones(2)}, path)
+    assert events == [("fsync", path + ".tmp"), ("replace", path + ".tmp"), ("fsync", str(tmp_path))]
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(2)) and not os.path.exists(path + ".tmp")

@@ -2,12 +2,14 @@
 
     python train_vit.py --method siva --dataset cifar10                        # ViT-B/16 in21k, 10 epochs
     python train_vit.py --method lora --init_from vit-large --dataset pets
-    python train_vit.py --method bone --init_from scratch --depth 2 --dim 256 --heads 4 --patch_size 4 \
+    python train_vit.py --method bone --init_from scratch --n_layer 2 --n_embd 256 --n_head 4 --patch_size 4 \
         --image_size 32 --data ../shared/data/cifar10/cifar10_subset_6k_decoded.npz --max_iters 10
+    torchrun --standalone --nproc_per_node=4 train_vit.py --method lora --dataset cifar10   # 4 GPUs, DDP
 
 Model: a compact pre-norm ViT (class token, learned position embeddings, q/k/v as separate Linears named
 attn.q_proj / attn.k_proj / attn.v_proj so methods target them as the papers count them, attn.out_proj,
-mlp.fc1 / mlp.fc2, final norm, head), attention by F.scaled_dot_product_attention.
+mlp.fc1 / mlp.fc2, final norm, head), attention by F.scaled_dot_product_attention. Every Linear is
+called as a module (never through its .weight), so an adapter swapped in for it is always used.
 
 Choices made where the papers and SPEC are silent:
 - Checkpoints: Google's ImageNet-21k ViTs in Hugging Face's layout (`--init_from vit-base` =
@@ -15,31 +17,40 @@ Choices made where the papers and SPEC are silent:
   with that layout), fetched with huggingface_hub and copied key for key with shape checks; no
   transformers at run time. Their pooler (the in21k pre-logits layer) is dropped: the head reads the
   class token after the final norm, as HF's ViTForImageClassification does. Position embeddings are
-  interpolated (bicubic) when --image_size gives another patch grid than the checkpoint's.
+  interpolated (bicubic) when --image_size gives another patch grid than the checkpoint's. A full
+  fine-tune's adapter.pt is a checkpoint too (its saved n_head is used).
 - The head is new, zero-initialised (as in the ViT paper's fine-tuning) and always trained, at its own
   --head_lr. `--method head` is the papers' linear probe (LP); `--method none` trains nothing and
   only evaluates --init_from (useful when its classifier fits the classes); to evaluate a fine-tuned
   run, rebuild it with load_finetuned(path to its adapter.pt).
-- Per-method defaults for ViT: LoRA r=16, alpha=16 and SiVA perc=0.95 (siva §4.1); SeRA r=split=16
-  (sera §4.1, "easy" mode; split = r is its default); Bone b=64 (its paper's default); VB-LoRA r=4,
-  h=256, k=2 with b=256 (its GPT-2 setting; b must divide the width: 256 divides 768 and 1024).
-  Targets q_proj, v_proj (both papers). Learning rates are not in our copies of the papers; the
-  --lr defaults per method are untuned starting points. VB-LoRA: bank at --lr, logits at
-  --vblora_logits_lr, no weight decay on either (its paper).
+- Per-method defaults for ViT. From the papers' text: targets q_proj, v_proj (siva §4.1, sera §4.1);
+  LoRA r=16 and SiVA perc=0.95 (siva §4.1, ViT-B/L); SeRA r=16 with split = r (sera §4.1, ViT-L "easy"
+  mode; split = r is its stated default); Bone b=64 (its paper's default). Ours: LoRA and SeRA
+  alpha=16 (scale 1); SiVA's "variance" read as Σσ² with k >= 1 (siva.py); VB-LoRA r=4, h=256, k=2
+  with b=256 (its GPT-2 setting; b must divide the width: 256 divides 768 and 1024). Learning rates
+  are not in our copies of the papers; the --lr defaults per method are untuned starting points.
+  VB-LoRA: bank at --vblora_bank_lr, logits at --vblora_logits_lr, no weight decay on either (its paper).
 - Data: Hub datasets through `datasets` (ids in DATASETS below; FGVC-Aircraft from the parquet
   conversion of HuggingFaceM4/FGVC-Aircraft, pinned to its commit, as datasets>=4 runs no loading
-  scripts), or a local .npz / image folder.
+  scripts), or a local .npz / image folder (layout in DATA_LAYOUT), checked before any training.
   Images are decoded once into a uint8 tensor cache (kept at their own size when the first 32 share
   one square size no larger than --image_size, else resized once to --image_size), and augmented on the
   device in batches: random-resized-crop (area U(--min_crop, 1), aspect log-U(3/4, 4/3), the box
   clipped to the image) + horizontal flip as one affine grid_sample; so crops only ever upsample.
+  The crop and flip of a micro-batch are drawn from a generator seeded by (--seed, its index), so they
+  do not depend on the number of processes and a resumed run draws them again as it would have.
   Test images are resized (bilinear, antialiased) to --image_size, no crop. Normalisation
   mean = std = 0.5, what Google's in21k checkpoints expect.
-- AdamW, linear warmup then cosine decay to 0, gradient clipping; bf16 autocast on CUDA.
+- AdamW, linear warmup then cosine decay to 0, gradient clipping; bf16 autocast on CUDA. An epoch is
+  len(train) // (global batch) steps: the last incomplete global batch is dropped (another each epoch).
+- Multi-GPU (torchrun): DistributedDataParallel as nanoGPT's train.py. One optimizer step takes
+  --grad_accum micro-batches of --batch_size on each of the N processes; micro-batch i of a step goes to
+  process i % N, so N processes with --grad_accum G give the same steps as one with --grad_accum G*N.
+  Only rank 0 logs, evaluates and saves.
 - adapter.pt holds the method's adapter state dict (the whole backbone for `full`, compact top-k for
-  VB-LoRA), the head and the run's arguments; load_finetuned(path) rebuilds the model from it (a
-  scratch backbone is rebuilt from --seed). ckpt.pt holds every trainable tensor, the optimiser, the
-  step and the torch RNG states (augmentation draws from them), for --resume. Both are written atomically.
+  VB-LoRA), the head, the model's config and the run's arguments; load_finetuned(path) rebuilds the
+  model from it (a scratch backbone is rebuilt from --seed). ckpt.pt holds every trainable tensor, the
+  optimiser, the step and the torch RNG state (dropout), for --resume. Both are written atomically.
 """
 import argparse
 import itertools
@@ -47,14 +58,18 @@ import json
 import math
 import os
 import re
+import sys
 import time
+import zipfile
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bone
 import lora
@@ -130,7 +145,7 @@ class ViT(nn.Module):
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"ViT: patch_size={cfg.patch_size} must divide image_size={cfg.image_size}")
         if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"ViT: heads={cfg.n_head} must divide dim={cfg.n_embd}")
+            raise ValueError(f"ViT: n_head={cfg.n_head} must divide n_embd={cfg.n_embd}")
         self.cfg = cfg
         n_patch = (cfg.image_size // cfg.patch_size) ** 2
         self.patch_embed = nn.Conv2d(3, cfg.n_embd, cfg.patch_size, stride=cfg.patch_size)
@@ -237,6 +252,35 @@ def _read_tensors(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+class Unreachable(SystemExit):
+    """A download that failed for want of a network. main() tries every download first and then
+    reports all of them at once, each with the flags that replace it."""
+
+
+def _unreachable(e):
+    """True when e, or an exception it was raised from, is a failed connection or a timeout (the
+    requests, httpx and huggingface_hub ones included, by their class names)."""
+    while e is not None:
+        if isinstance(e, (ConnectionError, TimeoutError)) or re.search("Connect|Timeout|Offline", type(e).__name__):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _why(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def _from_finetune(blob, path):
+    """A full fine-tune's adapter.pt as a checkpoint: its backbone and head, and its own n_head."""
+    if blob.get("method") != "full":
+        raise SystemExit(f"error: --init_from {path}: the adapter.pt of a --method {blob.get('method')} run holds "
+                         f"no backbone; rebuild it with load_finetuned({path!r}), or start from a full fine-tune")
+    cfg = blob.get("model_cfg") or {"n_head": blob["args"].get("n_head"), "ln_eps": 1e-12}
+    sd = {**blob["adapter"], **{f"head.{k}": v for k, v in blob.get("head", {}).items()}}
+    return sd, {"num_attention_heads": cfg["n_head"], "layer_norm_eps": cfg["ln_eps"], "hidden_act": "gelu"}
+
+
 def read_checkpoint(init_from):
     """-> (state dict in our naming, HF config dict or None), from a file, a folder or the Hub."""
     hf_cfg = None
@@ -245,7 +289,7 @@ def read_checkpoint(init_from):
         weights = [n for n in ("model.safetensors", "pytorch_model.bin") if n in names] or \
                   [n for n in names if n.endswith((".safetensors", ".bin", ".pt", ".pth"))]
         if not weights:
-            raise SystemExit(f"no weights (.safetensors/.bin/.pt) in {init_from}")
+            raise SystemExit(f"error: --init_from {init_from}: no weights (.safetensors/.bin/.pt) in this folder")
         path = os.path.join(init_from, weights[0])
         cfg_path = os.path.join(init_from, "config.json")
     elif os.path.isfile(init_from):
@@ -257,46 +301,64 @@ def read_checkpoint(init_from):
             cfg_path = hf_hub_download(repo, "config.json")
             try:
                 path = hf_hub_download(repo, "model.safetensors")
-            except Exception:
+            except Exception as e:
+                if _unreachable(e):
+                    raise
                 path = hf_hub_download(repo, "pytorch_model.bin")
         except Exception as e:
-            raise SystemExit(f"could not fetch {repo} (config.json + model.safetensors or pytorch_model.bin) "
-                             f"from the Hugging Face Hub: {type(e).__name__}: {str(e).splitlines()[0][:200]}\n"
-                             f"Offline? Download it elsewhere and pass --init_from PATH (a .safetensors/.bin "
-                             f"file or a folder holding it and config.json), or use --init_from scratch.")
+            local = ("pass --init_from PATH (a .safetensors/.bin file, or a folder holding it and config.json, "
+                     "downloaded elsewhere) or --init_from scratch")
+            if _unreachable(e):
+                raise Unreachable(f"error: could not reach the Hugging Face Hub for the model {repo} (--init_from "
+                                  f"{init_from}): {_why(e)}. Offline? {local}")
+            raise SystemExit(f"error: could not fetch {repo} (--init_from {init_from}; config.json + "
+                             f"model.safetensors or pytorch_model.bin) from the Hugging Face Hub: {_why(e)}; {local}")
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:
             hf_cfg = json.load(f)
-    sd = _read_tensors(path)
+    try:
+        sd = _read_tensors(path)
+    except Exception as e:
+        raise SystemExit(f"error: --init_from {path}: not a readable checkpoint (truncated, or not a "
+                         f"safetensors/torch file): {_why(e)}")
+    if isinstance(sd, dict) and "adapter" in sd and "args" in sd:
+        sd, hf_cfg = _from_finetune(sd, path)
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise SystemExit(f"error: --init_from {path}: not a state dict of tensors")
     if any(k.endswith("embeddings.cls_token") for k in sd):
         sd = hf_to_vit(sd)
     return sd, hf_cfg
 
 
-def build_model(args, num_classes):
-    """ViT from --init_from (scratch, a Hub id/alias, or a local path), with a fresh head."""
+def build_model(args, num_classes, weights=None, n_head=None):
+    """ViT from --init_from (scratch, a Hub id/alias, or a local path), with a fresh head. weights: what
+    read_checkpoint returned, when main() has read it already; n_head: a saved model's own count."""
     if args.init_from == "scratch":
-        return ViT(ViTConfig(args.image_size, args.patch_size, args.depth, args.heads, args.dim,
-                             4 * args.dim, num_classes))
-    sd, hf_cfg = read_checkpoint(args.init_from)
+        return ViT(ViTConfig(args.image_size, args.patch_size, args.n_layer, n_head or args.n_head, args.n_embd,
+                             4 * args.n_embd, num_classes))
+    sd, hf_cfg = weights or read_checkpoint(args.init_from)
     if "cls_token" not in sd or "patch_embed.weight" not in sd:
-        raise SystemExit(f"{args.init_from}: not a ViT checkpoint (no class token / patch embedding); "
-                         f"some keys: {list(sd)[:6]}")
+        raise SystemExit(f"error: --init_from {args.init_from}: not a ViT checkpoint (no class token / patch "
+                         f"embedding); some keys: {list(sd)[:6]}")
     n_embd, patch = sd["cls_token"].shape[-1], sd["patch_embed.weight"].shape[-1]
     n_layer = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     if hf_cfg and hf_cfg.get("hidden_act", "gelu") != "gelu":
-        raise SystemExit(f"{args.init_from}: hidden_act={hf_cfg['hidden_act']!r}, this ViT has exact GELU only")
-    if hf_cfg and "num_attention_heads" in hf_cfg:
+        raise SystemExit(f"error: --init_from {args.init_from}: hidden_act={hf_cfg['hidden_act']!r}, this ViT "
+                         f"has exact GELU only")
+    if n_head is None and hf_cfg and "num_attention_heads" in hf_cfg:
         n_head = hf_cfg["num_attention_heads"]
-    else:
+    elif n_head is None:
         n_head = n_embd // 64
         print(f"no config.json beside {args.init_from}: assuming {n_head} heads of 64 (every Google ViT)")
     eps = hf_cfg.get("layer_norm_eps", 1e-12) if hf_cfg else 1e-12
     cfg = ViTConfig(args.image_size, patch, n_layer, n_head, n_embd, sd["blocks.0.mlp.fc1.weight"].shape[0],
                     num_classes, eps)
     model = ViT(cfg)
-    head = load_weights(model, sd)
-    print(f"loaded {args.init_from}: {n_layer} layers, dim {n_embd}, {n_head} heads, patch {patch}"
+    try:
+        head = load_weights(model, sd)
+    except ValueError as e:
+        raise SystemExit(f"error: --init_from {args.init_from}: {e}")
+    print(f"loaded {args.init_from}: {n_layer} layers, n_embd {n_embd}, {n_head} heads, patch {patch}"
           f"{', its classifier as the head' if head else ''}")
     return model
 
@@ -315,6 +377,9 @@ DATASETS = {  # --dataset: (Hugging Face Hub id, label column, revision); test =
     "fgvc": ("HuggingFaceM4/FGVC-Aircraft", "variant", "e18a7c97147c90dc7f4a60d74a7f4258e9264e97"),
     "resisc45": ("timm/resisc45", "label", None),
 }
+DATA_LAYOUT = ("a .npz holding x_train, y_train, x_test, y_test (uint8 (N, H, W, 3) images, integer labels "
+               "0..C-1) and optionally class_names (C names), or a folder holding train/<class>/ and "
+               "test/<class>/ with the images of each class")
 MEAN, STD = 0.5, 0.5  # Google's in21k preprocessing: pixels to [-1, 1]
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -340,71 +405,95 @@ def cache_images(images, n, size):
     return out
 
 
+def check_split(where, split, n_x, y, classes):
+    """Images and labels agree in number, the split is not empty, labels are 0..len(classes)-1."""
+    if n_x != len(y):
+        raise SystemExit(f"error: {where}: x_{split} holds {n_x} images but y_{split} {len(y)} labels")
+    if n_x == 0:
+        raise SystemExit(f"error: {where}: the {split} split is empty")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= len(classes):
+        raise SystemExit(f"error: {where}: y_{split} holds labels {lo}..{hi}, but there are {len(classes)} classes "
+                         f"(labels must be 0..{len(classes) - 1})")
+
+
 def load_npz(path, size):
     """.npz with x_train, y_train, x_test, y_test (uint8 (N, H, W, 3)) and optionally class_names."""
-    d = np.load(path, allow_pickle=False)
-    out = {}
+    where = f"--data {path}"
+    try:
+        d = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise SystemExit(f"error: {where}: not a readable .npz: {_why(e)}")
+    if not isinstance(d, np.lib.npyio.NpzFile):
+        raise SystemExit(f"error: {where}: one array, not an .npz archive; expected {DATA_LAYOUT}")
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in d.files]
+    if missing:
+        raise SystemExit(f"error: {where}: missing {', '.join(missing)} (it holds {', '.join(d.files) or 'nothing'})")
+    ys = {s: d[f"y_{s}"] for s in ("train", "test")}
+    for s, y in ys.items():
+        if y.ndim != 1 or y.dtype.kind not in "iub":
+            raise SystemExit(f"error: {where}: y_{s} must be a 1-D array of integer labels, got {y.dtype} {y.shape}")
+    classes = [str(c) for c in d["class_names"]] if "class_names" in d.files else \
+        [str(i) for i in range(int(max(y.max(initial=0) for y in ys.values())) + 1)]
+    out = {"classes": classes}
     for split in ("train", "test"):
         x = d[f"x_{split}"]
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"{path}: x_{split} must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
+            raise SystemExit(f"error: {where}: x_{split} must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
+        check_split(where, split, len(x), ys[split], classes)
         x = torch.from_numpy(x).permute(0, 3, 1, 2)  # (N, 3, H, W)
         square_small = x.shape[2] == x.shape[3] <= size
         out[f"x_{split}"] = x.contiguous() if square_small else cache_images(x, len(x), size)
-        out[f"y_{split}"] = torch.from_numpy(d[f"y_{split}"].astype(np.int64))
-    n = int(max(out["y_train"].max(), out["y_test"].max())) + 1
-    out["classes"] = [str(c) for c in d["class_names"]] if "class_names" in d else [str(i) for i in range(n)]
+        out[f"y_{split}"] = torch.from_numpy(ys[split].astype(np.int64))
     return out
 
 
 def load_folder(path, size):
-    """path/train/<class>/*.png|jpg... and path/test/<class>/...; classes = train's subfolders, sorted."""
+    """path/train/<class>/*.png|jpg... and path/test/<class>/...; classes = train's subfolders, sorted.
+    Hidden entries (.ipynb_checkpoints/, .DS_Store) are neither classes nor images."""
     from PIL import Image
-    classes = sorted(e.name for e in os.scandir(os.path.join(path, "train")) if e.is_dir())
+    where = f"--data {path}"
+    visible = lambda root, dirs: sorted(e.name for e in os.scandir(root)
+                                        if not e.name.startswith(".") and e.is_dir() == dirs)
+    absent = [s + "/" for s in ("train", "test") if not os.path.isdir(os.path.join(path, s))]
+    if absent:
+        raise SystemExit(f"error: {where}: no {' and no '.join(absent)} in this folder; expected {DATA_LAYOUT}")
+    classes = visible(os.path.join(path, "train"), dirs=True)
     out = {"classes": classes}
     for split in ("train", "test"):
         root = os.path.join(path, split)
+        if not visible(root, dirs=True):
+            raise SystemExit(f"error: {where}: {split}/ holds no class subfolders (a flat folder of images?); "
+                             f"expected {DATA_LAYOUT}")
         files = []
-        for c in sorted(e.name for e in os.scandir(root) if e.is_dir()):
+        for c in visible(root, dirs=True):
             if c not in classes:
-                raise ValueError(f"{root}/{c}: class not in {path}/train")
-            files += [(os.path.join(root, c, f), classes.index(c)) for f in sorted(os.listdir(os.path.join(root, c)))
+                raise SystemExit(f"error: {where}: {split}/{c} is not a class of train/ ({', '.join(classes)})")
+            files += [(os.path.join(root, c, f), classes.index(c)) for f in visible(os.path.join(root, c), dirs=False)
                       if f.lower().endswith(IMAGE_EXT)]
-        if not files:
-            raise ValueError(f"{root}: no images in class subfolders")
+        check_split(where, split, len(files), torch.tensor([y for _, y in files], dtype=torch.int64), classes)
 
         def decode(fs=files):
             for f, _ in fs:
                 with Image.open(f) as img:
                     yield _pil_to_chw(img)
         out[f"x_{split}"] = cache_images(decode(), len(files), size)
-        out[f"y_{split}"] = torch.tensor([y for _, y in files])
+        out[f"y_{split}"] = torch.tensor([y for _, y in files], dtype=torch.int64)
     return out
-
-
-def _unreachable(e):
-    """True when e, or an exception it was raised from, is a failed connection or a timeout (the
-    requests, httpx and huggingface_hub ones included, by their class names)."""
-    while e is not None:
-        if isinstance(e, (ConnectionError, TimeoutError)) or re.search("Connect|Timeout|Offline", type(e).__name__):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def load_hub(name, size):
     repo, label, revision = DATASETS[name]
-    local = ("Pass --data PATH: a .npz with x_train, y_train, x_test, y_test (uint8 NHWC) or a folder with "
-             "train/ and test/, each holding one subfolder of images per class.")
+    local = f"pass --data PATH: {DATA_LAYOUT}"
     try:
         import datasets
         ds = datasets.load_dataset(repo, revision=revision)
     except Exception as e:
-        why = f"{type(e).__name__}: {str(e)[:500]}"
         if _unreachable(e):
-            raise SystemExit(f"could not reach the Hugging Face Hub for the dataset {repo} (--dataset {name}): "
-                             f"{why}\nOffline? {local}")
-        raise SystemExit(f"could not load the dataset {repo} (--dataset {name}) through `datasets`: {why}\n{local}")
+            raise Unreachable(f"error: could not reach the Hugging Face Hub for the dataset {repo} (--dataset "
+                              f"{name}): {_why(e)}. Offline? {local}")
+        raise SystemExit(f"error: could not load the dataset {repo} (--dataset {name}) through `datasets`: "
+                         f"{_why(e)}; {local}")
     feats = ds["train"].features
     image = next(k for k, f in feats.items() if isinstance(f, datasets.Image))
     if label not in feats:
@@ -412,46 +501,53 @@ def load_hub(name, size):
     out = {"classes": list(feats[label].names) if isinstance(feats[label], datasets.ClassLabel) else None}
     for split, src in (("train", "train"), ("test", "test" if "test" in ds else "validation")):
         d = ds[src]
+        out[f"y_{split}"] = torch.tensor(list(d[label]), dtype=torch.int64)
+        if out["classes"] is None:
+            out["classes"] = [str(i) for i in range(int(out["y_train"].max()) + 1)]
+        check_split(f"--dataset {name}", split, len(d), out[f"y_{split}"], out["classes"])
         pixels = (_pil_to_chw(ex[image]) for ex in d.select_columns([image]))  # decode no other column
         out[f"x_{split}"] = cache_images(pixels, len(d), size)
-        out[f"y_{split}"] = torch.tensor(list(d[label]), dtype=torch.int64)
-    if out["classes"] is None:
-        out["classes"] = [str(i) for i in range(int(out["y_train"].max()) + 1)]
     return out
 
 
 def load_data(args):
+    """{x_train, y_train, x_test, y_test, classes} from --data (a folder, or an .npz read by its content
+    whatever its name) or else the Hub's --dataset; every problem is one `error:` line."""
     if not args.data:
         return load_hub(args.dataset, args.image_size)
-    if not os.path.exists(args.data):
-        raise SystemExit(f"--data {args.data}: no such file or folder")
-    load = load_npz if args.data.endswith(".npz") else load_folder
-    return load(args.data, args.image_size)
+    if os.path.isdir(args.data):
+        return load_folder(args.data, args.image_size)
+    if not os.path.isfile(args.data):
+        raise SystemExit(f"error: --data {args.data}: no such file or folder")
+    if not zipfile.is_zipfile(args.data):  # an .npz is a zip archive, whatever its suffix
+        raise SystemExit(f"error: --data {args.data}: neither an .npz archive nor a folder; expected {DATA_LAYOUT}")
+    return load_npz(args.data, args.image_size)
 
 
-def random_resized_crop_flip(x, size, min_scale=0.08, ratio=(3 / 4, 4 / 3), flip=True):
+def random_resized_crop_flip(x, size, min_scale=0.08, ratio=(3 / 4, 4 / 3), flip=True, generator=None):
     """(B, 3, H, W) float -> (B, 3, size, size): one random box per image (area fraction U(min_scale, 1),
     aspect log-uniform in ratio, clipped to the image), mirrored with probability 1/2, all sampled
-    bilinearly by a single grid_sample."""
-    B, dev = x.shape[0], x.device
-    area = torch.empty(B, device=dev).uniform_(min_scale, 1.0)
-    aspect = torch.empty(B, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    bilinearly by a single grid_sample. The draws come from `generator` (a CPU one; None: the global)."""
+    B = x.shape[0]
+    u = torch.rand(5, B, generator=generator).to(x.device)  # area, aspect, centre x, centre y, flip
+    area = min_scale + (1 - min_scale) * u[0]
+    aspect = (math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1]).exp()
     w = (area * aspect).sqrt().clamp(max=1.0)  # box sides as fractions of the image side
     h = (area / aspect).sqrt().clamp(max=1.0)
-    cx = (torch.rand(B, device=dev) * (1 - w) + w / 2) * 2 - 1  # box centre in grid_sample's [-1, 1]
-    cy = (torch.rand(B, device=dev) * (1 - h) + h / 2) * 2 - 1
-    sign = torch.where(torch.rand(B, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(B, device=dev)
-    theta = torch.zeros(B, 2, 3, device=dev)  # output [-1, 1] coords -> input coords
+    cx = (u[2] * (1 - w) + w / 2) * 2 - 1  # box centre in grid_sample's [-1, 1]
+    cy = (u[3] * (1 - h) + h / 2) * 2 - 1
+    sign = torch.where(u[4] < 0.5, -1.0, 1.0) if flip else torch.ones_like(w)
+    theta = torch.zeros(B, 2, 3, device=x.device)  # output [-1, 1] coords -> input coords
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
     grid = F.affine_grid(theta, (B, 3, size, size), align_corners=False)  # (B, size, size, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def preprocess(x, size, train, min_scale=0.08):
+def preprocess(x, size, train, min_scale=0.08, generator=None):
     """uint8 (B, 3, H, W) on the device -> normalised float (B, 3, size, size)."""
     x = x.float() / 255
     if train:
-        x = random_resized_crop_flip(x, size, min_scale)
+        x = random_resized_crop_flip(x, size, min_scale, generator=generator)
     elif x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return (x - MEAN) / STD
@@ -463,7 +559,8 @@ def preprocess(x, size, train, min_scale=0.08):
 METHODS = {
     "lora": (lambda a: lora.LoRAConfig(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout),
              lora.apply_lora, lora.lora_state_dict, lora.load_lora_state_dict),
-    "sera": (lambda a: sera.SeRAConfig(r=a.sera_r, split=a.sera_split, alpha=a.sera_alpha),
+    "sera": (lambda a: sera.SeRAConfig(r=a.sera_r, split=a.sera_split or a.sera_r, alpha=a.sera_alpha,
+                                       dropout=a.sera_dropout),
              sera.apply_sera, sera.sera_state_dict, sera.load_sera_state_dict),
     "siva": (lambda a: siva.SiVAConfig(perc=a.siva_perc),
              siva.apply_siva, siva.siva_state_dict, siva.load_siva_state_dict),
@@ -474,130 +571,23 @@ METHODS = {
                vblora.load_vblora_state_dict),
 }
 ALL_METHODS = ["none", "full", "head", *METHODS]
-# --lr defaults: the papers' ViT lr tables are missing from our copies; untuned starting points (VB-LoRA: its bank lr)
+# --lr defaults: the papers' ViT lr tables are missing from our copies; untuned starting points (VB-LoRA: the
+# bank's, unless --vblora_bank_lr)
 METHOD_LR = {"none": 0.0, "full": 2e-5, "head": 0.0, "lora": 5e-3, "sera": 5e-3, "siva": 5e-3, "bone": 1e-4,
              "vblora": 1e-3}
 
 
 def apply_method(model, args):
     """Set what trains: everything (full), the head only (head), nothing (none), or the method's adapter
-    on --targets plus the head."""
+    on --targets plus the head. Returns the AdamW parameter groups (each named, with its base_lr): head at
+    --head_lr, VB-LoRA bank at --vblora_bank_lr and logits at --vblora_logits_lr, the rest (adapter, or
+    the backbone for full) at --lr; weight decay on matrices only and never on VB-LoRA's tensors."""
     model.requires_grad_(args.method == "full")
     if args.method in METHODS:
         make_cfg, apply, _, _ = METHODS[args.method]
         apply(model, make_cfg(args), args.targets.split(","))
     model.head.requires_grad_(args.method != "none")
-
-
-def adapter_state(model, method):
-    if method == "full":
-        return {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-    return METHODS[method][2](model) if method in METHODS else {}
-
-
-def load_finetuned(path, device="cpu"):
-    """Rebuild a fine-tuned model from adapter.pt: backbone from its --init_from (or --seed for scratch),
-    the method applied as in training, then the adapter and the head loaded."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    args = argparse.Namespace(**blob["args"])
-    torch.manual_seed(args.seed)
-    model = build_model(args, len(blob["classes"])).to(device)
-    apply_method(model, args)
-    if args.method == "full":
-        model.load_state_dict(blob["adapter"], strict=False)
-    elif args.method in METHODS:
-        METHODS[args.method][3](model, blob["adapter"])
-    model.head.load_state_dict(blob["head"])
-    return model.eval()
-
-
-def save_atomic(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-# -----------------------------------------------------------------------------
-# training
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--init_from", default="vit-base",
-                   help="vit-base | vit-large (Google in21k on the Hub) | a Hub repo id | a local .safetensors/.bin/"
-                        ".pt or folder | scratch")
-    g.add_argument("--image_size", type=int, default=224, help="model input side; pos-embeds interpolated if needed")
-    g.add_argument("--depth", type=int, default=12, help="scratch only: blocks")
-    g.add_argument("--dim", type=int, default=768, help="scratch only: width")
-    g.add_argument("--heads", type=int, default=12, help="scratch only: attention heads")
-    g.add_argument("--patch_size", type=int, default=16, help="scratch only: patch side")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=list(DATASETS), help="Hub dataset (see DATASETS)")
-    g.add_argument("--data", default="", help="local data instead: .npz (x_train, y_train, x_test, y_test, uint8 "
-                                              "NHWC) or a folder with train/<class>/ and test/<class>/ images")
-    g.add_argument("--min_crop", type=float, default=0.08, help="smallest random-resized-crop area fraction")
-    g = p.add_argument_group("method")
-    g.add_argument("--method", default="lora", choices=ALL_METHODS,
-                   help="none = evaluate only; head = linear probe; full = every weight; else the adapter")
-    g.add_argument("--targets", default="q_proj,v_proj", help="comma-separated Linear names to adapt")
-    g.add_argument("--lora_r", type=int, default=16, help="LoRA rank (siva §4.1 ViT setting)")
-    g.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA scale = alpha / r")
-    g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout on x")
-    g.add_argument("--sera_r", type=int, default=16, help="SeRA mixing width r (sera §4.1 ViT-L easy mode)")
-    g.add_argument("--sera_split", type=int, default=16, help="SeRA segments; split = r is its default")
-    g.add_argument("--sera_alpha", type=float, default=16.0, help="SeRA scale = alpha / r")
-    g.add_argument("--siva_perc", type=float, default=0.95, help="SiVA variance kept frozen (siva §4.1)")
-    g.add_argument("--bone_b", type=int, default=64, help="Bone block size; must divide in and out")
-    g.add_argument("--bone_grouping", default="col", choices=["col", "row"],
-                   help="Bone-col (its paper's default) or Bone-row")
-    g.add_argument("--vblora_r", type=int, default=4, help="VB-LoRA rank")
-    g.add_argument("--vblora_b", type=int, default=256, help="vector length; must divide the width")
-    g.add_argument("--vblora_h", type=int, default=256, help="vectors in the bank")
-    g.add_argument("--vblora_k", type=int, default=2, help="top-k vectors per sub-vector")
-    g.add_argument("--vblora_logits_lr", type=float, default=1e-2, help="VB-LoRA logits lr (its paper)")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=10, help="the papers train at most 10")
-    g.add_argument("--max_iters", type=int, default=0, help="stop after this many steps (0: run --epochs)")
-    g.add_argument("--batch_size", type=int, default=64, help="training images per step")
-    g.add_argument("--eval_batch_size", type=int, default=256, help="test images per forward")
-    g.add_argument("--lr", type=float, default=None,
-                   help="adapter lr (backbone lr for full, bank lr for vblora); None = per method: "
-                        + ", ".join(f"{k} {v:g}" for k, v in METHOD_LR.items() if v))
-    g.add_argument("--head_lr", type=float, default=5e-3, help="lr of the classification head, every method")
-    g.add_argument("--weight_decay", type=float, default=1e-4, help="on matrices, not on biases/norms/VB-LoRA")
-    g.add_argument("--warmup_frac", type=float, default=0.1, help="fraction of the steps spent in linear warmup")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="0 disables")
-    g.add_argument("--seed", type=int, default=0, help="init, data order and augmentation")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda (bf16 autocast) or cpu")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--log_interval", type=int, default=20, help="steps between log lines")
-    g.add_argument("--out_dir", default="out-vit", help="adapter.pt and ckpt.pt go here")
-    g.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
-    args = p.parse_args(argv)
-    if args.lr is None:
-        args.lr = METHOD_LR[args.method]
-    return args
-
-
-@torch.no_grad()
-def evaluate(model, x, y, args, ctx):
-    model.eval()
-    correct = 0
-    for i in range(0, len(x), args.eval_batch_size):
-        xb = preprocess(x[i:i + args.eval_batch_size].to(args.device), args.image_size, train=False)
-        with ctx:
-            correct += (model(xb).argmax(-1) == y[i:i + args.eval_batch_size].to(args.device)).sum().item()
-    model.train()
-    return correct / len(x)
-
-
-def param_groups(model, args):
-    """AdamW groups, each named for the log: head at --head_lr, VB-LoRA logits at --vblora_logits_lr, the
-    rest (adapter, VB-LoRA bank, or the backbone for full) at --lr; weight decay on matrices only and never
-    on VB-LoRA's bank or logits."""
-    lrs = {"head": args.head_lr, "logits": args.vblora_logits_lr}
+    lrs = {"head": args.head_lr, "logits": args.vblora_logits_lr, "bank": args.vblora_bank_lr}
     groups = {}
     for n, p in model.named_parameters():
         if not p.requires_grad:
@@ -610,125 +600,435 @@ def param_groups(model, args):
              "weight_decay": wd} for (name, wd), ps in groups.items()]
 
 
+def adapter_state_dict(model, method):
+    """What a user ships, without the head: the method's adapter (VB-LoRA compact), the backbone (full)."""
+    if method == "full":
+        return {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    return METHODS[method][2](model) if method in METHODS else {}
+
+
+def stored_param_count(model, method):
+    if method == "vblora":
+        return vblora.vblora_stored_param_count(model)
+    return sum(t.numel() for t in adapter_state_dict(model, method).values())
+
+
+def lr_factor(step, warmup, total):
+    """Linear warm-up to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def save_atomic(obj, path):
+    """Write path + '.tmp', flush it to the disk, rename it over path, then flush the folder: a crash
+    leaves the old file or the new one, never a torn one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+CKPT_KEYS = ("args", "step", "trainable", "optimizer", "rng")
+ADAPTER_KEYS = ("args", "method", "adapter", "head", "classes")
+
+
+def load_checkpoint(path, keys=CKPT_KEYS):
+    """torch.load(path) as data only; an empty, truncated or foreign file is one `error:` line."""
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f"error: {path} is an empty file, not a checkpoint (a save cut short?)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or not a torch file): {_why(e)}")
+    missing = [k for k in keys if k not in ck] if isinstance(ck, dict) else list(keys)
+    if missing:
+        raise SystemExit(f"error: {path} is not a checkpoint of train_vit.py: no {', '.join(missing)}")
+    return ck
+
+
+# flags that cannot change what a resumed run computes, only how long it runs, what it prints, where it saves
+RESUME_MAY_CHANGE = ("max_iters", "epochs", "log_interval", "eval_interval", "eval_batch_size", "device",
+                     "compile", "resume", "overwrite", "out_dir")
+
+
+def check_resume(saved_args, args):
+    """Refuse a --resume whose flags alter the run (a new --seed rebuilds a scratch backbone, a new --lr
+    another schedule...): one line naming every changed flag with both values."""
+    new = vars(args)
+    changed = [k for k in sorted(set(saved_args) | set(new)) if k not in RESUME_MAY_CHANGE
+               and saved_args.get(k, "(absent)") != new.get(k, "(absent)")]
+    if changed:
+        raise SystemExit("error: --resume: these flags differ from the checkpoint's and would alter the run: "
+                         + ", ".join(f"--{k} {saved_args.get(k, '(absent)')} (now {new.get(k, '(absent)')})"
+                                     for k in changed)
+                         + "; only " + ", ".join("--" + k for k in RESUME_MAY_CHANGE) + " may change")
+
+
+def load_finetuned(path, device="cpu"):
+    """Rebuild a fine-tuned model from adapter.pt: a full fine-tune from its saved config and tensors;
+    else the backbone from its --init_from (or --seed for scratch) with its saved n_head, the method
+    applied as in training, then the adapter and the head loaded."""
+    blob = load_checkpoint(path, ADAPTER_KEYS)
+    args = argparse.Namespace(**blob["args"])
+    saved_cfg = blob.get("model_cfg")
+    torch.manual_seed(args.seed)
+    if args.method == "full" and saved_cfg:
+        model = ViT(ViTConfig(**saved_cfg))
+        model.load_state_dict({**blob["adapter"], **{f"head.{k}": v for k, v in blob["head"].items()}})
+        return model.to(device).eval()
+    model = build_model(args, len(blob["classes"]), n_head=saved_cfg and saved_cfg["n_head"])
+    apply_method(model, args)
+    if args.method == "full":
+        model.load_state_dict(blob["adapter"], strict=False)
+    elif args.method in METHODS:
+        METHODS[args.method][3](model, blob["adapter"])
+    model.head.load_state_dict(blob["head"])
+    return model.to(device).eval()
+
+
+def hms(seconds):
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# -----------------------------------------------------------------------------
+# arguments
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--init_from", default="vit-base",
+                   help="vit-base | vit-large (Google in21k on the Hub) | a Hub repo id | a local .safetensors/.bin/"
+                        ".pt or folder | a full fine-tune's adapter.pt | scratch")
+    g.add_argument("--image_size", type=int, default=224, help="model input side; pos-embeds interpolated if needed")
+    g.add_argument("--n_layer", type=int, default=12, help="scratch only: blocks")
+    g.add_argument("--n_head", type=int, default=12, help="scratch only: attention heads; must divide --n_embd")
+    g.add_argument("--n_embd", type=int, default=768, help="scratch only: width")
+    g.add_argument("--patch_size", type=int, default=16, help="scratch only: patch side; must divide --image_size")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10", choices=list(DATASETS), help="Hub dataset (see DATASETS)")
+    g.add_argument("--data", default="", help=f"local data instead: {DATA_LAYOUT}")
+    g.add_argument("--min_crop", type=float, default=0.08, help="smallest random-resized-crop area fraction")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="lora", choices=ALL_METHODS,
+                   help="none = evaluate only; head = linear probe; full = every weight; else the adapter")
+    g.add_argument("--targets", default="q_proj,v_proj", help="comma-separated Linear names to adapt (both papers)")
+    g.add_argument("--lora_r", type=int, default=16, help="LoRA rank (siva §4.1 ViT setting)")
+    g.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA scale = alpha / r (16: ours)")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout on x")
+    g.add_argument("--sera_r", type=int, default=16, help="SeRA mixing width r (sera §4.1, ViT-L easy mode)")
+    g.add_argument("--sera_split", type=int, default=None, help="SeRA segments; None = --sera_r (its default)")
+    g.add_argument("--sera_alpha", type=float, default=16.0, help="SeRA scale = alpha / r (16: ours)")
+    g.add_argument("--sera_dropout", type=float, default=0.0, help="SeRA dropout on x (the paper uses none)")
+    g.add_argument("--siva_perc", type=float, default=0.95,
+                   help="SiVA variance kept frozen (siva §4.1); variance read as Σσ², k >= 1: ours")
+    g.add_argument("--bone_b", type=int, default=64, help="Bone block size; must divide in and out")
+    g.add_argument("--bone_grouping", default="col", choices=["col", "row"],
+                   help="Bone-col (its paper's default) or Bone-row")
+    g.add_argument("--vblora_r", type=int, default=4, help="VB-LoRA rank")
+    g.add_argument("--vblora_b", type=int, default=256, help="vector length; must divide the width")
+    g.add_argument("--vblora_h", type=int, default=256, help="vectors in the bank")
+    g.add_argument("--vblora_k", type=int, default=2, help="top-k vectors per sub-vector")
+    g.add_argument("--vblora_bank_lr", type=float, default=None, help="VB-LoRA bank lr; None = --lr")
+    g.add_argument("--vblora_logits_lr", type=float, default=1e-2, help="VB-LoRA logits lr (its paper)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=10, help="the papers train at most 10")
+    g.add_argument("--max_iters", type=int, default=0, help="stop after this many steps (0: run --epochs)")
+    g.add_argument("--batch_size", type=int, default=64, help="training images per micro-batch, per process")
+    g.add_argument("--grad_accum", type=int, default=1,
+                   help="micro-batches per optimizer step, per process: a step sees batch_size * grad_accum * "
+                        "processes images; N processes with G give the steps of 1 process with G*N")
+    g.add_argument("--eval_batch_size", type=int, default=256, help="test images per forward")
+    g.add_argument("--lr", type=float, default=None,
+                   help="adapter lr (backbone lr for full); None = per method: "
+                        + ", ".join(f"{k} {v:g}" for k, v in METHOD_LR.items() if v))
+    g.add_argument("--head_lr", type=float, default=5e-3, help="lr of the classification head, every method")
+    g.add_argument("--weight_decay", type=float, default=1e-4, help="on matrices, not on biases/norms/VB-LoRA")
+    g.add_argument("--warmup_frac", type=float, default=0.1, help="fraction of the steps spent in linear warmup")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="0 disables")
+    g.add_argument("--seed", type=int, default=0, help="scratch init, adapter init, data order and augmentation")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (bf16 autocast) or cpu; under torchrun each process takes cuda:LOCAL_RANK")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--log_interval", type=int, default=20, help="steps between log lines")
+    g.add_argument("--eval_interval", type=int, default=0,
+                   help="steps between test evaluations (and saves); 0: at each epoch's end. Always at the end")
+    g.add_argument("--out_dir", default="out-vit", help="adapter.pt and ckpt.pt go here")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from out_dir/ckpt.pt; only " + ", ".join("--" + k for k in RESUME_MAY_CHANGE[:6])
+                        + " may differ from its run")
+    g.add_argument("--overwrite", action="store_true", help="start over even if out_dir holds a run")
+    args = p.parse_args(argv)
+    check_args(args)
+    if args.lr is None:
+        args.lr = METHOD_LR[args.method]
+    if args.vblora_bank_lr is None:
+        args.vblora_bank_lr = args.lr
+    return args
+
+
+def check_args(args):
+    """Every bad flag, one `error:` line each, before anything is loaded."""
+    bad = [f"--{k} {getattr(args, k)} must be >= 1" for k in
+           ("batch_size", "grad_accum", "eval_batch_size", "log_interval", "epochs", "image_size", "patch_size",
+            "n_layer", "n_head", "n_embd") if getattr(args, k) < 1]
+    bad += [f"--{k} {getattr(args, k)} must be >= 0" for k in
+            ("max_iters", "eval_interval", "lr", "head_lr", "vblora_bank_lr", "vblora_logits_lr", "weight_decay",
+             "grad_clip") if getattr(args, k) is not None and getattr(args, k) < 0]
+    if args.n_head >= 1 and args.n_embd % args.n_head:
+        bad.append(f"--n_head {args.n_head} must divide --n_embd {args.n_embd}")
+    if args.patch_size >= 1 and args.image_size % args.patch_size:
+        bad.append(f"--patch_size {args.patch_size} must divide --image_size {args.image_size}")
+    if not 0 < args.min_crop <= 1:
+        bad.append(f"--min_crop {args.min_crop} must lie in (0, 1]")
+    if not 0 <= args.warmup_frac < 1:
+        bad.append(f"--warmup_frac {args.warmup_frac} must lie in [0, 1)")
+    if args.resume and args.overwrite:
+        bad.append("--resume and --overwrite: pass one, continue the run or start over")
+    if args.method in METHODS:
+        try:
+            METHODS[args.method][0](args)  # the method's own checks on its flags
+        except ValueError as e:
+            bad.append(f"--method {args.method}: {e}")
+    if bad:
+        raise SystemExit("\n".join("error: " + b for b in bad))
+
+
+# -----------------------------------------------------------------------------
+# distributed (nanoGPT's train.py pattern)
+
+
+def setup_ddp(args):
+    """-> (ddp, rank, world_size, device). Under torchrun (RANK set) join the process group: nccl on
+    CUDA, each process on cuda:LOCAL_RANK; gloo on CPU."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, args.device
+    cuda = args.device.startswith("cuda")
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    device = f"cuda:{local_rank}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    return True, rank, world_size, device
+
+
+@torch.no_grad()
+def evaluate(model, x, y, args, ctx):
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), args.eval_batch_size):
+        xb = preprocess(x[i:i + args.eval_batch_size], args.image_size, train=False)
+        with ctx:
+            correct += (model(xb).argmax(-1) == y[i:i + args.eval_batch_size]).sum().item()
+    model.train()
+    return correct / len(x)
+
+
+def fetch_inputs(args, ddp, master):
+    """The base weights and the data. Every download is tried before any is reported, so an offline
+    run names at once all it could not reach and the flags that replace each. Under DDP rank 0
+    downloads first; the others then read its cache."""
+    if ddp and not master:
+        dist.barrier()
+    weights, data, offline = None, None, []
+    try:
+        weights = None if args.init_from == "scratch" else read_checkpoint(args.init_from)
+    except Unreachable as e:
+        offline.append(str(e))
+    try:
+        data = load_data(args)
+    except Unreachable as e:
+        offline.append(str(e))
+    if offline:
+        raise SystemExit("\n".join(offline))
+    if ddp and master:
+        dist.barrier()
+    return weights, data
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
 def main(argv=None):
+    """The script; returns {model, test_acc, step} for tests and notebooks."""
     args = get_args(argv)
-    os.makedirs(args.out_dir, exist_ok=True)
-    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+    ddp, rank, world_size, device = setup_ddp(args)
+    try:
+        return train(args, ddp, rank, world_size, device)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def train(args, ddp, rank, world_size, device):
+    master = rank == 0  # logs, evaluates and saves
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    log = print if master else (lambda *a, **k: None)
 
-    t0 = time.time()
-    data = load_data(args)
-    x_train, y_train = data["x_train"].to(args.device), data["y_train"].to(args.device)
-    x_test, y_test = data["x_test"].to(args.device), data["y_test"].to(args.device)
-    classes = data["classes"]
-    print(f"data: {len(x_train)} train / {len(x_test)} test images, {len(classes)} classes, cached at "
-          f"{tuple(x_train.shape[2:])} uint8 ({time.time() - t0:.1f}s)")
-
-    torch.manual_seed(args.seed)  # before build_model: a scratch backbone is rebuilt from the seed on reload
-    model = build_model(args, len(classes)).to(args.device)
-    try:
-        apply_method(model, args)
-    except ValueError as e:
-        raise SystemExit(f"--method {args.method}: {e}")
-    n_head = sum(p.numel() for p in model.head.parameters() if p.requires_grad)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    print(f"method {args.method}: {n_train - n_head:,} trainable parameters without the head (as the papers "
-          f"count), {n_train:,} with it; model {n_all:,}")
-    if args.method == "vblora":
-        print(f"VB-LoRA stored parameters (bank + top-k indices and weights): "
-              f"{vblora.vblora_stored_param_count(model):,.0f}")
-    fwd = torch.compile(model) if args.compile else model
-
-    spe = math.ceil(len(x_train) / args.batch_size)  # steps per epoch
-    max_steps = 0 if args.method == "none" else args.max_iters if args.max_iters > 0 else args.epochs * spe
-    warmup = int(args.warmup_frac * max_steps)
-    opt = None
-    if n_train:
-        opt = torch.optim.AdamW(param_groups(model, args), betas=(0.9, 0.999), fused=device_type == "cuda")
-    step = 0
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    # ---- output directory: continue a run only when asked, and only with flags that keep it the same run
+    ckpt_path, adapter_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "adapter.pt")
+    ck = None
     if args.resume:
         if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"--resume: no {ckpt_path}")
-        ck = torch.load(ckpt_path, map_location=args.device, weights_only=True)
-        if ck["args"]["method"] != args.method:
-            raise SystemExit(f"--resume: {ckpt_path} was trained with --method {ck['args']['method']}")
+            raise SystemExit(f"error: --resume: no {ckpt_path}")
+        ck = load_checkpoint(ckpt_path)
+        check_resume(ck["args"], args)
+        if ck.get("world_size", world_size) != world_size:
+            raise SystemExit(f"error: --resume: {ckpt_path} was made by {ck['world_size']} processes, this run has "
+                             f"{world_size}: another global batch")
+    elif not args.overwrite:
+        for path in (ckpt_path, adapter_path):
+            if os.path.exists(path):
+                raise SystemExit(f"error: {path} exists; pass --resume to continue that run or --overwrite to "
+                                 f"start over")
+
+    # ---- data and base weights (every download tried before any error)
+    t0 = time.time()
+    weights, data = fetch_inputs(args, ddp, master)
+    x_train, y_train = data["x_train"].to(device), data["y_train"].to(device)
+    x_test, y_test = data["x_test"].to(device), data["y_test"].to(device)
+    classes = data["classes"]
+    log(f"data: {len(x_train)} train / {len(x_test)} test images, {len(classes)} classes, cached at "
+        f"{tuple(x_train.shape[2:])} uint8 ({time.time() - t0:.1f}s)")
+    global_batch = args.batch_size * args.grad_accum * world_size
+    steps_per_epoch = len(x_train) // global_batch
+    if steps_per_epoch == 0 and args.method != "none":
+        raise SystemExit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} x {world_size} "
+                         f"process(es) = {global_batch} images per step, more than the {len(x_train)} training images")
+
+    # ---- model and method; the same seed on every rank, so all start identical
+    torch.manual_seed(args.seed)  # before build_model: a scratch backbone is rebuilt from the seed on reload
+    model = build_model(args, len(classes), weights).to(device)
+    try:
+        groups = apply_method(model, args)
+    except ValueError as e:
+        raise SystemExit(f"error: --method {args.method}: {e}")
+    torch.manual_seed(args.seed + rank)  # dropout differs across ranks
+    n_head = sum(p.numel() for p in model.head.parameters() if p.requires_grad)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"method {args.method}: {n_train - n_head:,} trainable parameters without the head (as the papers "
+        f"count), {n_train:,} with it; {stored_param_count(model, args.method):,.0f} stored in adapter.pt; "
+        f"model {sum(p.numel() for p in model.parameters()):,}")
+
+    # ---- optimizer and schedule
+    max_steps = 0 if args.method == "none" else args.max_iters or args.epochs * steps_per_epoch
+    warmup = int(args.warmup_frac * max_steps)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=device_type == "cuda") if n_train else None
+    step = 0
+
+    # ---- resume: trainable tensors, optimizer, step, RNG
+    if ck is not None:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        extra, missing = sorted(set(ck["model"]) - trainable), sorted(trainable - set(ck["model"]))
+        extra, missing = sorted(set(ck["trainable"]) - trainable), sorted(trainable - set(ck["trainable"]))
         if extra or missing:
-            raise SystemExit(f"--resume: {ckpt_path} holds other trainable tensors than this run (other --targets "
-                             f"or method flags?): only in the checkpoint {extra[:6]}, only in this run {missing[:6]}")
+            raise SystemExit(f"error: --resume: {ckpt_path} holds other trainable tensors than this run: only in "
+                             f"the checkpoint {extra[:4]}, only in this run {missing[:4]}")
         try:
-            model.load_state_dict(ck["model"], strict=False)
-        except RuntimeError as e:  # shape mismatches: other method flags than the checkpoint's
-            raise SystemExit(f"--resume: {ckpt_path} does not fit this model: {str(e)[:500]}")
-        if opt is not None:
-            try:
+            model.load_state_dict(ck["trainable"], strict=False)
+            if opt is not None:
                 opt.load_state_dict(ck["optimizer"])
-            except ValueError as e:  # other parameter groups: other lrs, weight decay or method flags
-                raise SystemExit(f"--resume: the optimizer state in {ckpt_path} does not fit this run's parameter "
-                                 f"groups (other --lr/--head_lr/--weight_decay or method flags?): {e}")
-        torch.set_rng_state(ck["rng"].cpu())  # the augmentation goes on as if never interrupted
-        if device_type == "cuda" and ck["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), args.device)
+        except (RuntimeError, ValueError) as e:
+            raise SystemExit(f"error: --resume: {ckpt_path} does not fit this model: {_why(e)}")
+        if master:
+            torch.set_rng_state(ck["rng"]["torch"])  # dropout goes on as if never interrupted
+            if device_type == "cuda" and ck["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
         step = ck["step"]
-        print(f"resumed from {ckpt_path} at step {step}")
+        log(f"resumed from {ckpt_path} at step {step}")
+    raw_model = model
+    if ddp and opt is not None:
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None,
+                    forward_sync_buffers=False)  # the buffers (SiVA's frozen bases) never change
+    fwd = torch.compile(model) if args.compile else model
+    evaluate_model = torch.compile(raw_model) if args.compile else raw_model
 
     def save(acc):
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        save_atomic({"model": {k: v for k, v in model.state_dict().items() if k in trainable},
-                     "optimizer": opt.state_dict() if opt is not None else {}, "step": step,
-                     "rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state(args.device) if device_type == "cuda" else None,
-                     "args": vars(args), "test_acc": acc}, ckpt_path)
-        save_atomic({"args": vars(args), "classes": classes, "test_acc": acc,
-                     "adapter": adapter_state(model, args.method), "head": model.head.state_dict()},
-                    os.path.join(args.out_dir, "adapter.pt"))
+        trainable = {n for n, p in raw_model.named_parameters() if p.requires_grad}
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}
+        save_atomic({"args": vars(args), "step": step,
+                     "trainable": {k: v for k, v in raw_model.state_dict().items() if k in trainable},
+                     "optimizer": opt.state_dict() if opt is not None else {}, "rng": rng,
+                     "world_size": world_size, "test_acc": acc}, ckpt_path)
+        save_atomic({"args": vars(args), "method": args.method, "adapter": adapter_state_dict(raw_model, args.method),
+                     "head": raw_model.head.state_dict(), "classes": classes, "model_cfg": asdict(raw_model.cfg),
+                     "test_acc": acc}, adapter_path)
 
+    def evaluate_and_save(when):
+        acc = evaluate(evaluate_model, x_test, y_test, args, ctx)
+        log(f"{when}: test accuracy {100 * acc:.2f}% ({len(x_test)} images)")
+        save(acc)
+        return acc
+
+    # ---- training loop
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+    acc, perm, t_start, step0 = None, None, time.time(), step
+    t_log, step_log = t_start, step
     model.train()
-    acc, perm, t_start, t_log, step0, step_log = None, None, time.time(), time.time(), step, step
     while step < max_steps:
-        epoch, j = divmod(step, spe)
-        if perm is None or j == 0:  # the order depends on (seed, epoch) only, so a resumed run sees the same
+        epoch, j = divmod(step, steps_per_epoch)
+        if perm is None or j == 0:  # the order depends on (seed, epoch) only: the same on every rank, and on resume
             perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed + epoch))
-            perm = perm.to(args.device)
-        mult = (step + 1) / (warmup + 1) if step < warmup else \
-            0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, max_steps - warmup)))
+            perm = perm.to(device)
         for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * mult
-        idx = perm[j * args.batch_size:(j + 1) * args.batch_size]
-        xb = preprocess(x_train[idx], args.image_size, train=True, min_scale=args.min_crop)
-        with ctx:
-            loss = F.cross_entropy(fwd(xb).float(), y_train[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+            group["lr"] = group["base_lr"] * lr_factor(step, warmup, max_steps)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            i = (j * args.grad_accum + micro) * world_size + rank  # micro-batch i of the epoch: ranks interleave
+            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            aug = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch * 100_003 + i) % 2 ** 63)
+            xb = preprocess(x_train[idx], args.image_size, train=True, min_scale=args.min_crop, generator=aug)
+            if ddp:  # all-reduce the gradients only on the last micro-step
+                model.require_backward_grad_sync = micro == args.grad_accum - 1
+            with ctx:
+                logits = fwd(xb)
+            loss = F.cross_entropy(logits.float(), y_train[idx]) / args.grad_accum  # DDP averages over ranks
+            loss.backward()
+            loss_sum += loss.detach()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.grad_clip)
         opt.step()
+        opt.zero_grad(set_to_none=True)
         step += 1
         if step % args.log_interval == 0 or step == max_steps:
-            loss_val, now = loss.item(), time.time()  # .item() waits for the device: time after it
-            rate = (step - step_log) * args.batch_size / (now - t_log)  # over this interval
+            if ddp:  # the loss of the global batch, as one process would print it
+                dist.all_reduce(loss_sum)  # a sum: gloo has no average
+            loss_val, now = float(loss_sum) / world_size, time.time()  # float() waits for the device: time after it
+            rate = (step - step_log) * global_batch / (now - t_log)  # over this interval
             eta = (max_steps - step) * (now - t_start) / (step - step0)
-            lrs = " ".join(f"{k} {v:.2e}" for k, v in {g["name"]: g["lr"] for g in opt.param_groups}.items())
-            print(f"step {step}/{max_steps} | epoch {epoch + 1} | loss {loss_val:.4f} | lr {lrs} | "
-                  f"{rate:.1f} img/s | elapsed {now - t_start:.0f}s | eta {eta:.0f}s")
+            lr = next((g for g in opt.param_groups if g["name"] != "head"), opt.param_groups[0])["lr"]
+            log(f"step {step}/{max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | {rate:,.0f} img/s | "
+                f"elapsed {hms(now - t_start)} | eta {hms(eta)}")
             t_log, step_log = now, step
-        if step % spe == 0 or step == max_steps:
-            acc = evaluate(fwd, x_test, y_test, args, ctx)
-            when = f"epoch {epoch + 1}" if step % spe == 0 else f"step {step} (end of the --max_iters run)"
-            print(f"{when}: test accuracy {100 * acc:.2f}% ({len(x_test)} images)")
-            save(acc)
+        at_eval = step % steps_per_epoch == 0 or step == max_steps or \
+            (args.eval_interval and step % args.eval_interval == 0)
+        if master and at_eval:
+            acc = evaluate_and_save(f"epoch {epoch + 1}" if step % steps_per_epoch == 0 else f"step {step}")
             t_log = time.time()  # images/s counts training only
-    if acc is None:  # nothing trained in this call: method none, or a finished run resumed
-        acc = evaluate(fwd, x_test, y_test, args, ctx)
-        print(f"test accuracy {100 * acc:.2f}% ({len(x_test)} images)")
-        save(acc)
-    print(f"saved {args.out_dir}/adapter.pt and ckpt.pt")
-    return {"model": model, "test_acc": acc}
+    if master and acc is None:  # nothing trained in this call: method none, or a finished run resumed
+        acc = evaluate_and_save("no training step")
+    log(f"saved {args.out_dir}/adapter.pt and ckpt.pt")
+    if ddp:
+        dist.barrier()  # the other ranks wait for rank 0's last evaluation and save
+    return {"model": raw_model, "test_acc": acc, "step": step}
 
 
 if __name__ == "__main__":
