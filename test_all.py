@@ -1165,7 +1165,7 @@ def test_bone_col_saves_no_dense_weight_prime(variant):
 class _BoneStubKernels:
     """Stands in for kernels.py with the documented API, to check how BoneLinear uses the Triton ops."""
     @staticmethod
-    def enabled(*tensors):
+    def applies(*tensors):
         return True
 
     @staticmethod
@@ -1203,32 +1203,41 @@ def test_bone_weight_guide_norms():
     assert math.isclose(r["delta"], (guide + tile).norm().item(), rel_tol=1e-4)
 
 
-def test_bone_row_function_gradcheck_all_inputs():
+def _bone_row_call(layer, x, W, B, bias):
+    """BoneLinear(grouping="row")'s forward with W, B and bias passed in, so gradcheck and autograd see them."""
+    params = {"base.weight": W, "bone_B": B, **({"base.bias": bias} if bias is not None else {})}
+    return torch.func.functional_call(layer, params, (x,))
+
+
+def test_bone_row_gradcheck_all_inputs():
+    layer = _bone_layer(d_in=12, d_out=8, grouping="row", dtype=torch.float64)
     x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
     W = torch.randn(8, 12, dtype=torch.float64, requires_grad=True)
     B = (0.3 * torch.randn(3, 4, 4, dtype=torch.float64)).requires_grad_(True)
     bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(bone.BoneRowFunction.apply, (x, W, B, bias))
+    assert torch.autograd.gradcheck(lambda *a: _bone_row_call(layer, *a), (x, W, B, bias))
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_bone_row_function_matches_block_loop_reference(with_bias):
+def test_bone_row_matches_block_loop_reference(with_bias):
+    layer = bone.BoneLinear(nn.Linear(16, 24, bias=with_bias, dtype=torch.float64),
+                            bone.BoneConfig(b=4, grouping="row"))
     x = torch.randn(4, 2, 16, dtype=torch.float64, requires_grad=True)
     W = torch.randn(24, 16, dtype=torch.float64, requires_grad=True)
     B = (0.3 * torch.randn(4, 4, 4, dtype=torch.float64)).requires_grad_(True)
     bias = torch.randn(24, dtype=torch.float64, requires_grad=True) if with_bias else None
     g = torch.randn(4, 2, 24, dtype=torch.float64)
     ins = (x, W, B) + ((bias,) if with_bias else ())
-    y = bone.BoneRowFunction.apply(x, W, B, bias)
+    y = _bone_row_call(layer, x, W, B, bias)
     ref_y = x @ _bone_ref_weight(W, B, 4, "row", "bone").T + (bias if with_bias else 0)
-    torch.testing.assert_close(y, ref_y)
+    assert_close(y, ref_y)
     ours = torch.autograd.grad(y, ins, g)
     for a, r in zip(ours, torch.autograd.grad(ref_y, ins, g)):
-        torch.testing.assert_close(a, r)
+        assert_close(a, r)
     assert ours[0].is_contiguous()   # dx flows into the previous layer; strided grads slow its backward
 
 
-def test_bone_row_function_frozen_weight_saves_no_dense_tensor():
+def test_bone_row_frozen_weight_saves_no_dense_tensor():
     layer = _bone_layer(d_in=16, d_out=24, grouping="row")
     x = torch.randn(5, 16, requires_grad=True)
     saved = []
@@ -1252,6 +1261,64 @@ def test_bone_cpu_autocast_bf16_backward(grouping):
     ref = torch.autograd.grad((x @ _bone_ref_weight(layer.base.weight, layer.bone_B, 4, grouping, "bone").T).sum(),
                               layer.bone_B)[0]
     torch.testing.assert_close(layer.bone_B.grad, ref, rtol=0.05, atol=0.05)
+
+
+def test_bone_second_apply_keeps_earlier_adapters_trainable():
+    model = _BoneToy()
+    lora.apply_lora(model, lora.LoRAConfig(r=2), ["head"])
+    bone.apply_bone(model, bone.BoneConfig(b=4), ["q_proj"])
+    bone.apply_bone(model, bone.BoneConfig(b=4, grouping="row"), ["mlp.c_proj"])
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["attn.q_proj.bone_B", "head.lora_A", "head.lora_B", "mlp.c_proj.bone_B"]
+
+
+def test_bone_apply_empty_targets_raises():
+    model = _BoneToy()
+    with pytest.raises(ValueError, match="targets is empty"):
+        bone.apply_bone(model, bone.BoneConfig(b=4), [])
+    assert all(p.requires_grad for p in model.parameters())   # nothing frozen
+
+
+def test_bone_apply_refuses_multihead_attention_out_proj():
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "fc": nn.Linear(8, 8)})
+    with pytest.raises(ValueError, match="attn.out_proj.*MultiheadAttention"):
+        bone.apply_bone(model, bone.BoneConfig(b=4), ["out_proj", "fc"])
+    assert type(model["fc"]) is nn.Linear and all(p.requires_grad for p in model.parameters())
+
+
+def test_bone_merge_refuses_tied_weight():
+    model = nn.ModuleDict({"a": nn.Linear(8, 8), "b": nn.Linear(8, 8)})
+    model["b"].weight = model["a"].weight   # one Parameter, two modules (as GPT-2's lm_head and wte)
+    bone.apply_bone(model, bone.BoneConfig(b=4), ["a"])
+    layer = model["a"]
+    assert layer.tied_to == ["b.weight"]
+    with torch.no_grad():
+        layer.bone_B.normal_(0, 0.2)
+    W0 = layer.base.weight.detach().clone()
+    with pytest.raises(ValueError, match="tied"):
+        layer.merge()
+    assert not layer.merged and torch.equal(model["b"].weight, W0)
+
+
+@pytest.mark.parametrize("field,value,shown", [
+    ("b", 4.0, "b=4.0"), ("b", True, "b=True"), ("b", float("nan"), "b=nan"), ("b", -2, "b=-2"),
+    ("grouping", "diag", "grouping='diag'"), ("grouping", None, "grouping=None"),
+    ("variant", "kron", "variant='kron'")])
+def test_bone_config_bad_values_named(field, value, shown):
+    with pytest.raises(ValueError, match="Bone: " + re.escape(shown)):
+        bone.BoneConfig(**{field: value})
+
+
+def test_bone_load_nan_raises_and_leaves_adapter_untouched():
+    model = _BoneToy()
+    bone.apply_bone(model, bone.BoneConfig(b=4), ["q_proj", "c_proj"])
+    before = {n: t.clone() for n, t in bone.bone_state_dict(model).items()}
+    sd = {n: torch.full_like(t, 0.5) for n, t in before.items()}
+    sd[list(sd)[-1]][0, 0, 0] = float("nan")   # the last key: every earlier one would be written first
+    with pytest.raises(ValueError, match="non-finite"):
+        bone.load_bone_state_dict(model, sd)
+    for n, t in bone.bone_state_dict(model).items():
+        assert torch.equal(t, before[n])
 
 
 # ================================================================================================
