@@ -90,8 +90,6 @@ METHODS = {
                               bad=[dict(r=0), dict(b=4.0), dict(h=True), dict(k=9), dict(init_logits_std=-0.01),
                                    dict(init_logits_std=float("nan")), dict(init_bank_bound=0.0)]),
 }
-_PENDING = ("bone-col", "bone-row")  # rows enabled as their method files meet the contract
-METHODS = {m: M for m, M in METHODS.items() if m not in _PENDING}
 _methods = pytest.mark.parametrize("method", list(METHODS))
 ADAPTER_PREFIXES = ("lora_", "sera_", "siva_", "bone_", "vblora_")
 
