@@ -65,8 +65,6 @@ import triton
 import triton.language as tl
 
 
-applies = enabled  # the name the method files call
-
 # -----------------------------------------------------------------------------------------------------
 # Shared helpers
 
