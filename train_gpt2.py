@@ -940,7 +940,7 @@ def load_checkpoint(path, keys=CKPT_KEYS):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # empty, truncated, not a torch file, a pickled payload
-        why = (str(e).strip().splitlines() or [""])[0][:200]
+        why = (str(e).strip().splitlines() or ["the file ends early"])[0][:200]
         raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or not a torch file): "
                          f"{type(e).__name__}: {why}")
     missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
@@ -963,7 +963,7 @@ def check_resume(saved_args, args):
                if k not in RESUME_FREE and saved_args.get(k) != new.get(k)]
     if changed:
         raise SystemExit(f"error: --resume: {', '.join(changed)} would alter the saved run; only "
-                         f"{', '.join('--' + k for k in sorted(RESUME_FREE - {'resume', 'sample', 'adapter'}))} "
+                         f"{', '.join('--' + k for k in sorted(RESUME_FREE - {'resume', 'overwrite', 'sample', 'adapter'}))} "
                          f"may change (or start over with --overwrite)")
 
 
