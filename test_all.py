@@ -2569,6 +2569,8 @@ def test_aot_every_kernel_compiles_for_h100():
 # ================================================================================================
 import csv
 import json
+import shutil
+import subprocess
 import types
 
 import tiktoken
@@ -2610,6 +2612,59 @@ def _gpt2_tiny(vocab=40, block=64, layers=2, heads=2, embd=16, std=0.3):
         for p in model.parameters():
             p.normal_(0.0, std)
     return model
+
+
+_GPT2_METHOD_FLAGS = {"none": [], "full": ["--lr", "1e-2"], "lora": ["--lr", "1e-2"], "sera": ["--lr", "1e-2"],
+                      "siva": ["--lr", "1e-2"], "bone": ["--lr", "1e-2", "--bone_b", "16"],
+                      "vblora": ["--vblora_b", "16", "--vblora_h", "8", "--vblora_bank_lr", "1e-2"]}
+
+
+def _gpt2_argv(folder, out, method, *extra):
+    """A tiny scratch run on the synthetic E2E in `folder` (vocab 257: the byte-level encoding)."""
+    return ["--method", method, "--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+            "--block_size", "128", "--data_dir", str(folder), "--out_dir", str(out), "--batch_size", "2",
+            "--warmup_iters", "1", "--log_interval", "1", "--eval_interval", "1", "--eval_iters", "2",
+            "--beam", "2", "--max_new_tokens", "8", "--device", "cpu", *_GPT2_METHOD_FLAGS[method], *extra]
+
+
+def _gpt2_main(argv):
+    """train_gpt2.main with the byte-level encoding in place of GPT-2's BPE."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_gpt2, "get_tokenizer", lambda bpe_dir=None, online=None: _gpt2_enc())
+        return train_gpt2.main([str(a) for a in argv])
+
+
+def _gpt2_error(argv):
+    """The one-line message main exits with, before it writes anything."""
+    with pytest.raises(SystemExit) as e:
+        _gpt2_main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def _gpt2_decode(model, enc, mrs):
+    prompts = [enc.encode_ordinary(mr) + [enc.eot_token] for mr in mrs]
+    return [" ".join(enc.decode(t).split()) for t in train_gpt2.beam_search(model, prompts, enc.eot_token, beam=2,
+                                                                              max_new_tokens=8)]
+
+
+@pytest.fixture(scope="module")
+def _gpt2_lora_run(tmp_path_factory):
+    """One finished LoRA run on q, v and lm_head (4 steps, step-2 and step-4 checkpoints), shared read-only;
+    a test that resumes it works on a copy (_gpt2_copy)."""
+    folder = tmp_path_factory.mktemp("gpt2_lora")
+    _gpt2_write_e2e(folder)
+    argv = _gpt2_argv(folder, folder / "out", "lora", "--targets", "q_proj,v_proj,lm_head", "--max_iters", "4",
+                      "--eval_interval", "2", "--eval_samples", "2")
+    return types.SimpleNamespace(folder=folder, out=folder / "out", argv=argv, res=_gpt2_main(argv))
+
+
+def _gpt2_copy(run, tmp_path):
+    """The shared run's argv pointed at a copy of its --out_dir."""
+    out = tmp_path / "out"
+    shutil.copytree(run.out, out)
+    return [str(out) if a == str(run.out) else a for a in run.argv]
 
 
 # ---- model: Hugging Face GPT-2 checkpoints map onto our names
@@ -2667,7 +2722,7 @@ def test_gpt2_hf_checkpoint_loads_with_split_qkv(tmp_path):
     torch.testing.assert_close(q, sd["h.0.attn.c_attn.weight"][:, :C].T)  # Conv1D (in, out) -> Linear (out, in)
 
 
-# ---- data: the loss sees exactly the reference tokens
+# ---- data: the loss sees exactly the reference tokens; bad files are named with their line
 
 
 def test_gpt2_loss_mask_covers_exactly_the_reference():
@@ -2686,6 +2741,56 @@ def test_gpt2_loss_mask_covers_exactly_the_reference():
         assert y[i, kept].tolist() == ref_tokens  # every reference token and the final EOS, nothing else
         assert kept.tolist() == list(range(n_prompt - 1, len(tokens) - 1))
         assert x[i, :len(tokens) - 1].tolist() == tokens[:-1]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"mr,ref\r\n", "has a header but no rows"),
+    (b"mr,ref\r\nname[A],A.\r\nname[B]\r\n", "line 3: expected two non-empty fields"),
+    (b'mr,ref\r\nname[A],A.\r\n"name[B]",""\r\n', "line 3: expected two non-empty fields"),
+    (b"mr,ref\r\nname[A],A.\r\nname[B],caf\xe9\r\n", "line 3: not UTF-8"),
+    (b"MR\r\nname[A]\r\n", "line 1: expected the header mr,ref"),
+])
+def test_gpt2_bad_e2e_file_fails_before_training_naming_file_and_line(tmp_path, content, message):
+    _gpt2_write_e2e(tmp_path)
+    for split in ("trainset.csv", "testset_w_refs.csv"):
+        (tmp_path / split).write_bytes(content)  # today: header-only trains 0 steps and writes an adapter
+        msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora"))
+        assert msg.startswith(f"error: {tmp_path / split}") and message in msg, msg
+        assert not (tmp_path / "out").exists()
+        _gpt2_write_e2e(tmp_path)
+
+
+# ---- flags: every bad value is one line before anything is loaded or trained
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "error: --batch_size 0: must be >= 1"),
+    (["--grad_accum", "0"], "error: --grad_accum 0: must be >= 1"),
+    (["--n_head", "3"], "error: --n_embd 32 is not divisible by --n_head 3"),
+    (["--beam", "0"], "error: --beam 0: must be >= 1"),
+    (["--lr", "-0.001"], "error: --lr -0.001: must be >= 0"),
+    (["--max_iters", "-1"], "error: --max_iters -1: must be >= 0"),
+    (["--block_size", "36"], "error: --block_size 36 is too short: the longest test MR takes 32 tokens, "
+                             "+ --max_new_tokens 8 = 40"),
+    (["--lora_r", "0"], "error: --method lora: LoRA: r=0"),
+    (["--block_size", "24"], "error: no training example fits in 24 tokens (--max_len 512, --block_size 24)"),
+    (["--targets", "nope"], "error: --method lora: LoRA: target 'nope' matches no nn.Linear"),
+    (["--resume", "--overwrite"], "error: --resume and --overwrite: pass one of them"),
+])
+def test_gpt2_bad_flags_fail_before_training(tmp_path, flags, message):
+    _gpt2_write_e2e(tmp_path)
+    msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", *flags))
+    assert msg.startswith(message), msg
+    assert not (tmp_path / "out" / "adapter.pt").exists()
+
+
+def test_gpt2_method_config_error_is_one_line(tmp_path):
+    _gpt2_write_e2e(tmp_path)
+    msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "sera", "--sera_r", "8", "--sera_split", "3"))
+    assert msg.startswith("error: --method sera: ") and "split=3" in msg
+    args = train_gpt2.get_args(["--method", "sera", "--sera_r", "4"])
+    assert args.sera_split is None and train_gpt2.METHODS["sera"][0](args).split == 4  # split = r by default
 
 
 # ---- decoding
@@ -2806,128 +2911,34 @@ def test_gpt2_rouge_meteor_cider_by_hand():
     assert 0 < train_gpt2.cider_d(["a b c d x", "e f g h"], refs) < 10.0
 
 
-# ---- offline: a message naming what failed and the flag to use, never a bare traceback
+# ---- offline and first run: one probe, one message naming every missing resource and its flag
 
 
-def test_gpt2_offline_messages(monkeypatch, tmp_path):
+def test_gpt2_offline_names_every_missing_resource_at_once(monkeypatch, tmp_path):
+    probes = []
+    monkeypatch.setattr(train_gpt2, "network_ok", lambda timeout=3.0: probes.append(1) or False)
+    monkeypatch.setattr(train_gpt2, "SHARED_BPE_DIR", str(tmp_path / "absent"))
+
     def fail(*a, **k):
-        raise ConnectionError("no network")
+        raise AssertionError("a download was tried although the probe said offline")
     monkeypatch.setattr(tiktoken, "get_encoding", fail)
-    with pytest.raises(SystemExit, match="--bpe_dir"):
-        train_gpt2.get_tokenizer(str(tmp_path))
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fail))
-    with pytest.raises(SystemExit, match="--data_dir"):
-        train_gpt2.load_e2e(None)
     import huggingface_hub
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
-    with pytest.raises(SystemExit, match="(?s)openai-community/gpt2-medium.*--init_from"):
-        train_gpt2.load_gpt2("gpt2-medium")
 
-
-# ---- the script end to end, every method
-
-
-_GPT2_METHOD_FLAGS = {"none": [], "full": ["--lr", "1e-2"], "lora": ["--lr", "1e-2"], "sera": ["--lr", "1e-2"],
-                      "siva": ["--lr", "1e-2"], "bone": ["--lr", "1e-2", "--b", "16"],
-                      "vblora": ["--b", "16", "--h", "8", "--bank_lr", "1e-2"]}
-
-
-def _gpt2_argv(folder, out, method, *extra):
-    return ["--method", method, "--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
-            "--block_size", "128", "--data_dir", str(folder), "--out_dir", str(out), "--batch_size", "2",
-            "--warmup_iters", "1", "--log_interval", "1", "--eval_interval", "1", "--eval_iters", "2",
-            "--beam", "2", "--max_new_tokens", "8", "--device", "cpu", *_GPT2_METHOD_FLAGS[method], *extra]
-
-
-def _gpt2_fresh(method):
-    """The smoke run's model rebuilt the way main builds it (seed 1), with the same adapter config."""
-    torch.manual_seed(1)
-    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=128, vocab_size=257, n_layer=1, n_head=2, n_embd=32))
-    qv = ["q_proj", "v_proj"]
-    if method == "lora":
-        lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=32, dropout=0.1), qv)
-    elif method == "sera":
-        sera.apply_sera(model, sera.SeRAConfig(r=8, split=8, alpha=32), qv)
-    elif method == "siva":
-        siva.apply_siva(model, siva.SiVAConfig(perc=0.95), qv)
-    elif method == "bone":
-        bone.apply_bone(model, bone.BoneConfig(b=16, grouping="col"), qv)
-    elif method == "vblora":
-        vblora.apply_vblora(model, vblora.VBLoRAConfig(r=4, b=16, h=8, k=2),
-                            ["q_proj", "k_proj", "v_proj", "attn.c_proj", "c_fc", "mlp.c_proj"])
-    return model.eval()
-
-
-@pytest.mark.parametrize("method", ["none", "full", "lora", "sera", "siva", "bone", "vblora"])
-def test_gpt2_smoke_every_method(method, tmp_path, monkeypatch, capsys):
-    enc = _gpt2_enc()
-    monkeypatch.setattr(train_gpt2, "get_tokenizer", lambda bpe_dir=None: enc)
-    _gpt2_write_e2e(tmp_path)
-    out = tmp_path / "out"
-    res = train_gpt2.main(_gpt2_argv(tmp_path, out, method, "--max_iters", "2", "--eval_samples", "2"))
-    log = capsys.readouterr().out
-    assert "trainable params" in log and "BLEU" in log
-    assert res["step"] == (0 if method == "none" else 2)
-    assert all(math.isfinite(v) for v in res["scores"].values()) and len(res["predictions"]) == 2
-    assert (out / "predictions.txt").read_text(encoding="utf-8").count("\n") == 2
-    assert (out / "references.txt").read_text(encoding="utf-8").split("\n\n")[0].count("\n") == 1  # 2 refs, MR 1
-
-    blob = torch.load(out / "adapter.pt", weights_only=True)
-    assert blob["method"] == blob["args"]["method"] == method and blob["args"]["n_embd"] == 32
-    sd = blob["adapter"]
-    fresh, trained = _gpt2_fresh(method), res["model"]
-    x = torch.randint(0, 257, (2, 9))
-    y = torch.zeros_like(x)
-    with torch.no_grad():
-        before = fresh(x, y)[0]
-        if method in train_gpt2.METHODS:
-            train_gpt2.METHODS[method][3](fresh, sd)
-        else:
-            fresh.load_state_dict(sd, strict=False)
-        torch.testing.assert_close(fresh(x, y)[0], trained(x, y)[0], atol=1e-5, rtol=1e-5)
-        if method != "none":
-            assert (before - trained(x, y)[0]).abs().max() > 1e-4  # training moved it; the reload matters
-    prompts = [enc.encode_ordinary(mr) + [enc.eot_token] for mr in ["name[Blue Spice], food[French]",
-                                                                    "name[Blue Spice], food[Italian]"]]
-    again = train_gpt2.beam_search(fresh, prompts, enc.eot_token, beam=2, max_new_tokens=8)
-    assert [" ".join(enc.decode(t).split()) for t in again] == res["predictions"]
-
-
-class _Gpt2Stop(Exception):
-    pass
-
-
-def test_gpt2_resume_continues_the_same_run(tmp_path, monkeypatch):
-    enc = _gpt2_enc()
-    monkeypatch.setattr(train_gpt2, "get_tokenizer", lambda bpe_dir=None: enc)
-    _gpt2_write_e2e(tmp_path)
-    flags = ["--grad_accum", "2", "--warmup_iters", "10", "--eval_samples", "0"]  # 6 batches/epoch: crosses one
-    straight = train_gpt2.main(_gpt2_argv(tmp_path, tmp_path / "a", "lora", *flags, "--max_iters", "4"))
-    save_atomic = train_gpt2.save_atomic
-
-    def save_then_stop(obj, path):  # the same run killed right after its step-2 checkpoint
-        save_atomic(obj, path)
-        if obj.get("step") == 2:
-            raise _Gpt2Stop
-    monkeypatch.setattr(train_gpt2, "save_atomic", save_then_stop)
-    with pytest.raises(_Gpt2Stop):
-        train_gpt2.main(_gpt2_argv(tmp_path, tmp_path / "b", "lora", *flags, "--max_iters", "4"))
-    monkeypatch.setattr(train_gpt2, "save_atomic", save_atomic)
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 2
-    resumed = train_gpt2.main(_gpt2_argv(tmp_path, tmp_path / "b", "lora", *flags, "--max_iters", "4", "--resume"))
-    assert straight["step"] == resumed["step"] == 4
-    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["trainable"]
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["trainable"]
-    assert a.keys() == b.keys() and any(k.endswith("lora_B") for k in a)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
-    assert any(v.abs().max() > 0 for k, v in a.items() if k.endswith("lora_B"))  # it did train
-
-
-def test_gpt2_lr_schedule_shorter_than_warmup_still_reaches_the_lr():
-    # by hand: warm-up (step+1)/w with w = min(warmup, total), then (total-step)/(total-w)
-    assert [train_gpt2.lr_factor(s, 500, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert [train_gpt2.lr_factor(s, 2, 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    def hub(repo, name, local_files_only=False):
+        assert local_files_only, "a download was tried although the probe said offline"
+        raise FileNotFoundError("not in the cache")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.main(["--method", "vblora", "--out_dir", str(tmp_path / "out")])
+    msg = str(e.value.code)
+    assert probes == [1] and msg.startswith("error: no network")
+    for needed in ("vocab.bpe", "--bpe_dir", "tuetschek/e2e_nlg", "--data_dir", "openai-community/gpt2-medium",
+                   "--init_from PATH", "--init_from scratch"):
+        assert needed in msg, (needed, msg)
+    # a local --bpe_dir is read without a download; a wrong one is named
+    with pytest.raises(SystemExit, match="--bpe_dir .*vocab.bpe and encoder.json"):
+        train_gpt2.get_tokenizer(str(tmp_path))
 
 
 def test_gpt2_explicit_bpe_dir_is_used_without_a_download(monkeypatch, tmp_path):
@@ -2949,12 +2960,226 @@ def test_gpt2_explicit_bpe_dir_is_used_without_a_download(monkeypatch, tmp_path)
     assert enc.encode_ordinary("ab") == [97, 98] and enc.eot_token == 50256
 
 
-def test_gpt2_resume_with_method_none_exits_cleanly(tmp_path, monkeypatch):
+# ---- the script end to end, every method; its adapter.pt reloads with load_finetuned
+
+
+def _gpt2_fresh(method):
+    """The smoke run's model rebuilt by hand as main builds it (seed 1), with the same adapter config."""
+    torch.manual_seed(1)
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=128, vocab_size=257, n_layer=1, n_head=2, n_embd=32))
+    qv = ["q_proj", "v_proj"]
+    if method == "lora":
+        lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=32, dropout=0.1), qv)
+    elif method == "sera":
+        sera.apply_sera(model, sera.SeRAConfig(r=8, split=8, alpha=32), qv)
+    elif method == "siva":
+        siva.apply_siva(model, siva.SiVAConfig(perc=0.95), qv)
+    elif method == "bone":
+        bone.apply_bone(model, bone.BoneConfig(b=16, grouping="col"), qv)
+    elif method == "vblora":
+        vblora.apply_vblora(model, vblora.VBLoRAConfig(r=4, b=16, h=8, k=2),
+                            ["q_proj", "k_proj", "v_proj", "attn.c_proj", "c_fc", "mlp.c_proj"])
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["none", "full", "lora", "sera", "siva", "bone", "vblora"])
+def test_gpt2_smoke_every_method(method, tmp_path, capsys):
     enc = _gpt2_enc()
-    monkeypatch.setattr(train_gpt2, "get_tokenizer", lambda bpe_dir=None: enc)
     _gpt2_write_e2e(tmp_path)
-    with pytest.raises(SystemExit, match="--method none"):
-        train_gpt2.main(_gpt2_argv(tmp_path, tmp_path / "out", "none", "--resume", "--eval_samples", "0"))
+    out = tmp_path / "out"
+    res = _gpt2_main(_gpt2_argv(tmp_path, out, method, "--max_iters", "2", "--eval_samples", "2"))
+    log = capsys.readouterr().out
+    assert "trainable params" in log and "BLEU" in log
+    assert "decode 2/2 MRs | elapsed 0:00:0" in log and "| eta 0:00:00" in log  # progress while decoding
+    assert res["step"] == (0 if method == "none" else 2)
+    assert all(math.isfinite(v) for v in res["scores"].values()) and len(res["predictions"]) == 2
+    assert (out / "predictions.txt").read_text(encoding="utf-8").count("\n") == 2
+    assert (out / "references.txt").read_text(encoding="utf-8").split("\n\n")[0].count("\n") == 1  # 2 refs, MR 1
+
+    blob = torch.load(out / "adapter.pt", weights_only=True)
+    assert blob["method"] == blob["args"]["method"] == method and blob["args"]["n_embd"] == 32
+    sd = blob["adapter"]
+    fresh, trained = _gpt2_fresh(method), res["model"].eval()
+    reloaded = train_gpt2.load_finetuned(str(out / "adapter.pt"))  # one call instead of the lines below
+    x = torch.randint(0, 257, (2, 9))
+    y = torch.zeros_like(x)
+    with torch.no_grad():
+        before = fresh(x, y)[0]
+        if method in train_gpt2.METHODS:
+            train_gpt2.METHODS[method][3](fresh, sd)
+        else:
+            fresh.load_state_dict(sd, strict=False)
+        assert_close(fresh(x, y)[0], trained(x, y)[0])
+        assert_close(reloaded(x, y)[0], trained(x, y)[0])
+        if method != "none":
+            assert (before - trained(x, y)[0]).abs().max() > 1e-4  # training moved it; the reload matters
+        if method == "full":  # a full fine-tune reloads as a checkpoint with its own n_head (not n_embd / 64 = 0)
+            again = train_gpt2.load_gpt2(str(out / "adapter.pt")).eval()
+            assert again.config.n_head == 2
+            assert_close(again(x, y)[0], trained(x, y)[0])
+    mrs = ["name[Blue Spice], food[French]", "name[Blue Spice], food[Italian]"]
+    assert _gpt2_decode(fresh, enc, mrs) == _gpt2_decode(reloaded, enc, mrs) == res["predictions"]
+
+
+def test_gpt2_lm_head_adapter_decodes_and_leaves_the_embedding(_gpt2_lora_run):
+    # beam search used to read model.lm_head.weight: an AttributeError once LoRA wraps lm_head
+    model = _gpt2_lora_run.res["model"]
+    assert isinstance(model.lm_head, lora.LoRALinear) and not model.lm_head.merged
+    assert len(_gpt2_lora_run.res["predictions"]) == 2
+    base = _gpt2_fresh("none")
+    assert_close(model.transformer.wte.weight, base.transformer.wte.weight)  # nothing merged into the tied wte
+    assert model.transformer.wte.weight is model.lm_head.base.weight
+
+
+def test_gpt2_sample_decodes_one_mr_with_a_saved_adapter(_gpt2_lora_run, capsys):
+    run = _gpt2_lora_run
+    res = _gpt2_main(["--sample", "name[Blue Spice] | food[French]", "--out_dir", run.out, "--beam", "2",
+                      "--max_new_tokens", "8", "--device", "cpu"])
+    assert capsys.readouterr().out.splitlines()[-1] == res["sample"]
+    assert [res["sample"]] == _gpt2_decode(run.res["model"], _gpt2_enc(), ["name[Blue Spice], food[French]"])
+    msg = _gpt2_error(["--sample", "name[A]", "--adapter", run.folder / "nope.pt"])
+    assert msg.startswith("error: --sample needs an adapter.pt")
+
+
+# ---- output directories, checkpoints and resume
+
+
+def test_gpt2_out_dir_with_a_run_is_refused_without_resume_or_overwrite(_gpt2_lora_run, tmp_path):
+    before = (_gpt2_lora_run.out / "ckpt.pt").read_bytes()
+    msg = _gpt2_error(_gpt2_lora_run.argv)
+    assert msg == f"error: {_gpt2_lora_run.out / 'ckpt.pt'} exists; pass --resume to continue that run or " \
+                  f"--overwrite to start over"
+    assert (_gpt2_lora_run.out / "ckpt.pt").read_bytes() == before
+    res = _gpt2_main(_gpt2_copy(_gpt2_lora_run, tmp_path) + ["--overwrite", "--max_iters", "1", "--eval_samples", "0"])
+    assert res["step"] == 1 and torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 1
+
+
+def test_gpt2_resume_refuses_flags_that_alter_the_run(_gpt2_lora_run, tmp_path):
+    argv = _gpt2_copy(_gpt2_lora_run, tmp_path) + ["--resume"]
+    msg = _gpt2_error(argv + ["--lr", "2e-4"])  # today: silently trains on at the saved run's lr
+    assert msg.startswith("error: --resume: --lr 0.01 -> 0.0002 would alter the saved run; only --beam")
+    msg = _gpt2_error(argv + ["--seed", "9", "--lora_r", "8"])  # today: a new scratch base from seed 9
+    assert "--lora_r 4 -> 8, --seed 1 -> 9 would alter" in msg
+    res = _gpt2_main(argv + ["--max_iters", "6", "--eval_samples", "0", "--log_interval", "3"])  # extend: allowed
+    assert res["step"] == 6
+
+
+def test_gpt2_resume_with_other_shapes_is_one_line(_gpt2_lora_run, tmp_path):
+    argv = _gpt2_copy(_gpt2_lora_run, tmp_path) + ["--resume"]
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    name = next(k for k in ckpt["trainable"] if k.endswith("lora_A"))
+    ckpt["trainable"][name] = torch.zeros(3, 32)  # today: a RuntimeError traceback from load_state_dict
+    torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
+    msg = _gpt2_error(argv)
+    assert msg.startswith(f"error: --resume: {tmp_path / 'out' / 'ckpt.pt'} does not fit this model: ") and name in msg
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is not a readable checkpoint (truncated or not a torch file): "),
+    (b"truncated", "is not a readable checkpoint (truncated or not a torch file): "),
+    (None, "is not a ckpt.pt of train_gpt2.py: no step, trainable, optimizer, rng"),
+])
+def test_gpt2_bad_checkpoint_file_is_one_line(_gpt2_lora_run, tmp_path, content, message):
+    argv = _gpt2_copy(_gpt2_lora_run, tmp_path) + ["--resume"]
+    path = tmp_path / "out" / "ckpt.pt"
+    if content is None:  # a torch file with the wrong content (today: KeyError)
+        torch.save({"args": {}}, path)
+    else:  # empty or truncated (today: EOFError / RuntimeError tracebacks)
+        path.write_bytes(path.read_bytes()[:100] if content == b"truncated" else content)
+    assert _gpt2_error(argv).startswith(f"error: {path} {message}")
+    with pytest.raises(SystemExit, match=f"error: {path} is not a"):
+        train_gpt2.load_finetuned(str(path))
+
+
+def test_gpt2_save_atomic_fsyncs_the_file_before_the_rename(tmp_path, monkeypatch):
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or replace(a, b))
+    path = str(tmp_path / "ckpt.pt")
+    train_gpt2.save_atomic({"x": torch.ones(2)}, path)
+    assert events == [("fsync", path + ".tmp"), ("replace", path + ".tmp"), ("fsync", str(tmp_path))]
+    assert torch.load(path, weights_only=True)["x"].tolist() == [1.0, 1.0]
+
+
+class _Gpt2Stop(Exception):
+    pass
+
+
+def test_gpt2_resume_continues_the_same_run(tmp_path, monkeypatch):
+    _gpt2_write_e2e(tmp_path)
+    flags = ["--grad_accum", "2", "--warmup_iters", "10", "--eval_samples", "0"]  # 6 batches/epoch: crosses one
+    straight = _gpt2_main(_gpt2_argv(tmp_path, tmp_path / "a", "lora", *flags, "--max_iters", "4"))
+    save_atomic = train_gpt2.save_atomic
+
+    def save_then_stop(obj, path):  # the same run killed right after its step-2 checkpoint
+        save_atomic(obj, path)
+        if obj.get("step") == 2:
+            raise _Gpt2Stop
+    monkeypatch.setattr(train_gpt2, "save_atomic", save_then_stop)
+    with pytest.raises(_Gpt2Stop):
+        _gpt2_main(_gpt2_argv(tmp_path, tmp_path / "b", "lora", *flags, "--max_iters", "4"))
+    monkeypatch.setattr(train_gpt2, "save_atomic", save_atomic)
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 2
+    resumed = _gpt2_main(_gpt2_argv(tmp_path, tmp_path / "b", "lora", *flags, "--max_iters", "4", "--resume"))
+    assert straight["step"] == resumed["step"] == 4
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["trainable"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["trainable"]
+    assert a.keys() == b.keys() and any(k.endswith("lora_B") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    assert any(v.abs().max() > 0 for k, v in a.items() if k.endswith("lora_B"))  # it did train
+
+
+def test_gpt2_resume_with_method_none_exits_cleanly(tmp_path):
+    _gpt2_write_e2e(tmp_path)
+    assert "--method none" in _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "none", "--resume"))
+
+
+def test_gpt2_lr_schedule_shorter_than_warmup_still_reaches_the_lr():
+    # by hand: warm-up (step+1)/w with w = min(warmup, total), then (total-step)/(total-w)
+    assert [train_gpt2.lr_factor(s, 500, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert [train_gpt2.lr_factor(s, 2, 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+
+
+# ---- multi-process: torchrun with gloo on CPU gives the 1-process adapter
+
+
+_GPT2_TORCHRUN = """
+import sys
+sys.path.insert(0, {repo!r})
+import tiktoken
+import train_gpt2
+enc = tiktoken.Encoding(name="nanopeft_test_bytes", pat_str=r"\\S+|\\s+",
+                        mergeable_ranks={{bytes([i]): i for i in range(256)}}, special_tokens={{"<|endoftext|>": 256}})
+train_gpt2.get_tokenizer = lambda bpe_dir=None, online=None: enc  # as _gpt2_enc: no BPE files needed
+train_gpt2.main({argv!r})
+"""
+
+
+@pytest.mark.parametrize("method, flags", [("vblora", []), ("lora", ["--lora_dropout", "0"])])
+def test_gpt2_torchrun_two_processes_give_the_one_process_adapter(tmp_path, method, flags):
+    # 2 processes x --grad_accum 1 == 1 process x --grad_accum 2: the same global batches, the same gradients.
+    # VB-LoRA's bank is one parameter shared by every layer; LoRA runs without dropout (masks differ per rank).
+    _gpt2_write_e2e(tmp_path)
+    argv = lambda out, *x: _gpt2_argv(tmp_path, tmp_path / out, method, "--max_iters", "3", "--eval_iters", "1",
+                                      "--beam", "1", "--eval_samples", "1", *flags, *x)
+    script = _GPT2_TORCHRUN.format(repo=os.path.dirname(os.path.abspath(__file__)),
+                                   argv=[str(a) for a in argv("two", "--grad_accum", "1")])
+    (tmp_path / "run.py").write_text(script)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "run.py")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("step 1/3 |") == 1 and p.stdout.count("saved ") == 1  # rank 0 alone logs and saves
+    one = _gpt2_main(argv("one", "--grad_accum", "2"))
+    assert (tmp_path / "two" / "predictions.txt").read_text() == "".join(p + "\n" for p in one["predictions"])
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["trainable"]
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["trainable"]
+    assert a.keys() == b.keys() and (method != "vblora" or "vblora_bank.vectors" in a)
+    for k in a:
+        assert_close(b[k], a[k])
+    init = dict(_gpt2_fresh(method).named_parameters())
+    assert any((a[k] - init[k]).abs().max() > 0 for k in a)  # it trained
 
 
 # ================================================================================================

@@ -4,13 +4,15 @@
     python train_gpt2.py --method lora --data_dir ../shared/data/e2e --bpe_dir ../shared/data/gpt2
     python train_gpt2.py --method sera --init_from scratch --n_layer 2 --n_head 4 --n_embd 256 \\
         --data_dir ../shared/data/e2e --max_iters 20 --eval_samples 5 --beam 2   # CPU smoke run
+    torchrun --standalone --nproc_per_node=4 train_gpt2.py --method lora      # 4 GPUs, DDP
+    python train_gpt2.py --sample "name[The Eagle], food[French]" --out_dir out-e2e   # use the adapter
 
 One flat file: a compact GPT-2 (Hugging Face module names, so checkpoints load key for key, except that
 q, k, v are three nn.Linears `attn.q_proj/k_proj/v_proj`, split from HF's fused `c_attn`, so methods
 target them the way the papers count them), the E2E data, the training loop, beam search, and the
 E2E metrics in plain Python.
 
-Recipe (VB-LoRA Table 8 = the LoRA paper's GPT-2 E2E setup, which SiVA §4.3 also follows): AdamW, weight
+Recipe (the LoRA paper's GPT-2 E2E setup, which VB-LoRA's Table 8 and SiVA §4.3 follow): AdamW, weight
 decay 0.01, batch 8, 5 epochs, 500 linear warm-up steps then linear decay to 0, label smoothing 0.1,
 examples up to 512 tokens; example = tokens(mr) + EOS + tokens(' ' + ref) + EOS, loss on the reference
 and its final EOS only. Decoding as in the LoRA code's E2E command: beam 10, length penalty 0.8,
@@ -26,9 +28,20 @@ Choices where the papers are silent:
 - Dev loss is plain cross-entropy (no smoothing) on the first --eval_iters of a fixed shuffle of dev.
 - Scratch models come from --seed (checkpoints hold only trainable tensors); --dropout defaults to 0
   (the LoRA code's GPT-2 has no dropout besides the adapter's).
-- adapter.pt is {"method", "args", "adapter"}: the run's arguments (to rebuild the model without the
-  original flags) and the method's adapter state dict (VB-LoRA's compact top-k form; full: the trainable
-  tensors), which load_<m>_state_dict takes as is. ckpt.pt keeps the full logits for resuming.
+- Adapters are never merged: lm_head shares its weight with wte, so merging an adapter on lm_head would
+  rewrite the embedding too.
+
+Multi-GPU (nanoGPT's pattern): under torchrun every process trains a DistributedDataParallel copy. One
+optimizer step takes --grad_accum micro-batches of --batch_size on each of the N processes; process r
+takes micro-batches r, r+N, r+2N, ... of the same global order, so N processes with --grad_accum G see
+exactly what one process sees with --grad_accum N*G, and their loss and gradient are its average. Only
+process 0 logs, evaluates, saves and decodes.
+
+--out_dir: ckpt.pt (to resume: the run's arguments, step, trainable tensors, optimizer, RNG) and
+adapter.pt (to use: {"args", "method", "adapter", "config"}: the arguments and model config rebuild the
+model; the adapter is the method's state dict, VB-LoRA's compact top-k form, full/none: the trainable
+tensors; load_finetuned() does it in one call). A run refuses an --out_dir that already holds them
+unless --resume (continue; every flag that alters the run must be unchanged) or --overwrite.
 
 Metrics (on the test set, references grouped per MR; printed in the papers' units: BLEU, METEOR,
 ROUGE-L x100). What the official e2e-metrics scripts do and how this file differs:
@@ -53,18 +66,23 @@ e2e-metrics input format, for scoring with the official scripts.
 """
 import argparse
 import csv
+import inspect
+import io
 import json
 import math
 import os
 import re
+import socket
 import time
 from collections import Counter, defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bone
 import lora
@@ -218,113 +236,203 @@ def convert_hf_state_dict(sd):
     return out
 
 
-def load_gpt2(init_from, dropout=0.0):
-    """Our GPT from an official checkpoint on the Hub (a GPT2_HEADS name) or a local file or folder."""
-    n_head = None
-    if init_from in GPT2_HEADS:
-        repo = "openai-community/" + init_from
-        try:
-            from huggingface_hub import hf_hub_download
-            path = hf_hub_download(repo, "model.safetensors")
-        except Exception as e:  # no network, no cache, or huggingface_hub missing
-            raise SystemExit(f"Could not download {repo}/model.safetensors from the Hugging Face Hub "
-                             f"({type(e).__name__}: {e}).\nPoint --init_from at a local GPT-2 checkpoint "
-                             f"(model.safetensors or pytorch_model.bin, or the folder holding it).")
-        n_head = GPT2_HEADS[init_from]
-    else:
-        path = init_from
-        if os.path.isdir(path):
-            names = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, f))]
-            if not names:
-                raise SystemExit(f"--init_from {path}: no model.safetensors or pytorch_model.bin in that folder")
-            path = os.path.join(path, names[0])
-        if not os.path.isfile(path):
-            raise SystemExit(f"--init_from {init_from}: not a GPT-2 size ({', '.join(GPT2_HEADS)}), "
-                             f"'scratch', or an existing file or folder")
-        config_json = os.path.join(os.path.dirname(path), "config.json")
-        if os.path.isfile(config_json):
-            with open(config_json) as f:
-                n_head = json.load(f).get("n_head")
+def load_gpt2(path, dropout=0.0, n_head=None):
+    """Our GPT from a local GPT-2 checkpoint: a model.safetensors / pytorch_model.bin (HF layout), the
+    folder holding one, or a full fine-tune's adapter.pt. n_head is not in the weights: the argument, else
+    a config.json beside the file, else the model config saved in adapter.pt, else n_embd / 64 (every
+    GPT-2 size has 64-dim heads)."""
+    if os.path.isdir(path):
+        names = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, f))]
+        if not names:
+            raise SystemExit(f"error: --init_from {path}: no model.safetensors or pytorch_model.bin in that folder")
+        path = os.path.join(path, names[0])
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --init_from {path}: not a GPT-2 size ({', '.join(GPT2_HEADS)}), 'scratch', "
+                         f"or an existing file or folder")
+    config_json = os.path.join(os.path.dirname(path), "config.json")
+    if n_head is None and os.path.isfile(config_json):
+        with open(config_json) as f:
+            n_head = json.load(f).get("n_head")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         sd = load_file(path)
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = sd["adapter"] if "adapter" in sd and "args" in sd else sd  # a full fine-tune's adapter.pt
+        if "adapter" in sd and "args" in sd:  # a full fine-tune's adapter.pt: its tensors and its model config
+            n_head = n_head or sd.get("config", {}).get("n_head")
+            sd = sd["adapter"]
     sd = convert_hf_state_dict(sd)
     V, C = sd["transformer.wte.weight"].shape
     n_layer = len([k for k in sd if k.endswith(".ln_1.weight")])
     config = GPTConfig(block_size=sd["transformer.wpe.weight"].shape[0], vocab_size=V, n_layer=n_layer,
-                       n_head=n_head or C // 64, n_embd=C, dropout=dropout)  # every GPT-2 size has 64-dim heads
+                       n_head=n_head or C // 64, n_embd=C, dropout=dropout)
     model = GPT(config)
     model.load_state_dict(sd)
     return model
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer and E2E data
+# What may come from the network: GPT-2's weights, the BPE files, E2E. Local files first; the network is
+# probed once, and offline one message lists everything missing with the flag that replaces it.
 
+HUB_HOST = "huggingface.co"
+E2E_FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
+E2E_HUB = "tuetschek/e2e_nlg"  # its loading script no longer runs in datasets>=4; the Hub's parquet export does
 GPT2_BPE_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
                    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
 SHARED_BPE_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data",
                                               "gpt2"))
+FLAG_FOR = {  # what replaces each download
+    "weights": "--init_from PATH (a model.safetensors or pytorch_model.bin, or its folder) or --init_from scratch",
+    "bpe": "--bpe_dir DIR (holding vocab.bpe and encoder.json)",
+    "e2e": f"--data_dir DIR (holding {', '.join(E2E_FILES.values())}, from github.com/tuetschek/e2e-dataset)",
+}
 
 
-def get_tokenizer(bpe_dir=None):
-    """tiktoken's GPT-2 encoding, built from OpenAI's vocab.bpe + encoder.json in bpe_dir when one is given
-    (no download tried); else tiktoken's own (downloaded or cached), else the files in SHARED_BPE_DIR."""
+class Missing(Exception):
+    """A resource neither on disk nor downloadable; str(e) says what and why."""
+
+
+def network_ok(timeout=3.0):
+    """One quick probe: can a TCP connection to the Hugging Face Hub be opened?"""
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+class Online:
+    """network_ok(), probed on the first need only and remembered."""
+    def __init__(self):
+        self.ok = None
+
+    def __call__(self):
+        if self.ok is None:
+            self.ok = network_ok()
+        return self.ok
+
+
+def gpt2_weights(init_from, online):
+    """A local file or folder for --init_from: itself, or the Hub checkpoint (cache first, then download)."""
+    if init_from not in GPT2_HEADS:
+        return init_from
+    from huggingface_hub import hf_hub_download
+    repo = "openai-community/" + init_from
+    try:
+        return hf_hub_download(repo, "model.safetensors", local_files_only=True)
+    except Exception:
+        pass  # not in the cache
+    if not online():
+        raise Missing(f"GPT-2 weights {repo}/model.safetensors (not in the Hugging Face cache)")
+    try:
+        return hf_hub_download(repo, "model.safetensors")
+    except Exception as e:
+        raise Missing(f"GPT-2 weights {repo}/model.safetensors ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def get_tokenizer(bpe_dir=None, online=lambda: True):
+    """tiktoken's GPT-2 encoding from OpenAI's vocab.bpe + encoder.json: in bpe_dir when given, else in
+    SHARED_BPE_DIR when present (the same files, checked by hash), else tiktoken's download or cache."""
     import tiktoken
-    if bpe_dir:
-        why = f"--bpe_dir {bpe_dir} was given"
-    else:
+    if not bpe_dir and all(os.path.isfile(os.path.join(SHARED_BPE_DIR, f)) for f in GPT2_BPE_SHA256):
+        bpe_dir = SHARED_BPE_DIR
+    if not bpe_dir:
+        if not online():
+            raise Missing("GPT-2 BPE files vocab.bpe, encoder.json (tiktoken's download)")
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # tiktoken fetches its files from openaipublic.blob.core.windows.net
-            why = f"tiktoken could not download them ({type(e).__name__}: {e})"
-        bpe_dir = SHARED_BPE_DIR if os.path.isdir(SHARED_BPE_DIR) else None
-    files = {f: os.path.join(bpe_dir or "", f) for f in GPT2_BPE_SHA256}
-    if not bpe_dir or not all(os.path.isfile(p) for p in files.values()):
-        raise SystemExit(f"no GPT-2 BPE files (vocab.bpe, encoder.json): {why}, and they are not in "
-                         f"{bpe_dir or SHARED_BPE_DIR}.\nPoint --bpe_dir at a folder holding both.")
+            raise Missing(f"GPT-2 BPE files vocab.bpe, encoder.json ({type(e).__name__}: {e})")
+    files = {f: os.path.join(bpe_dir, f) for f in GPT2_BPE_SHA256}
+    if not all(os.path.isfile(p) for p in files.values()):
+        raise SystemExit(f"error: --bpe_dir {bpe_dir}: needs both vocab.bpe and encoder.json")
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
-    ranks = data_gym_to_mergeable_bpe_ranks(files["vocab.bpe"], files["encoder.json"],
-                                            GPT2_BPE_SHA256["vocab.bpe"], GPT2_BPE_SHA256["encoder.json"])
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(files["vocab.bpe"], files["encoder.json"],
+                                                GPT2_BPE_SHA256["vocab.bpe"], GPT2_BPE_SHA256["encoder.json"])
+    except ValueError as e:  # a hash mismatch: not OpenAI's GPT-2 files
+        raise SystemExit(f"error: --bpe_dir {bpe_dir}: {e}")
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256})
 
 
-E2E_FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
-E2E_HUB = "tuetschek/e2e_nlg"  # its loading script no longer runs in datasets>=4; the Hub's parquet export does
-
-
-def read_e2e_csv(path):
-    """[(mr, ref)] from an official E2E CSV (header mr,ref; quoted fields; CRLF)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    if [h.strip().lower() for h in rows[0][:2]] != ["mr", "ref"]:
-        raise SystemExit(f"{path}: expected the header mr,ref, found {rows[0]}")
-    return [(r[0], r[1]) for r in rows[1:] if r]
-
-
-def load_e2e(data_dir=None):
+def load_e2e(data_dir=None, online=lambda: True):
     """{"train", "dev", "test"} -> [(mr, ref)], from the official CSVs in data_dir or from the Hub."""
     if data_dir:
         paths = {s: os.path.join(data_dir, f) for s, f in E2E_FILES.items()}
         missing = [p for p in paths.values() if not os.path.isfile(p)]
         if missing:
-            raise SystemExit(f"--data_dir {data_dir}: missing {', '.join(missing)}")
+            raise SystemExit(f"error: --data_dir {data_dir}: missing {', '.join(missing)}")
         return {s: read_e2e_csv(p) for s, p in paths.items()}
+    if not online():
+        raise Missing(f"E2E dataset {E2E_HUB} (the Hugging Face Hub)")
     try:
         import datasets
         ds = datasets.load_dataset(E2E_HUB, revision="refs/convert/parquet", data_files={
             "train": "default/train/*.parquet", "dev": "default/validation/*.parquet",
             "test": "default/test/*.parquet"})
-    except Exception as e:  # no network, or datasets missing
-        raise SystemExit(f"Could not load the E2E dataset {E2E_HUB} from the Hugging Face Hub with `datasets` "
-                         f"({type(e).__name__}: {e}).\nPoint --data_dir at a folder with the official "
-                         f"{', '.join(E2E_FILES.values())} (github.com/tuetschek/e2e-dataset).")
-    return {s: list(zip(d["meaning_representation"], d["human_reference"])) for s, d in ds.items()}
+    except Exception as e:  # the Hub unreachable, or datasets missing
+        raise Missing(f"E2E dataset {E2E_HUB} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    data = {s: list(zip(d["meaning_representation"], d["human_reference"])) for s, d in ds.items()}
+    for s, rows in data.items():
+        if not rows or not all(mr.strip() and ref.strip() for mr, ref in rows):
+            raise SystemExit(f"error: the Hub's {E2E_HUB} {s} split is empty or has an empty field")
+    return data
+
+
+def fetch_resources(args, what=("bpe", "e2e", "weights")):
+    """(tokenizer, E2E data, GPT-2 weights path or None for scratch), all fetched before anything else
+    runs (None for what is not asked for). Whatever cannot be had is reported at once, each with the flag
+    that replaces it."""
+    online, missing, got = Online(), [], dict(bpe=None, e2e=None, weights=None)
+    jobs = dict(bpe=lambda: get_tokenizer(args.bpe_dir, online), e2e=lambda: load_e2e(args.data_dir, online),
+                weights=lambda: None if args.init_from == "scratch" else gpt2_weights(args.init_from, online))
+    for key in what:
+        try:
+            got[key] = jobs[key]()
+        except Missing as e:
+            missing.append(f"  {e}: pass {FLAG_FOR[key]}")
+    if missing:
+        why = "no network (could not reach huggingface.co)" if online.ok is False else "download failed"
+        raise SystemExit(f"error: {why}; these could not be fetched:\n" + "\n".join(missing))
+    return got["bpe"], got["e2e"], got["weights"]
+
+
+# -----------------------------------------------------------------------------
+# E2E data
+
+
+def read_e2e_csv(path):
+    """[(mr, ref)] from an official E2E CSV (header mr,ref; quoted fields; CRLF). Not UTF-8, no header, no
+    rows, or a row without both fields: an error naming the file and line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise SystemExit(f"error: {path}, line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise SystemExit(f"error: {path} is empty (expected the header mr,ref and rows)")
+        if [h.strip().lower() for h in header[:2]] != ["mr", "ref"]:
+            raise SystemExit(f"error: {path}, line 1: expected the header mr,ref, found {header}")
+        for r in reader:
+            if r and (len(r) < 2 or not r[0].strip() or not r[1].strip()):
+                raise SystemExit(f"error: {path}, line {reader.line_num}: expected two non-empty fields mr,ref, "
+                                 f"found {r}"[:300])
+            if r:
+                rows.append((r[0], r[1]))
+    except csv.Error as e:
+        raise SystemExit(f"error: {path}, line {reader.line_num}: {e}")
+    if not rows:
+        raise SystemExit(f"error: {path} has a header but no rows")
+    return rows
 
 
 def encode_e2e(rows, enc, max_len):
@@ -370,40 +478,49 @@ ALL_LINEAR = "q_proj,k_proj,v_proj,attn.c_proj,c_fc,mlp.c_proj"
 METHOD_DEFAULTS = {
     "none": {},  # the base model as is: decode and score only
     "full": dict(lr=5e-5),  # our choice: a usual full fine-tuning lr for GPT-2
-    "lora": dict(targets="q_proj,v_proj", r=4, alpha=32.0, lora_dropout=0.1, lr=2e-4),  # LoRA paper, GPT-2 M E2E
-    # SeRA has no E2E runs: its default split=r=8 with LoRA's E2E alpha, targets and lr
-    "sera": dict(targets="q_proj,v_proj", r=8, split=8, alpha=32.0, lora_dropout=0.0, lr=2e-4),
-    # SiVA §4.3: q, v and perc 0.95 as in its other runs; its E2E lr table is missing from our copy: our 2e-3
-    "siva": dict(targets="q_proj,v_proj", perc=0.95, lr=2e-3),
+    "lora": dict(targets="q_proj,v_proj", lora_r=4, lora_alpha=32.0, lora_dropout=0.1, lr=2e-4),  # LoRA, GPT-2 M E2E
+    # SeRA has no E2E runs: its default split = r (--sera_split unset), r=8, with LoRA's E2E alpha, targets and lr
+    "sera": dict(targets="q_proj,v_proj", sera_r=8, sera_alpha=32.0, sera_dropout=0.0, lr=2e-4),
+    # our assumptions: q, v and perc 0.95 are not in the SiVA paper's text for GPT-2 E2E (its Table 8 is
+    # missing from our copy), nor is an E2E lr: our 2e-3
+    "siva": dict(targets="q_proj,v_proj", siva_perc=0.95, lr=2e-3),
     # Bone has no E2E runs: its default b=64 Bone-col on q, v (LoRA's E2E targets), LoRA's lr
-    "bone": dict(targets="q_proj,v_proj", b=64, grouping="col", lr=2e-4),
-    "vblora": dict(targets=ALL_LINEAR, r=4, b=256, h=256, k=2, bank_lr=1e-3, logits_lr=1e-2),  # VB-LoRA Table 8
+    "bone": dict(targets="q_proj,v_proj", bone_b=64, bone_grouping="col", lr=2e-4),
+    "vblora": dict(targets=ALL_LINEAR, vblora_r=4, vblora_b=256, vblora_h=256, vblora_k=2, vblora_bank_lr=1e-3,
+                   vblora_logits_lr=1e-2),  # VB-LoRA Table 8
 }
 METHODS = {
-    "lora": (lambda a: lora.LoRAConfig(r=a.r, alpha=a.alpha, dropout=a.lora_dropout),
+    "lora": (lambda a: lora.LoRAConfig(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout),
              lora.apply_lora, lora.lora_state_dict, lora.load_lora_state_dict),
-    "sera": (lambda a: sera.SeRAConfig(r=a.r, split=a.split, alpha=a.alpha, dropout=a.lora_dropout),
+    "sera": (lambda a: sera.SeRAConfig(r=a.sera_r, split=a.sera_r if a.sera_split is None else a.sera_split,
+                                       alpha=a.sera_alpha, dropout=a.sera_dropout),
              sera.apply_sera, sera.sera_state_dict, sera.load_sera_state_dict),
-    "siva": (lambda a: siva.SiVAConfig(perc=a.perc),
+    "siva": (lambda a: siva.SiVAConfig(perc=a.siva_perc),
              siva.apply_siva, siva.siva_state_dict, siva.load_siva_state_dict),
-    "bone": (lambda a: bone.BoneConfig(b=a.b, grouping=a.grouping),
+    "bone": (lambda a: bone.BoneConfig(b=a.bone_b, grouping=a.bone_grouping),
              bone.apply_bone, bone.bone_state_dict, bone.load_bone_state_dict),
-    "vblora": (lambda a: vblora.VBLoRAConfig(r=a.r, b=a.b, h=a.h, k=a.k),
+    "vblora": (lambda a: vblora.VBLoRAConfig(r=a.vblora_r, b=a.vblora_b, h=a.vblora_h, k=a.vblora_k),
                vblora.apply_vblora, lambda m: vblora.vblora_state_dict(m, compact=True),
                vblora.load_vblora_state_dict),
 }
 
 
-def attach_method(model, args):
+def apply_method(model, args):
     """Freeze the model, attach the method, return AdamW parameter groups (each with its base_lr)."""
     model.requires_grad_(args.method == "full")
     if args.method in METHODS:
         config, apply, _, _ = METHODS[args.method]
-        apply(model, config(args), args.targets.split(","))
+        try:
+            apply(model, config(args), args.targets.split(","))
+        except ValueError as e:  # a constraint of the method's config, or a target that matches nothing
+            raise SystemExit(f"error: --method {args.method}: {e}")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if args.method == "vblora":  # Table 8: bank and logits on their own lrs, never decayed
-        groups = [dict(params=[p for n, p in params if "vblora_bank" in n], lr=args.bank_lr, weight_decay=0.0),
-                  dict(params=[p for n, p in params if "vblora_bank" not in n], lr=args.logits_lr, weight_decay=0.0)]
+    if args.method == "vblora":
+        # bank and logits on their own lrs (Table 8); no weight decay on them, as in the authors' public NLU and
+        # instruction-tuning code (Table 8 itself lists weight decay 0.01)
+        groups = [dict(params=[p for n, p in params if "vblora_bank" in n], lr=args.vblora_bank_lr, weight_decay=0.0),
+                  dict(params=[p for n, p in params if "vblora_bank" not in n], lr=args.vblora_logits_lr,
+                       weight_decay=0.0)]
     elif args.method == "full":  # as nanoGPT: no decay on biases and LayerNorm gains
         groups = [dict(params=[p for _, p in params if p.dim() >= 2], lr=args.lr, weight_decay=args.weight_decay),
                   dict(params=[p for _, p in params if p.dim() < 2], lr=args.lr, weight_decay=0.0)]
@@ -435,7 +552,6 @@ def lr_factor(step, warmup, total):
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
 
-
 # -----------------------------------------------------------------------------
 # Beam search with a KV cache, batched over prompts
 
@@ -459,7 +575,7 @@ def beam_search(model, prompts, eos, beam=10, max_new_tokens=64, length_penalty=
     max_new_tokens the live beams count as hypotheses too. Prompts are left-padded: pads are masked out
     of attention and positions count from each prompt's first real token.
     """
-    dev = model.lm_head.weight.device
+    dev = next(model.parameters()).device  # never lm_head.weight: a method may have wrapped lm_head
     B, K, L = len(prompts), beam, max(map(len, prompts))
     if L + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt of {L} tokens + {max_new_tokens} new exceeds block_size {model.config.block_size}")
@@ -685,7 +801,7 @@ def e2e_scores(hyps, refs):
 
 
 # -----------------------------------------------------------------------------
-# Training script
+# Training script: arguments, checkpoints, the model from a run's arguments
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -711,38 +827,48 @@ def get_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the training forward")
     # data
     a("--data_dir", default=None, help="folder with the official E2E CSVs (default: the Hub via `datasets`)")
-    a("--bpe_dir", default=None, help="folder with vocab.bpe + encoder.json, used first when given (no download); "
-      f"default: tiktoken's download, else {SHARED_BPE_DIR} when present")
+    a("--bpe_dir", default=None, help="folder with vocab.bpe + encoder.json (no download); default: "
+      f"{SHARED_BPE_DIR} when present, else tiktoken's download")
     a("--max_len", type=int, default=512, help="longest training example, in tokens")
     # method: None = the method's default (epilog)
     a("--targets", default=None, help="comma list of Linear names, suffix match (per method)")
-    a("--r", type=int, default=None, help="rank: LoRA, SeRA, VB-LoRA (per method)")
-    a("--alpha", type=float, default=None, help="scale alpha/r: LoRA, SeRA (per method)")
-    a("--lora_dropout", type=float, default=None, help="dropout on the adapter input: LoRA, SeRA (per method)")
-    a("--split", type=int, default=None, help="SeRA segments (per method)")
-    a("--perc", type=float, default=None, help="SiVA: share of the variance left frozen (per method)")
-    a("--b", type=int, default=None, help="Bone block size or VB-LoRA sub-vector length (per method)")
-    a("--grouping", default=None, choices=["col", "row"], help="Bone grouping (per method)")
-    a("--h", type=int, default=None, help="VB-LoRA bank size (per method)")
-    a("--k", type=int, default=None, help="VB-LoRA top-k (per method)")
+    a("--lora_r", type=int, default=None, help="LoRA rank (per method)")
+    a("--lora_alpha", type=float, default=None, help="LoRA scale alpha/r (per method)")
+    a("--lora_dropout", type=float, default=None, help="LoRA dropout on the adapter input (per method)")
+    a("--sera_r", type=int, default=None, help="SeRA rank (per method)")
+    a("--sera_split", type=int, default=None, help="SeRA segments (default: = --sera_r, the paper's default)")
+    a("--sera_alpha", type=float, default=None, help="SeRA scale alpha/r (per method)")
+    a("--sera_dropout", type=float, default=None, help="SeRA dropout on the adapter input (per method)")
+    a("--siva_perc", type=float, default=None, help="SiVA: share of the variance left frozen (per method)")
+    a("--bone_b", type=int, default=None, help="Bone block size (per method)")
+    a("--bone_grouping", default=None, choices=["col", "row"], help="Bone grouping (per method)")
+    a("--vblora_r", type=int, default=None, help="VB-LoRA rank (per method)")
+    a("--vblora_b", type=int, default=None, help="VB-LoRA sub-vector length (per method)")
+    a("--vblora_h", type=int, default=None, help="VB-LoRA bank size (per method)")
+    a("--vblora_k", type=int, default=None, help="VB-LoRA top-k (per method)")
     # optimisation
     a("--lr", type=float, default=None, help="learning rate (per method)")
-    a("--bank_lr", type=float, default=None, help="VB-LoRA vector bank lr (per method)")
-    a("--logits_lr", type=float, default=None, help="VB-LoRA logits lr (per method)")
-    a("--weight_decay", type=float, default=0.01, help="AdamW weight decay (none on VB-LoRA)")
+    a("--vblora_bank_lr", type=float, default=None, help="VB-LoRA vector bank lr (per method)")
+    a("--vblora_logits_lr", type=float, default=None, help="VB-LoRA logits lr (per method)")
+    a("--weight_decay", type=float, default=0.01, help="AdamW weight decay (none on VB-LoRA's bank and logits)")
     a("--warmup_iters", type=int, default=500, help="linear warm-up steps, cut to the run's steps when longer "
       "(then the lr reaches --lr at the last step, with no decay)")
     a("--epochs", type=int, default=5, help="passes over the training set")
     a("--max_iters", type=int, default=None, help="cap on optimizer steps; the lr decay ends there (default: none)")
     a("--batch_size", type=int, default=8, help="examples per micro-batch")
-    a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step on each process (under "
+      "torchrun, N processes with G see what one process sees with N*G)")
     a("--grad_clip", type=float, default=0.0, help="max gradient norm, 0 = off as in the LoRA code's E2E run")
     a("--label_smoothing", type=float, default=0.1, help="on the training loss")
-    a("--seed", type=int, default=1, help="scratch weights, adapter init, data order, dropout")
-    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    a("--seed", type=int, default=1, help="scratch weights, adapter init, data order, dropout (+ process rank)")
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)")
     a("--log_interval", type=int, default=100, help="steps between log lines")
     a("--eval_interval", type=int, default=2000, help="steps between dev-loss estimates and checkpoints")
     a("--eval_iters", type=int, default=100, help="dev batches per dev-loss estimate")
+    a("--out_dir", default="out-e2e", help="adapter.pt, ckpt.pt, predictions, references, metrics.json")
+    a("--resume", action="store_true", help="continue the run in --out_dir/ckpt.pt; only --max_iters, --epochs, "
+      "logging, eval and decoding flags may differ from that run's")
+    a("--overwrite", action="store_true", help="start over in an --out_dir that holds a run")
     # decoding
     a("--beam", type=int, default=10, help="beam size")
     a("--length_penalty", type=float, default=0.8, help="hypothesis score = log p / length**this")
@@ -750,8 +876,9 @@ def get_args(argv=None):
     a("--max_new_tokens", type=int, default=64, help="longest output")
     a("--decode_batch", type=int, default=16, help="test MRs decoded together (times beam rows)")
     a("--eval_samples", type=int, default=None, help="decode only the first N test MRs, 0 = none (default: all)")
-    a("--out_dir", default="out-e2e", help="adapter.pt, ckpt.pt, predictions, references, metrics.json")
-    a("--resume", action="store_true", help="continue the run saved in --out_dir/ckpt.pt")
+    a("--sample", default=None, help='decode this one MR, e.g. "name[The Eagle], food[French]" (a | between '
+      "fields reads as a comma), with --adapter or --out_dir/adapter.pt; no training")
+    a("--adapter", default=None, help="adapter.pt for --sample (default: --out_dir/adapter.pt)")
     args = p.parse_args(argv)
     for k, v in METHOD_DEFAULTS[args.method].items():
         if getattr(args, k) is None:
@@ -759,83 +886,278 @@ def get_args(argv=None):
     return args
 
 
-def _hms(s):
-    return f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}"
+AT_LEAST_1 = ("n_layer", "n_head", "n_embd", "max_len", "epochs", "batch_size", "grad_accum", "log_interval",
+              "eval_interval", "beam", "max_new_tokens", "decode_batch")
+AT_LEAST_0 = ("dropout", "lr", "vblora_bank_lr", "vblora_logits_lr", "weight_decay", "warmup_iters", "max_iters",
+              "grad_clip", "label_smoothing", "eval_iters", "no_repeat_ngram", "eval_samples")
+
+
+def check_args(args):
+    """Bad flags fail here, before anything is loaded, one line each."""
+    for k in AT_LEAST_1 + AT_LEAST_0:
+        v, low = getattr(args, k), 1 if k in AT_LEAST_1 else 0
+        if v is not None and v < low:
+            raise SystemExit(f"error: --{k} {v}: must be >= {low}")
+    if args.init_from == "scratch":
+        if args.n_embd % args.n_head:
+            raise SystemExit(f"error: --n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
+        if args.block_size < 2:
+            raise SystemExit(f"error: --block_size {args.block_size}: must be >= 2")
+    if args.resume and args.overwrite:
+        raise SystemExit("error: --resume and --overwrite: pass one of them")
+    if args.resume and args.method == "none":
+        raise SystemExit("error: --resume: --method none trains nothing, so there is no run to resume; drop "
+                         "--resume to evaluate the base model")
+
+
+def hms(seconds):
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def save_atomic(obj, path):
-    torch.save(obj, path + ".tmp")
+    """Write path + ".tmp", fsync it, rename it over path, fsync the folder: a crash leaves the old or the
+    new file, never a torn one."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+CKPT_KEYS = ("args", "step", "trainable", "optimizer", "rng")
+ADAPTER_KEYS = ("args", "method", "adapter", "config")
+
+
+def load_checkpoint(path, keys=CKPT_KEYS):
+    """torch.load a ckpt.pt (or, with keys=ADAPTER_KEYS, an adapter.pt); whatever is wrong with the file
+    is one line naming it."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, truncated, not a torch file, a pickled payload
+        why = (str(e).strip().splitlines() or ["the file ends early"])[0][:200]
+        raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or not a torch file): "
+                         f"{type(e).__name__}: {why}")
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise SystemExit(f"error: {path} is not {'a ckpt.pt' if keys == CKPT_KEYS else 'an adapter.pt'} of "
+                         f"train_gpt2.py: no {', '.join(missing)}")
+    return obj
+
+
+# flags a resume may change: they cannot alter the trained weights, or extend the run
+RESUME_FREE = {"max_iters", "epochs", "log_interval", "eval_interval", "eval_iters", "device", "compile", "resume",
+               "overwrite", "out_dir", "beam", "eval_samples", "decode_batch", "length_penalty",
+               "no_repeat_ngram", "max_new_tokens", "sample", "adapter"}
+
+
+def check_resume(saved_args, args):
+    """Refuse a resume whose flags would alter the run, naming each changed flag and both values."""
+    new = vars(args)
+    changed = [f"--{k} {saved_args.get(k)} -> {new.get(k)}" for k in sorted(set(saved_args) | set(new))
+               if k not in RESUME_FREE and saved_args.get(k) != new.get(k)]
+    if changed:
+        raise SystemExit(f"error: --resume: {', '.join(changed)} would alter the saved run; only "
+                         f"{', '.join('--' + k for k in sorted(RESUME_FREE - {'resume', 'overwrite', 'sample', 'adapter'}))} "
+                         f"may change (or start over with --overwrite)")
+
+
+def build_model(args, vocab_size, weights=None, config=None):
+    """The base model of a run: a random GPT from --seed (scratch; `config` when known) or GPT-2's weights
+    from the local file `weights`. Seeds first, so a scratch base is the same model on every rebuild."""
+    torch.manual_seed(args.seed)
+    if args.init_from != "scratch":
+        return load_gpt2(weights or args.init_from, args.dropout)
+    config = config or dict(block_size=args.block_size, vocab_size=vocab_size, n_layer=args.n_layer,
+                            n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    return GPT(GPTConfig(**config))
+
+
+def load_finetuned(path, device="cpu"):
+    """The fine-tuned model of an adapter.pt, ready to decode: the base model rebuilt from the run's
+    arguments (--init_from, or --seed and the saved config for scratch), the method applied, the adapter
+    loaded."""
+    blob = load_checkpoint(path, ADAPTER_KEYS)
+    args = argparse.Namespace(**blob["args"])
+    weights = None
+    if args.init_from != "scratch":
+        online = Online()
+        try:
+            weights = gpt2_weights(args.init_from, online)
+        except Missing as e:
+            raise SystemExit(f"error: {path} was trained on {e}: pass {FLAG_FOR['weights']}")
+    model = build_model(args, blob["config"]["vocab_size"], weights, blob["config"])
+    apply_method(model, args)
+    if args.method in METHODS:
+        METHODS[args.method][3](model, blob["adapter"])
+    else:
+        model.load_state_dict(blob["adapter"], strict=False)
+    return model.to(device).eval()
+
+
+def decode(model, prompts, eos, args, ctx, log=print):
+    """Beam search over all prompts in batches of similar length, with a progress line and ETA."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths, little left-padding
+    outs = [None] * len(prompts)
+    n_batches = math.ceil(len(order) / args.decode_batch)
+    t0 = time.time()
+    for b in range(n_batches):
+        ids = order[b * args.decode_batch:(b + 1) * args.decode_batch]
+        with ctx:
+            got = beam_search(model, [prompts[i] for i in ids], eos, args.beam, args.max_new_tokens,
+                              args.length_penalty, args.no_repeat_ngram)
+        for i, out in zip(ids, got):
+            outs[i] = out
+        done, el = min((b + 1) * args.decode_batch, len(order)), time.time() - t0
+        if b % max(1, n_batches // 10) == 0 or done == len(order):
+            log(f"decode {done}/{len(order)} MRs | elapsed {hms(el)} | eta {hms(el / done * (len(order) - done))}")
+    return outs
+
+
+def check_fits(block_size, prompt_len, args, what):
+    if prompt_len + args.max_new_tokens > block_size:
+        flag = "--block_size" if args.init_from == "scratch" else "the model's block_size"
+        raise SystemExit(f"error: {flag} {block_size} is too short: {what} takes {prompt_len} tokens, "
+                         f"+ --max_new_tokens {args.max_new_tokens} = {prompt_len + args.max_new_tokens}")
+
+
+def sample(args, device):
+    """--sample: decode one MR with a saved adapter and print the text."""
+    path = args.adapter or os.path.join(args.out_dir, "adapter.pt")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --sample needs an adapter.pt: no {path} (pass --adapter PATH or --out_dir DIR)")
+    enc, _, _ = fetch_resources(args, what=("bpe",))
+    model = load_finetuned(path, device)
+    mr = re.sub(r"\s*\|\s*", ", ", args.sample.strip())  # "name[X] | food[Y]" -> E2E's "name[X], food[Y]"
+    prompt = enc.encode_ordinary(mr) + [enc.eot_token]
+    check_fits(model.config.block_size, len(prompt), args, "the MR")
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with ctx:
+        out = beam_search(model, [prompt], enc.eot_token, args.beam, args.max_new_tokens, args.length_penalty,
+                          args.no_repeat_ngram)[0]
+    text = " ".join(enc.decode(out).split())
+    print(text)
+    return dict(model=model, sample=text)
 
 
 def main(argv=None):
     """The script; returns {model, step, predictions, scores} for tests and notebooks."""
+    # ---------------------------------------------------------------- args & ddp
     args = get_args(argv)
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    check_args(args)
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    if ddp:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        cuda = torch.cuda.is_available() and args.device != "cpu"
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world_size = 0, 1
+        device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    master = rank == 0  # logs, evaluates, saves and decodes
+    log = print if master else lambda *a, **k: None
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.sample is not None:
+        return sample(args, device)
+    ckpt_path, adapter_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "adapter.pt")
+    if args.resume and not os.path.isfile(ckpt_path):
+        raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
+    if not args.resume and not args.overwrite:
+        for path in (ckpt_path, adapter_path):
+            if os.path.exists(path):
+                raise SystemExit(f"error: {path} exists; pass --resume to continue that run or --overwrite to "
+                                 f"start over")
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if ckpt is not None:
+        check_resume(ckpt["args"], args)
+        if ckpt.get("world_size", 1) != world_size:
+            raise SystemExit(f"error: --resume: {ckpt_path} was written by a run of {ckpt.get('world_size', 1)} "
+                             f"process(es), this one has {world_size}: the global batch would change")
 
-    # data
+    # ---------------------------------------------------------------- data
     t0 = time.time()
-    enc = get_tokenizer(args.bpe_dir)
+    enc, data, weights = fetch_resources(args)
     eos = enc.eot_token
-    data = load_e2e(args.data_dir)
-    block_size = args.block_size if args.init_from == "scratch" else 1024  # every GPT-2 checkpoint's
-    train = encode_e2e(data["train"], enc, min(args.max_len, block_size))
-    dev = encode_e2e(data["dev"], enc, min(args.max_len, block_size))
+    block_size = args.block_size if args.init_from == "scratch" else None  # a checkpoint's: known once loaded
+    max_len = min(args.max_len, block_size or args.max_len)
+    train = encode_e2e(data["train"], enc, max_len)
+    dev = encode_e2e(data["dev"], enc, max_len)
+    if not train:
+        cap = f"--max_len {args.max_len}" + (f", --block_size {block_size}" if block_size else "")
+        raise SystemExit(f"error: no training example fits in {max_len} tokens ({cap}): every MR takes as many")
     test_refs = defaultdict(list)  # MR -> its references, in file order
     for mr, ref in data["test"]:
         test_refs[mr].append(ref)
-    print(f"E2E: {len(train)} train, {len(dev)} dev examples, {len(test_refs)} test MRs "
-          f"(tokenised in {time.time() - t0:.1f}s)")
+    mrs = list(test_refs)[:args.eval_samples]
+    prompts = [enc.encode_ordinary(mr) + [eos] for mr in mrs]
+    log(f"E2E: {len(train)} train, {len(dev)} dev examples, {len(test_refs)} test MRs "
+        f"(tokenised in {time.time() - t0:.1f}s)")
 
-    # model and method
-    torch.manual_seed(args.seed)
-    if args.init_from == "scratch":
-        model = GPT(GPTConfig(block_size=args.block_size, vocab_size=enc.n_vocab, n_layer=args.n_layer,
-                              n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout))
-    else:
-        model = load_gpt2(args.init_from, args.dropout)
+    # ---------------------------------------------------------------- model & method
+    model = build_model(args, enc.n_vocab, weights)  # seeded: the same base and adapter init on every rank
+    if prompts:  # before training: the longest test MR and its output must fit the positions
+        check_fits(model.config.block_size, max(map(len, prompts)), args, "the longest test MR")
     model.to(device)
-    groups = attach_method(model, args)
+    groups = apply_method(model, args)
     n_base = sum(p.numel() for n, p in model.named_parameters() if not any(
         s in n for s in ("lora_", "sera_", "siva_", "bone_", "vblora_")))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"method {args.method}: {n_train:,} trainable params, {stored_param_count(model, args.method):,} stored "
-          f"(base model {n_base:,})")
+    log(f"method {args.method}: {n_train:,} trainable params, {stored_param_count(model, args.method):,} stored "
+        f"(base model {n_base:,})")
+    torch.manual_seed(args.seed + rank)  # dropout differs per rank (nanoGPT's seed offset)
+    raw_model = model
+    train_model = torch.compile(model, dynamic=True) if args.compile else model
+    if ddp and groups:  # every rank was built identically: no buffer (SiVA's bases) is re-sent each forward
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(DDP).parameters else {"broadcast_buffers": False})  # torch < 2.13
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
-    # optimizer and schedule
+    # ---------------------------------------------------------------- optimizer
     n_batches = math.ceil(len(train) / args.batch_size)
-    steps_per_epoch = math.ceil(n_batches / args.grad_accum)
-    total = 0 if not groups else args.epochs * steps_per_epoch
+    micro_per_step = args.grad_accum * world_size  # micro-batches of one optimizer step, over all ranks
+    total = args.epochs * math.ceil(n_batches / micro_per_step) if groups else 0
     total = total if args.max_iters is None else min(total, args.max_iters)
     opt = torch.optim.AdamW(groups, fused=device.type == "cuda") if groups else None
+
+    # ---------------------------------------------------------------- resume
     step = 0
-    if args.resume:
-        if opt is None:
-            raise SystemExit("--resume: --method none trains nothing, so there is no run to resume; drop --resume "
-                             "to evaluate the base model")
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt["args"]["method"] != args.method or ckpt["args"]["init_from"] != args.init_from:
-            raise SystemExit(f"--resume: {ckpt_path} is a {ckpt['args']['method']} run on {ckpt['args']['init_from']}")
+    if ckpt is not None:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        if set(ckpt["trainable"]) != trainable:
-            raise SystemExit(f"--resume: {ckpt_path} holds other trainable tensors than this run (different flags?)")
-        model.load_state_dict(ckpt["trainable"], strict=False)
-        opt.load_state_dict(ckpt["optimizer"])
+        extra, missing = sorted(set(ckpt["trainable"]) - trainable), sorted(trainable - set(ckpt["trainable"]))
+        if extra or missing:
+            raise SystemExit(f"error: --resume: {ckpt_path} holds other trainable tensors than this run: only in "
+                             f"the checkpoint {extra[:4]}, only in this run {missing[:4]}")
+        try:
+            model.load_state_dict(ckpt["trainable"], strict=False)
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError) as e:  # shapes or parameter groups that differ
+            raise SystemExit(f"error: --resume: {ckpt_path} does not fit this model: "
+                             f"{' '.join(str(e).split())[:400]}")
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"])
-        if device.type == "cuda" and ckpt["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        print(f"resumed from {ckpt_path} at step {step}")
+        if master:  # the other ranks keep their seed offset
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        log(f"resumed from {ckpt_path} at step {step}")
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+    if ddp:
+        dist.barrier()  # every rank has passed the checks above before rank 0 writes anything
 
     def save_checkpoint():
-        save_atomic(dict(trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-                         optimizer=opt.state_dict(), step=step, args=vars(args), rng=torch.get_rng_state(),
-                         cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None), ckpt_path)
+        save_atomic(dict(args=vars(args), step=step, world_size=world_size,
+                         trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                         optimizer=opt.state_dict(),
+                         rng=dict(torch=torch.get_rng_state(),
+                                  cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)),
+                    ckpt_path)
 
     dev_batches = make_batches([len(t) for t, _ in dev], args.batch_size, torch.Generator().manual_seed(0))
     dev_batches = dev_batches[:args.eval_iters]
@@ -851,32 +1173,34 @@ def main(argv=None):
         model.train()
         return sum(losses) / max(len(losses), 1)
 
-    # training
-    train_model = torch.compile(model, dynamic=True) if args.compile else model
+    # ---------------------------------------------------------------- training loop
     train_lengths = [len(t) for t, _ in train]
     params = [p for g in groups for p in g["params"]]
     epoch_batches = (None, None)  # (epoch, its batches), built when first needed
     model.train()
     t_start = t_log = time.time()
-    loss_sum, tokens, n_logged, start_step = torch.zeros((), device=device), 0, 0, step
+    loss_sum, tokens, n_logged, start_step = torch.zeros((), device=device), 0, 0, step  # since the last log line
     while step < total:
         f = lr_factor(step, args.warmup_iters, total)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * f
         for micro in range(args.grad_accum):
-            # micro-batch m of the run is batch i of epoch e's fixed shuffle, so a resume sees the same data
-            epoch, i = divmod(step * args.grad_accum + micro, n_batches)
+            # global micro-batch m is batch i of epoch e's fixed shuffle: a resume sees the same data, and
+            # rank r takes every world_size-th one, so N ranks see what one rank sees with N x --grad_accum
+            m = (step * args.grad_accum + micro) * world_size + rank
+            epoch, i = divmod(m, n_batches)
             if epoch_batches[0] != epoch:
                 epoch_batches = (epoch, make_batches(train_lengths, args.batch_size,
                                                      torch.Generator().manual_seed(args.seed + epoch)))
             batch = [train[j] for j in epoch_batches[1][i]]
             x, y = collate(batch, eos)
-            tokens += sum(len(t) - 1 for t, _ in batch)
-            with ctx:
+            sync = not ddp or micro == args.grad_accum - 1  # all-reduce the gradients on the last one only
+            with ctx, (nullcontext() if sync else train_model.no_sync()):
                 _, loss = train_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                                       label_smoothing=args.label_smoothing)
-            (loss / args.grad_accum).backward()
-            loss_sum += loss.detach() / args.grad_accum
+                (loss / args.grad_accum).backward()  # DDP then averages over ranks
+            loss_sum += loss.detach().float() / args.grad_accum
+            tokens += sum(len(t) - 1 for t, _ in batch)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
@@ -884,45 +1208,44 @@ def main(argv=None):
         step += 1
         n_logged += 1
         if step % args.log_interval == 0 or step == total:
+            seen = torch.stack([loss_sum, torch.tensor(float(tokens), device=device)])
+            if ddp:
+                dist.all_reduce(seen)  # every rank's loss and tokens
             now = time.time()
-            print(f"step {step}/{total} | loss {loss_sum.item() / n_logged:.4f} | lr {opt.param_groups[0]['lr']:.2e} | "
-                  f"{tokens / (now - t_log):,.0f} tok/s | elapsed {_hms(now - t_start)} | "
-                  f"eta {_hms((now - t_start) / (step - start_step) * (total - step))}")
+            log(f"step {step}/{total} | loss {seen[0].item() / n_logged / world_size:.4f} | "
+                f"lr {opt.param_groups[0]['lr']:.2e} | {seen[1].item() / (now - t_log):,.0f} tok/s | "
+                f"elapsed {hms(now - t_start)} | eta {hms((now - t_start) / (step - start_step) * (total - step))}")
             loss_sum.zero_()
             tokens, n_logged, t_log = 0, 0, now
-        if step % args.eval_interval == 0 or step == total:
-            print(f"step {step}: dev loss {dev_loss():.4f}")
+        if master and (step % args.eval_interval == 0 or step == total):
+            log(f"step {step}: dev loss {dev_loss():.4f}")
             save_checkpoint()
-            tokens, t_log = 0, time.time()  # tok/s counts training only
-    if total == 0 and dev_batches:
-        print(f"dev loss {dev_loss():.4f}")
-    save_atomic(dict(method=args.method, args=vars(args), adapter=adapter_state_dict(model, args.method)),
-                os.path.join(args.out_dir, "adapter.pt"))
-    print(f"saved {os.path.join(args.out_dir, 'adapter.pt')}")
+            t_log = time.time()  # tok/s counts training only
+    if ddp:
+        dist.destroy_process_group()
+    result = dict(model=raw_model, step=step, predictions=[], scores={})
+    if not master:
+        return result
 
-    # decoding and scoring
+    # ---------------------------------------------------------------- save
+    if total == 0 and dev_batches:
+        log(f"dev loss {dev_loss():.4f}")
+    save_atomic(dict(args=vars(args), method=args.method, config=asdict(raw_model.config),
+                     adapter=adapter_state_dict(raw_model, args.method)), adapter_path)
+    log(f"saved {adapter_path}")
+
+    # ---------------------------------------------------------------- decode & score
     model.eval()
-    mrs = list(test_refs)[:args.eval_samples]
-    result = dict(model=model, step=step, predictions=[], scores={})
     if not mrs:
         return result
-    prompts = [enc.encode_ordinary(mr) + [eos] for mr in mrs]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths, little left-padding
-    preds = [""] * len(prompts)
     t0 = time.time()
-    for s in range(0, len(order), args.decode_batch):
-        ids = order[s:s + args.decode_batch]
-        with ctx:
-            outs = beam_search(model, [prompts[i] for i in ids], eos, args.beam, args.max_new_tokens,
-                               args.length_penalty, args.no_repeat_ngram)
-        for i, out in zip(ids, outs):
-            preds[i] = " ".join(enc.decode(out).split())  # one line per MR
-    print(f"decoded {len(mrs)} test MRs in {time.time() - t0:.1f}s (beam {args.beam})")
+    preds = [" ".join(enc.decode(t).split()) for t in decode(model, prompts, eos, args, ctx, log)]  # one line each
+    log(f"decoded {len(mrs)} test MRs in {time.time() - t0:.1f}s (beam {args.beam})")
     refs = [test_refs[mr] for mr in mrs]
     scores = e2e_scores(preds, refs)
-    print(f"test ({len(mrs)} MRs): BLEU {100 * scores['BLEU']:.2f} | NIST {scores['NIST']:.4f} | "
-          f"METEOR(exact) {100 * scores['METEOR']:.2f} | ROUGE-L {100 * scores['ROUGE_L']:.2f} | "
-          f"CIDEr {scores['CIDEr']:.4f}")
+    log(f"test ({len(mrs)} MRs): BLEU {100 * scores['BLEU']:.2f} | NIST {scores['NIST']:.4f} | "
+        f"METEOR(exact) {100 * scores['METEOR']:.2f} | ROUGE-L {100 * scores['ROUGE_L']:.2f} | "
+        f"CIDEr {scores['CIDEr']:.4f}")
     with open(os.path.join(args.out_dir, "predictions.txt"), "w", encoding="utf-8") as f:
         f.write("".join(p + "\n" for p in preds))
     with open(os.path.join(args.out_dir, "references.txt"), "w", encoding="utf-8") as f:
