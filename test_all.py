@@ -13,6 +13,7 @@ if KERNEL_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("NANOPEFT_NO_TRITON", "1") # method tests use the reference path; kernel tests opt in
 import copy
+import io
 import math
 import re
 import sys
@@ -62,34 +63,44 @@ import sera
 import siva
 import vblora
 
-# One row per method: the names differ, the contract is the same. `cfg` suits the toy model below (every
-# width a multiple of 4). VB-LoRA starts small but non-zero (its bank and logits are random): zero_start=False.
+# One row per method (Bone: one per grouping and variant): the names differ, the contract is the same. `cfg`
+# suits the toy model below (every width a multiple of 4). VB-LoRA starts small but non-zero (its bank and logits
+# are random): zero_start=False. `bad`: config values each refused with a ValueError naming the value.
+def _row(name, mod, Config, Linear, apply, state_dict, load, cfg, bad=(), zero_start=True):
+    return SimpleNamespace(name=name, mod=mod, Config=Config, Linear=Linear, apply=apply, state_dict=state_dict,
+                           load=load, cfg=cfg, bad=list(bad), zero_start=zero_start)
+
+
+_bone = lambda **cfg: _row("Bone", bone, bone.BoneConfig, bone.BoneLinear, bone.apply_bone, bone.bone_state_dict,
+                           bone.load_bone_state_dict, dict(b=4, **cfg))
 METHODS = {
-    "lora": SimpleNamespace(mod=lora, Config=lora.LoRAConfig, cfg=dict(r=3, alpha=5.0, dropout=0.0),
-                            apply=lora.apply_lora, state_dict=lora.lora_state_dict, load=lora.load_lora_state_dict,
-                            zero_start=True, bad=[dict(r=0), dict(r=2.0), dict(r=True), dict(alpha=-1.0),
-                                                  dict(alpha=float("nan")), dict(dropout=1.0)]),
-    "sera": SimpleNamespace(mod=sera, Config=sera.SeRAConfig, cfg=dict(r=4, split=2, alpha=6.0),
-                            apply=sera.apply_sera, state_dict=sera.sera_state_dict, load=sera.load_sera_state_dict,
-                            zero_start=True, bad=[dict(r=4, split=3), dict(r=4.0), dict(r=4, split=2.0),
-                                                  dict(alpha=-2.0), dict(alpha=float("inf")), dict(dropout=-0.1)]),
-    "siva": SimpleNamespace(mod=siva, Config=siva.SiVAConfig, cfg=dict(perc=0.8),
-                            apply=siva.apply_siva, state_dict=siva.siva_state_dict, load=siva.load_siva_state_dict,
-                            zero_start=True, bad=[dict(perc=1.0), dict(perc=float("nan")), dict(select="middle"),
-                                                  dict(seed=0.5)]),
-    "bone-col": SimpleNamespace(mod=bone, Config=bone.BoneConfig, cfg=dict(b=4, grouping="col"),
-                                apply=bone.apply_bone, state_dict=bone.bone_state_dict,
-                                load=bone.load_bone_state_dict, zero_start=True,
-                                bad=[dict(b=0), dict(b=4.0), dict(b=True), dict(grouping="diag")]),
-    "bone-row": SimpleNamespace(mod=bone, Config=bone.BoneConfig, cfg=dict(b=4, grouping="row"),
-                                apply=bone.apply_bone, state_dict=bone.bone_state_dict,
-                                load=bone.load_bone_state_dict, zero_start=True, bad=[]),
-    "vblora": SimpleNamespace(mod=vblora, Config=vblora.VBLoRAConfig, cfg=dict(r=2, b=4, h=8, k=2),
-                              apply=vblora.apply_vblora, state_dict=lambda m: vblora.vblora_state_dict(m, compact=False),
-                              load=vblora.load_vblora_state_dict, zero_start=False,
-                              bad=[dict(r=0), dict(b=4.0), dict(h=True), dict(k=9), dict(init_logits_std=-0.01),
-                                   dict(init_logits_std=float("nan")), dict(init_bank_bound=0.0)]),
+    "lora": _row("LoRA", lora, lora.LoRAConfig, lora.LoRALinear, lora.apply_lora, lora.lora_state_dict,
+                 lora.load_lora_state_dict, dict(r=3, alpha=5.0, dropout=0.0),
+                 [dict(r=0), dict(r=2.0), dict(r=True), dict(alpha=-1.0), dict(alpha=float("nan")),
+                  dict(dropout=1.0), dict(dropout=-0.1)]),
+    "sera": _row("SeRA", sera, sera.SeRAConfig, sera.SeRALinear, sera.apply_sera, sera.sera_state_dict,
+                 sera.load_sera_state_dict, dict(r=4, split=2, alpha=6.0),
+                 [dict(r=4, split=3), dict(r=4.0), dict(split=1, r=0), dict(r=4, split=0), dict(r=4, split=2.0),
+                  dict(alpha=-2.0), dict(alpha=float("inf")), dict(dropout=-0.1), dict(dropout=1.0)]),
+    "siva": _row("SiVA", siva, siva.SiVAConfig, siva.SiVALinear, siva.apply_siva, siva.siva_state_dict,
+                 siva.load_siva_state_dict, dict(perc=0.8),
+                 [dict(perc=p) for p in (0.0, 1.0, 1.5, -0.1, float("nan"))]
+                 + [dict(select="middle"), dict(basis="fourier"), dict(svd_dtype=torch.float16), dict(seed=0.5)]),
+    "bone-col": _bone(grouping="col"),
+    "bone-row": _bone(grouping="row"),
+    "bone-col-hadamard": _bone(grouping="col", variant="hadamard"),
+    "bone-col-unconstrained": _bone(grouping="col", variant="unconstrained"),
+    "bone-row-unconstrained": _bone(grouping="row", variant="unconstrained"),
+    "vblora": _row("VB-LoRA", vblora, vblora.VBLoRAConfig, vblora.VBLoRALinear, vblora.apply_vblora,
+                   lambda m: vblora.vblora_state_dict(m, compact=False), vblora.load_vblora_state_dict,
+                   dict(r=2, b=4, h=8, k=2), zero_start=False,
+                   bad=[dict(r=0), dict(b=4.0), dict(h=True), dict(k=9), dict(r=True), dict(b=256.0), dict(h=2.5),
+                        dict(k=False), dict(r=float("nan")), dict(init_logits_std=-0.01),
+                        dict(init_logits_std=float("nan")), dict(init_logits_std=True), dict(init_bank_bound=0.0),
+                        dict(init_bank_bound=-0.02), dict(init_bank_bound=float("inf"))]),
 }
+METHODS["bone-col"].bad = [dict(b=0), dict(b=-2), dict(b=4.0), dict(b=True), dict(b=float("nan")),
+                           dict(grouping="diag"), dict(grouping=None), dict(variant="kron")]
 _methods = pytest.mark.parametrize("method", list(METHODS))
 ADAPTER_PREFIXES = ("lora_", "sera_", "siva_", "bone_", "vblora_")
 
@@ -157,21 +168,29 @@ def _named_toy():
 
 @_methods
 def test_contract_targets_and_freezing(method):
-    """A module named n is adapted iff it is an nn.Linear and n == t or n ends with "." + t; all else frozen."""
+    """A module named n is adapted iff it is an nn.Linear and n == t or n ends with "." + t; all else frozen.
+    apply returns the adapted names in module order (VB-LoRA: its bank, which holds them)."""
     M = METHODS[method]
     model = _named_toy()
-    M.apply(model, M.Config(**M.cfg), ["q_proj", "attn.c_proj"])
-    expect = {f"h.{i}.attn.{m}" for i in range(2) for m in ("q_proj", "c_proj")}
-    adapted = {n for n, m in model.named_modules() if hasattr(m, "base") and hasattr(m, "merged")}
-    assert adapted == expect
+    names = M.apply(model, M.Config(**M.cfg), ["attn.c_proj", "q_proj"])
+    names = names.adapted_names if method == "vblora" else names
+    assert names == [f"h.{i}.attn.{m}" for i in range(2) for m in ("q_proj", "c_proj")]
+    adapted = {n for n, m in model.named_modules() if isinstance(m, M.Linear)}
+    assert adapted == set(names) == {n for n, m in model.named_modules() if hasattr(m, "merged")}
+    expect = set(names)
     assert type(model.h[0].mlp.c_proj) is nn.Linear and type(model.h[1].attn.xq_proj) is nn.Linear
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and trainable == _adapter_names(model)
     assert all(n.startswith(tuple(expect)) or n.startswith("vblora_bank") for n in trainable)
-    with pytest.raises(ValueError, match="k_proj"):
+    with pytest.raises(ValueError, match=r"'k_proj' matches no nn.Linear; some Linear names: \['h.0.attn.q_proj'"):
         M.apply(_named_toy(), M.Config(**M.cfg), ["q_proj", "k_proj"])
     with pytest.raises(ValueError, match="'ln'"):  # matches only LayerNorms
         M.apply(_named_toy(), M.Config(**M.cfg), ["ln"])
+    with pytest.raises(ValueError, match="'proj'"):  # whole name components only: "proj" is not "q_proj"
+        M.apply(_named_toy(), M.Config(**M.cfg), ["proj"])
+    one = _named_toy()  # one target as a plain string
+    names = M.apply(one, M.Config(**M.cfg), "head")
+    assert (names.adapted_names if method == "vblora" else names) == ["head"]
 
 
 @_methods
@@ -221,9 +240,8 @@ def test_contract_save_load_round_trip(method, tmp_path):
     model = _toy(method)
     _randomize(model)
     x = torch.randn(6, 8, dtype=torch.float64)
-    sd = M.state_dict(model)
-    if method != "vblora":  # VB-LoRA's compact form (its default) stores indices and weights, tested there
-        assert set(sd) == {n for n, p in model.named_parameters() if p.requires_grad}
+    sd = M.state_dict(model)  # VB-LoRA: its full form (bank, logits); the compact default is tested there
+    assert set(sd) == {n for n, p in model.named_parameters() if p.requires_grad}
     torch.save(sd, tmp_path / "a.pt")
     sd = torch.load(tmp_path / "a.pt", weights_only=True)
     fresh = _toy(method, seed=0)  # same base weights (SiVA rebuilds its basis from them), other adapter values
@@ -247,12 +265,13 @@ def test_contract_save_load_round_trip(method, tmp_path):
 def test_contract_empty_targets_raise(method):
     M = METHODS[method]
     model = _Toy().double()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=f"{M.name}: targets is empty"):
         M.apply(model, M.Config(**M.cfg), [])
     assert all(p.requires_grad for p in model.parameters())  # nothing was frozen on the way
 
 
-@pytest.mark.parametrize("first, second", [(m, "lora") for m in METHODS] + [("lora", m) for m in METHODS])
+@pytest.mark.parametrize("first, second", [(m, "lora") for m in METHODS] + [("lora", m) for m in METHODS]
+                         + [("bone-col", "bone-row")])
 def test_contract_second_apply_keeps_the_first_adapter(first, second):
     """Issue 10 item 5: applying methods one after another leaves the earlier adapters as they were."""
     model = _toy(first, targets=["l0"])
@@ -269,8 +288,10 @@ def test_contract_refuses_multihead_attention_out_proj(method):
     """Issue 10 item 8: nn.MultiheadAttention reads out_proj.weight itself; an adapter there would be bypassed."""
     M = METHODS[method]
     model = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0)
-    with pytest.raises(ValueError, match="MultiheadAttention"):
-        M.apply(model, M.Config(**M.cfg), ["out_proj"])
+    with pytest.raises(ValueError, match="cannot adapt 'self_attn.out_proj': nn.MultiheadAttention"):
+        M.apply(model, M.Config(**M.cfg), ["out_proj", "linear1"])
+    assert type(model.linear1) is nn.Linear and not hasattr(model, "vblora_bank")  # checked before any swap
+    assert all(p.requires_grad for p in model.parameters())
 
 
 class _Tied(nn.Module):
@@ -291,8 +312,9 @@ def test_contract_merge_refuses_a_tied_weight(method):
     M = METHODS[method]
     M.apply(model, M.Config(**M.cfg), ["head"])
     _randomize(model)
+    assert model.head.tied_to == ["emb.weight"]
     W = model.emb.weight.detach().clone()
-    with pytest.raises(ValueError, match="emb.weight"):
+    with pytest.raises(ValueError, match=r"\['emb.weight'\] \(tied\).*Untie first"):
         model.head.merge()
     assert torch.equal(model.emb.weight, W) and not model.head.merged
 
@@ -302,9 +324,8 @@ def test_contract_bad_config_values_name_the_value(method, bad):
     """Issue 10 item 9: non-integer sizes, negative or NaN scales: a ValueError naming the value."""
     M = METHODS[method]
     key, value = list(bad.items())[-1]  # the offending field is the last one given
-    with pytest.raises(ValueError, match=re.escape(f"{key}=")) as e:
+    with pytest.raises(ValueError, match=re.escape(f"{M.name}: {key}={value!r}")):
         M.Config(**{**M.cfg, **bad})
-    assert repr(value) in str(e.value) or str(value) in str(e.value)
 
 
 @_methods
@@ -328,9 +349,12 @@ def test_contract_load_into_a_merged_model_is_refused(method):
     model = _toy(method)
     _randomize(model)
     sd = METHODS[method].state_dict(model)
+    W0 = model.l0.base.weight.detach().clone()
     model.l0.merge()
     with pytest.raises(ValueError, match="merged"):
         METHODS[method].load(model, sd)
+    model.l0.unmerge()  # W comes back: the load wrote nothing while the layer held the old ΔW
+    assert_close(model.l0.base.weight, W0)
 
 
 # ================================================================================================
@@ -611,13 +635,6 @@ def test_sera_constraints_name_the_numbers():
         sera.SeRALinear(nn.Linear(8, 6), sera.SeRAConfig(r=4, split=4))
 
 
-def test_lora_constraints_name_the_numbers():
-    with pytest.raises(ValueError, match=r"r=0"):
-        lora.LoRAConfig(r=0)
-    with pytest.raises(ValueError, match=r"dropout=-0\.1"):
-        lora.LoRAConfig(dropout=-0.1)
-
-
 # ---------------------------------------------------------------- SeRA's analysis helper
 
 def test_sera_subspace_similarity_by_hand():
@@ -736,6 +753,8 @@ def test_siva_top_picks_largest_with_same_k():
     gain = lambda l: torch.diagonal(l.siva_U.T @ W @ l.siva_V.T).abs()  # (k,) σ along the kept pairs
     torch.testing.assert_close(gain(top), sig[: top.k], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gain(bot), sig[-bot.k:], atol=1e-5, rtol=1e-5)
+    x = torch.randn(2, 5, 48)  # zero start whichever pairs are kept
+    assert torch.equal(top(x), base(x)) and torch.count_nonzero(top.delta_weight()) == 0
 
 
 def test_siva_gradcheck_s():
@@ -782,16 +801,7 @@ def test_siva_random_basis():
     proj = a.siva_U.T @ base.weight.detach() @ a.siva_V.T  # (k, k)
     assert (proj - torch.diag(torch.diagonal(proj))).abs().max() > 1e-2
     x = torch.randn(4, 80)
-    assert torch.equal(a(x), base(x))
-
-
-@pytest.mark.parametrize("select,basis", [("bottom", "svd"), ("top", "svd"), ("bottom", "random")])
-def test_siva_output_equals_base_at_init(select, basis):
-    base = nn.Linear(48, 80)
-    layer = siva.SiVALinear(copy.deepcopy(base), siva.SiVAConfig(select=select, basis=basis))
-    x = torch.randn(2, 5, 48)
-    assert torch.equal(layer(x), base(x))
-    assert torch.count_nonzero(layer.delta_weight()) == 0
+    assert torch.equal(a(x), base(x)) and torch.count_nonzero(a.delta_weight()) == 0  # zero start
 
 
 def test_siva_state_dict_save_load_round_trip():
@@ -827,7 +837,7 @@ def test_siva_saved_tensors_are_only_s():
     assert not any("siva_U" in n or "siva_V" in n for n in model.state_dict())  # buffers are non-persistent
 
 
-def test_siva_mismatched_k_raises():
+def test_siva_refuses_other_k_and_a_meta_base():
     base_model = _siva_Model()
     model = copy.deepcopy(base_model)
     siva.apply_siva(model, siva.SiVAConfig(perc=0.95), ["attn.q"])
@@ -839,6 +849,8 @@ def test_siva_mismatched_k_raises():
         siva.load_siva_state_dict(other, siva.siva_state_dict(model))
     with pytest.raises(ValueError, match="missing"):
         siva.load_siva_state_dict(other, {})
+    with pytest.raises(ValueError, match="meta"):  # the basis is an SVD of W: W must hold values
+        siva.SiVALinear(nn.Linear(8, 8, device="meta"), siva.SiVAConfig())
 
 
 def test_siva_param_counts():
@@ -869,31 +881,6 @@ def test_siva_bad_perc_raises(perc):
         siva.SiVAConfig(perc=perc)
     with pytest.raises(ValueError, match=rf"perc={re.escape(str(perc))}"):
         siva.siva_rank(torch.ones(4), perc)
-
-
-def test_siva_bad_config_raises():
-    with pytest.raises(ValueError, match="select"):
-        siva.SiVAConfig(select="middle")
-    with pytest.raises(ValueError, match="basis"):
-        siva.SiVAConfig(basis="fourier")
-    with pytest.raises(ValueError, match="svd_dtype"):
-        siva.SiVAConfig(svd_dtype=torch.float16)
-    with pytest.raises(ValueError, match="meta"):
-        siva.SiVALinear(nn.Linear(8, 8, device="meta"), siva.SiVAConfig())
-
-
-def test_siva_apply_targets_and_freezing():
-    model = _siva_Model()
-    names = siva.apply_siva(model, siva.SiVAConfig(), ["attn.c_proj", "q"])
-    assert names == ["attn.q", "attn.c_proj"]
-    assert isinstance(model.attn.c_proj, siva.SiVALinear) and isinstance(model.mlp.c_proj, nn.Linear)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"attn.q.siva_s", "attn.c_proj.siva_s"}
-    model = _siva_Model()
-    assert siva.apply_siva(model, siva.SiVAConfig(), ["c_proj"]) == ["attn.c_proj", "mlp.c_proj"]
-    with pytest.raises(ValueError, match="'k_proj'"):
-        siva.apply_siva(_siva_Model(), siva.SiVAConfig(), ["q", "k_proj"])
-    with pytest.raises(ValueError, match="'proj'"):  # whole name components only: "proj" is not "c_proj"
-        siva.apply_siva(_siva_Model(), siva.SiVAConfig(), ["proj"])
 
 
 def test_siva_kernel_path_arguments(monkeypatch):
@@ -1001,40 +988,22 @@ def test_bone_col_function_backward_matches_autograd_reference(variant):
 
 
 @pytest.mark.parametrize("grouping,variant", _BONE_KINDS)
-def test_bone_zero_init_equals_base(grouping, variant):
-    base = nn.Linear(12, 8)
-    layer = bone.BoneLinear(copy.deepcopy(base), bone.BoneConfig(b=4, grouping=grouping, variant=variant))
-    assert torch.count_nonzero(layer.bone_B) == 0
-    x = torch.randn(2, 5, 12)
-    torch.testing.assert_close(layer(x), base(x))
-
-
-@pytest.mark.parametrize("grouping,variant", _BONE_KINDS)
-def test_bone_merge_unmerge_round_trip(grouping, variant):
+def test_bone_merge_writes_the_block_loop_weight(grouping, variant):
+    """The round trip is in the contract; here: the merged W is the loop reference's W', ΔW needs W back, and
+    a singular I + B_g cannot be unmerged."""
     layer = _bone_layer(d_in=16, d_out=8, grouping=grouping, variant=variant, dtype=torch.float64, scale=0.1)
     W0 = layer.base.weight.detach().clone()
-    x = torch.randn(3, 16, dtype=torch.float64)
-    y0 = layer(x)
     layer.merge()
-    assert layer.merged
-    torch.testing.assert_close(layer.base.weight, _bone_ref_weight(W0, layer.bone_B, 4, grouping, variant))
-    torch.testing.assert_close(layer(x), y0)
+    assert_close(layer.base.weight, _bone_ref_weight(W0, layer.bone_B, 4, grouping, variant))
     with pytest.raises(RuntimeError, match="unmerge"):
         layer.delta_weight()
-    layer.unmerge()
-    assert not layer.merged
-    torch.testing.assert_close(layer.base.weight, W0, rtol=0, atol=1e-10)
-    torch.testing.assert_close(layer(x), y0)
-
-
-@pytest.mark.parametrize("grouping", ["col", "row"])
-def test_bone_unmerge_singular_block_raises(grouping):
-    layer = _bone_layer(grouping=grouping)
-    with torch.no_grad():
-        layer.bone_B[1] = -torch.eye(4)   # I + B_1 = 0
-    layer.merge()
-    with pytest.raises(RuntimeError, match="singular"):
-        layer.unmerge()
+    if variant == "bone":
+        layer = _bone_layer(grouping=grouping)
+        with torch.no_grad():
+            layer.bone_B[1] = -torch.eye(4)  # I + B_1 = 0
+        layer.merge()
+        with pytest.raises(RuntimeError, match="singular"):
+            layer.unmerge()
 
 
 @pytest.mark.parametrize("grouping", ["col", "row"])
@@ -1070,62 +1039,6 @@ def test_bone_paper_llama2_7b_counts(grouping, b, expected):
                             ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     assert len(names) == 32 * 7
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
-
-
-class _BoneToy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = nn.ModuleDict({"q_proj": nn.Linear(8, 8), "c_proj": nn.Linear(8, 8)})
-        self.mlp = nn.ModuleDict({"fc": nn.Linear(8, 16), "c_proj": nn.Linear(16, 8)})
-        self.ln = nn.LayerNorm(8)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        x = self.attn["c_proj"](self.attn["q_proj"](self.ln(x)))
-        return self.head(self.mlp["c_proj"](F.gelu(self.mlp["fc"](x))))
-
-
-def test_bone_apply_targets_and_freezing():
-    model = _BoneToy()
-    names = bone.apply_bone(model, bone.BoneConfig(b=4), ["q_proj", "mlp.c_proj"])
-    assert sorted(names) == ["attn.q_proj", "mlp.c_proj"]
-    assert isinstance(model.attn["q_proj"], bone.BoneLinear) and isinstance(model.mlp["c_proj"], bone.BoneLinear)
-    assert isinstance(model.attn["c_proj"], nn.Linear) and isinstance(model.head, nn.Linear)
-    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trainable == ["attn.q_proj.bone_B", "mlp.c_proj.bone_B"]
-    assert sorted(bone.bone_state_dict(model)) == trainable
-
-    model2 = _BoneToy()
-    assert sorted(bone.apply_bone(model2, bone.BoneConfig(b=4), ["c_proj"])) == ["attn.c_proj", "mlp.c_proj"]
-    with pytest.raises(ValueError, match="nope"):
-        bone.apply_bone(_BoneToy(), bone.BoneConfig(b=4), ["q_proj", "nope"])
-
-
-def test_bone_save_load_round_trip():
-    model = _BoneToy()
-    fresh = copy.deepcopy(model)
-    cfg = bone.BoneConfig(b=4, grouping="row")
-    bone.apply_bone(model, cfg, ["q_proj", "c_proj"])
-    bone.apply_bone(fresh, cfg, ["q_proj", "c_proj"])
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "bone_B" in n:
-                p.normal_(0, 0.2)
-    x = torch.randn(3, 8)
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "bone.pt")
-        torch.save(bone.bone_state_dict(model), path)
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    assert not torch.equal(fresh(x), model(x))
-    bone.load_bone_state_dict(fresh, sd)
-    assert torch.equal(fresh(x), model(x))
-    with pytest.raises(ValueError, match="unexpected"):
-        bone.load_bone_state_dict(fresh, {**sd, "head.bone_B": torch.zeros(1)})
-    with pytest.raises(ValueError, match="shape"):
-        bone.load_bone_state_dict(fresh, {k: v[:1] for k, v in sd.items()})
-    fresh.attn["q_proj"].merge()
-    with pytest.raises(ValueError, match="merged"):
-        bone.load_bone_state_dict(fresh, sd)
 
 
 def test_bone_constraints_raise_with_numbers():
@@ -1187,15 +1100,13 @@ def test_bone_kernel_call_sites(grouping, monkeypatch):
 
 
 def test_bone_weight_guide_norms():
-    model = _BoneToy()
-    bone.apply_bone(model, bone.BoneConfig(b=4), ["q_proj"])
-    layer = model.attn["q_proj"]
-    with torch.no_grad():
-        layer.bone_B.normal_(0, 0.2)
+    model = _toy("bone-col", targets=["l0"])
+    _randomize(model)
+    layer = model.l0
     W, B = layer.base.weight, layer.bone_B
     guide = _bone_ref_weight(W, B, 4, "col", "bone") - _bone_ref_weight(W, B, 4, "col", "unconstrained")
     tile = _bone_ref_weight(W, B, 4, "col", "unconstrained") - W
-    r = bone.bone_weight_guide_norms(model)["attn.q_proj"]
+    r = bone.bone_weight_guide_norms(model)["l0"]
     assert math.isclose(r["guide"], guide.norm().item(), rel_tol=1e-4)
     assert math.isclose(r["tile"], tile.norm().item(), rel_tol=1e-4)
     assert math.isclose(r["delta"], (guide + tile).norm().item(), rel_tol=1e-4)
@@ -1259,64 +1170,6 @@ def test_bone_cpu_autocast_bf16_backward(grouping):
     ref = torch.autograd.grad((x @ _bone_ref_weight(layer.base.weight, layer.bone_B, 4, grouping, "bone").T).sum(),
                               layer.bone_B)[0]
     torch.testing.assert_close(layer.bone_B.grad, ref, rtol=0.05, atol=0.05)
-
-
-def test_bone_second_apply_keeps_earlier_adapters_trainable():
-    model = _BoneToy()
-    lora.apply_lora(model, lora.LoRAConfig(r=2), ["head"])
-    bone.apply_bone(model, bone.BoneConfig(b=4), ["q_proj"])
-    bone.apply_bone(model, bone.BoneConfig(b=4, grouping="row"), ["mlp.c_proj"])
-    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trainable == ["attn.q_proj.bone_B", "head.lora_A", "head.lora_B", "mlp.c_proj.bone_B"]
-
-
-def test_bone_apply_empty_targets_raises():
-    model = _BoneToy()
-    with pytest.raises(ValueError, match="targets is empty"):
-        bone.apply_bone(model, bone.BoneConfig(b=4), [])
-    assert all(p.requires_grad for p in model.parameters())   # nothing frozen
-
-
-def test_bone_apply_refuses_multihead_attention_out_proj():
-    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "fc": nn.Linear(8, 8)})
-    with pytest.raises(ValueError, match="attn.out_proj.*MultiheadAttention"):
-        bone.apply_bone(model, bone.BoneConfig(b=4), ["out_proj", "fc"])
-    assert type(model["fc"]) is nn.Linear and all(p.requires_grad for p in model.parameters())
-
-
-def test_bone_merge_refuses_tied_weight():
-    model = nn.ModuleDict({"a": nn.Linear(8, 8), "b": nn.Linear(8, 8)})
-    model["b"].weight = model["a"].weight   # one Parameter, two modules (as GPT-2's lm_head and wte)
-    bone.apply_bone(model, bone.BoneConfig(b=4), ["a"])
-    layer = model["a"]
-    assert layer.tied_to == ["b.weight"]
-    with torch.no_grad():
-        layer.bone_B.normal_(0, 0.2)
-    W0 = layer.base.weight.detach().clone()
-    with pytest.raises(ValueError, match="tied"):
-        layer.merge()
-    assert not layer.merged and torch.equal(model["b"].weight, W0)
-
-
-@pytest.mark.parametrize("field,value,shown", [
-    ("b", 4.0, "b=4.0"), ("b", True, "b=True"), ("b", float("nan"), "b=nan"), ("b", -2, "b=-2"),
-    ("grouping", "diag", "grouping='diag'"), ("grouping", None, "grouping=None"),
-    ("variant", "kron", "variant='kron'")])
-def test_bone_config_bad_values_named(field, value, shown):
-    with pytest.raises(ValueError, match="Bone: " + re.escape(shown)):
-        bone.BoneConfig(**{field: value})
-
-
-def test_bone_load_nan_raises_and_leaves_adapter_untouched():
-    model = _BoneToy()
-    bone.apply_bone(model, bone.BoneConfig(b=4), ["q_proj", "c_proj"])
-    before = {n: t.clone() for n, t in bone.bone_state_dict(model).items()}
-    sd = {n: torch.full_like(t, 0.5) for n, t in before.items()}
-    sd[list(sd)[-1]][0, 0, 0] = float("nan")   # the last key: every earlier one would be written first
-    with pytest.raises(ValueError, match="non-finite"):
-        bone.load_bone_state_dict(model, sd)
-    for n, t in bone.bone_state_dict(model).items():
-        assert torch.equal(t, before[n])
 
 
 # ================================================================================================
@@ -1516,18 +1369,8 @@ def test_vblora_bank_shared_once():
     assert all(l.bank is bank for l in layers) and bank.layers == layers
     assert all("vectors" not in k for l in layers for k in l.state_dict())
     assert len(bank.adapted_names) == 12 and bank.adapted_names[0] == "h.0.attn.q"
-
-
-def test_vblora_apply_targets_and_freeze():
-    model = _VBModel()
-    apply_vblora(model, _vb_cfg(), ["attn.c_proj", "c_fc"])
-    adapted = sorted(n for n, m in model.named_modules() if isinstance(m, VBLoRALinear))
-    assert adapted == ["h.0.attn.c_proj", "h.0.mlp.c_fc", "h.1.attn.c_proj", "h.1.mlp.c_fc"]
-    assert isinstance(model.h[0].mlp.c_proj, nn.Linear) and isinstance(model.h[0].attn.q, nn.Linear)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"vblora_bank.vectors"} | {f"{a}.vblora_logits_{s}" for a in adapted for s in "AB"}
-    with pytest.raises(ValueError, match="'attn.nope'.*h.0.attn.q"):
-        apply_vblora(_VBModel(), _vb_cfg(), ["q", "attn.nope"])
+    with pytest.raises(ValueError, match="already has a vblora_bank"):  # one bank per model
+        apply_vblora(model, _vb_cfg(), ["k"])
 
 
 def test_vblora_constraint_errors():
@@ -1548,34 +1391,12 @@ def test_vblora_constraint_errors():
     with pytest.raises(ValueError, match=r"b=8 must divide out_features=36"):
         apply_vblora(model, cfg, _VB_TARGETS)
     assert not hasattr(model, "vblora_bank") and isinstance(model.h[0].attn.q, nn.Linear)
+    VBLoRAConfig(init_logits_std=0.0)  # all-equal logits are a valid (tied) start
 
 
-def test_vblora_merge_unmerge_round_trip():
-    model = _VBModel()
-    apply_vblora(model, _vb_cfg(), _VB_TARGETS)
-    _vb_spread(model)
-    x = torch.randn(3, 16)
-    layers = [m for m in model.modules() if isinstance(m, VBLoRALinear)]
-    w0 = [l.base.weight.clone() for l in layers]
-    dw = [l.delta_weight().detach() for l in layers]
-    y0 = model(x)
-    for l in layers:
-        l.merge()
-        l.merge()  # a second merge must not add ΔW twice
-    for l, w, d in zip(layers, w0, dw):
-        assert l.merged
-        torch.testing.assert_close(l.base.weight, w + d)
-    torch.testing.assert_close(model(x), y0, atol=1e-5, rtol=1e-5)
-    for l in layers:
-        l.unmerge()
-    for l, w in zip(layers, w0):
-        assert not l.merged
-        torch.testing.assert_close(l.base.weight, w, atol=1e-6, rtol=0)
-    torch.testing.assert_close(model(x), y0)
-
-
-@pytest.mark.parametrize("compact", [True, False])
-def test_vblora_save_load(compact):
+def test_vblora_compact_save_load():
+    """The default file: top-k indices (uint8) and k-1 weights per sub-vector, no logits (the full form, logits
+    and bank, is in the contract)."""
     base = _VBModel()
     model = copy.deepcopy(base)
     apply_vblora(model, _vb_cfg(k=3), _VB_TARGETS)
@@ -1583,30 +1404,23 @@ def test_vblora_save_load(compact):
     with torch.no_grad():
         model.vblora_bank.vectors.normal_(0, 0.1)
     x = torch.randn(4, 16)
-    sd = vblora_state_dict(model, compact=compact)
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "adapter.pt")
-        torch.save(sd, path)
-        loaded = torch.load(path, weights_only=True)
-    assert all("vblora" in k for k in loaded)
-    idx_keys = [k for k in loaded if k.endswith("vblora_idx_A")]
-    assert (len(idx_keys) == 12) == compact
-    assert not any("logits" in k for k in loaded) if compact else len(loaded) == 1 + 24
+    buf = io.BytesIO()
+    torch.save(vblora_state_dict(model), buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert all("vblora" in k for k in loaded) and not any("logits" in k for k in loaded)
+    assert len([k for k in loaded if k.endswith("vblora_idx_A")]) == 12
     fresh = copy.deepcopy(base)
     torch.manual_seed(1)
     apply_vblora(fresh, _vb_cfg(k=3), _VB_TARGETS)
     assert not torch.allclose(fresh(x), model(x))
     load_vblora_state_dict(fresh, loaded)
-    if compact:
-        q = loaded["h.0.attn.q.vblora_idx_A"]
-        assert q.dtype == torch.uint8 and q.shape == (2, 2, 3)
-        assert loaded["h.0.attn.q.vblora_w_A"].shape == (2, 2, 2)  # k-1 weights
-        for a, b in zip(model.modules(), fresh.modules()):
-            if isinstance(a, VBLoRALinear):
-                torch.testing.assert_close(b.delta_weight(), a.delta_weight(), rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(fresh(x), model(x), rtol=1e-5, atol=1e-6)
-    else:
-        assert torch.equal(fresh(x), model(x))
+    q = loaded["h.0.attn.q.vblora_idx_A"]
+    assert q.dtype == torch.uint8 and q.shape == (2, 2, 3)
+    assert loaded["h.0.attn.q.vblora_w_A"].shape == (2, 2, 2)  # k-1 weights
+    for a, b in zip(model.modules(), fresh.modules()):
+        if isinstance(a, VBLoRALinear):
+            torch.testing.assert_close(b.delta_weight(), a.delta_weight(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fresh(x), model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_vblora_index_dtype_and_bad_load():
@@ -1805,19 +1619,6 @@ def test_vblora_paper_counts_4byte_indices():
     assert vblora_stored_param_count(gemma) == 670_784 and round(670_784 / 1e6, 2) == 0.67
 
 
-def test_vblora_config_rejects_bad_values():
-    for kw in (dict(r=True), dict(b=256.0), dict(h=2.5), dict(k=False), dict(r=float("nan"))):
-        (name, v), = kw.items()
-        with pytest.raises(ValueError, match=rf"VB-LoRA: {name}={v!r}"):
-            VBLoRAConfig(**kw)
-    for kw in (dict(init_logits_std=-0.01), dict(init_logits_std=float("nan")), dict(init_bank_bound=0.0),
-               dict(init_bank_bound=-0.02), dict(init_bank_bound=float("inf")), dict(init_logits_std=True)):
-        (name, v), = kw.items()
-        with pytest.raises(ValueError, match=rf"VB-LoRA: {name}={v!r}"):
-            VBLoRAConfig(**kw)
-    VBLoRAConfig(init_logits_std=0.0)  # all-equal logits are a valid (tied) start
-
-
 def test_vblora_load_checks_everything_before_writing():
     model = _VBModel()
     apply_vblora(model, _vb_cfg(k=3), _VB_TARGETS)
@@ -1850,22 +1651,6 @@ def test_vblora_load_checks_everything_before_writing():
     assert torch.equal(model.vblora_bank.vectors, good["vblora_bank.vectors"])
     full_again = vblora_state_dict(model, compact=False)  # logits from a compact load are finite: reloadable
     load_vblora_state_dict(model, full_again)
-
-
-def test_vblora_load_refuses_merged():
-    model = _VBModel()
-    apply_vblora(model, _vb_cfg(), _VB_TARGETS)
-    _vb_spread(model)
-    sd = vblora_state_dict(model, compact=False)
-    other = _VBModel()
-    apply_vblora(other, _vb_cfg(), _VB_TARGETS)
-    layer = other.h[0].attn.v
-    w0 = layer.base.weight.clone()
-    layer.merge()
-    with pytest.raises(ValueError, match="merged"):
-        load_vblora_state_dict(other, sd)
-    layer.unmerge()  # W comes back: the load wrote nothing while the layer held the old ΔW
-    assert_close(layer.base.weight, w0)
 
 
 def _vb_authors_forward(x, W, bias, bank, la_theirs, lb, k):
@@ -1902,49 +1687,6 @@ def test_vblora_from_authors_state_dict(d_in, d_out):
             assert not torch.allclose(model(x), expected, atol=1e-3)
     with pytest.raises(ValueError, match="vector_bank"):
         from_authors_state_dict({**theirs, "query.vector_bank": bank_t + 1})
-
-
-def test_vblora_apply_keeps_other_adapters_trainable():
-    import lora
-    model = _VBModel()
-    lora.apply_lora(model, lora.LoRAConfig(r=2), ["head"])
-    apply_vblora(model, _vb_cfg(), ["q", "v"])
-    lora.apply_lora(model, lora.LoRAConfig(r=2), ["mlp.c_fc"])
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {"head.lora_A", "head.lora_B", "h.1.mlp.c_fc.lora_A", "vblora_bank.vectors",
-            "h.0.attn.q.vblora_logits_A", "h.1.attn.v.vblora_logits_B"} <= trainable
-    assert all(n.rpartition(".")[2].startswith(("lora_", "vblora_", "vectors")) for n in trainable)
-    with pytest.raises(ValueError, match="already has a vblora_bank"):
-        apply_vblora(model, _vb_cfg(), ["k"])
-
-
-def test_vblora_refuses_multihead_attention_out_proj():
-    model = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32)
-    with pytest.raises(ValueError, match="out_proj.*MultiheadAttention"):
-        apply_vblora(model, _vb_cfg(), ["out_proj", "linear1"])
-    assert isinstance(model.linear1, nn.Linear) and not hasattr(model, "vblora_bank")
-
-
-def test_vblora_tied_weight_never_merged():
-    model = nn.Sequential(nn.Embedding(16, 16), nn.Linear(16, 16, bias=False))
-    model[1].weight = model[0].weight  # GPT-2's lm_head shares the embedding
-    apply_vblora(model, _vb_cfg(), ["1"])
-    assert model[1].tied_to == ["0.weight"]
-    w0 = model[0].weight.clone()
-    with pytest.raises(ValueError, match=r"tied.*Untie"):
-        model[1].merge()
-    assert torch.equal(model[0].weight, w0) and not model[1].merged
-
-
-def test_vblora_and_siva_targets_as_string_and_empty():
-    net = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
-    bank = vblora.apply_vblora(net, vblora.VBLoRAConfig(r=2, b=16, h=8), "0")
-    assert bank.adapted_names == ["0"]
-    with pytest.raises(ValueError, match="empty"):
-        vblora.apply_vblora(nn.Sequential(nn.Linear(32, 32)), vblora.VBLoRAConfig(r=2, b=16, h=8), [])
-    import siva
-    net = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
-    assert siva.apply_siva(net, siva.SiVAConfig(), "1") == ["1"]
 
 
 # ================================================================================================
