@@ -1,9 +1,14 @@
 """The one test file: `pytest test_all.py`.
 
-Sections, in the order of the repository: SeRA and LoRA, SiVA, Bone, VB-LoRA (formulas against plain
-PyTorch references, float64 gradcheck, paper parameter counts, init, merge, save/load, bad input, apply),
-the Triton kernels (forward and every gradient against the references, run on the CPU under
-TRITON_INTERPRET=1), then smoke runs of train_gpt2.py and train_vit.py on tiny synthetic data.
+Sections, in this order:
+1. the shared contract, every method from one METHODS table (zero start, targets, freezing, gradients, merge,
+   save/load, refusals);
+2. one section per paper, LoRA and SeRA, SiVA, Bone, VB-LoRA: formulas against independent references, float64
+   gradcheck, the papers' parameter counts, init rules, helpers, ablations;
+3. kernels.py: one parametrised test (op x odd shapes x dtype, forward and every gradient against the
+   reference, on the CPU under TRITON_INTERPRET=1), the checks one op needs, and an H100 compile of every kernel;
+4. dispatch: how the method files hand over to kernels.py;
+5. train_gpt2.py and train_vit.py on tiny synthetic data.
 """
 import os
 # Kernel tests run on the CPU under Triton's interpreter (set before triton is imported), or compiled on a GPU
@@ -13,16 +18,43 @@ if KERNEL_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("NANOPEFT_NO_TRITON", "1") # method tests use the reference path; kernel tests opt in
 import copy
+import csv
+import inspect
 import io
+import json
 import math
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import textwrap
+import types
+from types import SimpleNamespace
+
+import huggingface_hub
+import numpy as np
 import pytest
+import tiktoken
+import tiktoken.load
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bone
+import kernels
+import lora
+import sera
+import siva
+import train_gpt2
+import train_vit
+import vblora
+from vblora import (VBLoRABank, VBLoRAConfig, VBLoRALinear, apply_vblora, from_authors_state_dict,
+                    load_vblora_state_dict, vblora_compose_reference, vblora_param_count, vblora_state_dict,
+                    vblora_stored_param_count, vector_usage)
 
 
 # The one tolerance table, dtype -> (atol, rtol): atol is relative to the reference's largest entry, so one
@@ -55,14 +87,6 @@ def kernel_device():
 # ================================================================================================
 # The shared contract, every method (one table)
 # ================================================================================================
-from types import SimpleNamespace
-
-import bone
-import lora
-import sera
-import siva
-import vblora
-
 # One row per method (Bone: one per grouping and variant): the names differ, the contract is the same. `cfg`
 # suits the toy model below (every width a multiple of 4). VB-LoRA starts small but non-zero (its bank and logits
 # are random): zero_start=False. `bad`: config values each refused with a ValueError naming the value.
@@ -358,34 +382,19 @@ def test_contract_load_into_a_merged_model_is_refused(method):
 
 
 # ================================================================================================
-# SeRA and LoRA
+# LoRA and SeRA (one family, x A (C) B: the tests below run both, from their METHODS rows)
 # ================================================================================================
-
-import lora
-import sera
-
-# One row per method: the names differ, the contract is the same. `small` is a config for tiny layers
-# whose in/out features are even (SeRA's split=2 must divide them).
-_sera_lora_M = {
-    "sera": SimpleNamespace(
-        Config=sera.SeRAConfig, Linear=sera.SeRALinear, apply=sera.apply_sera, count=sera.sera_param_count,
-        state_dict=sera.sera_state_dict, load=sera.load_sera_state_dict,
-        trainable=("sera_A", "sera_C", "sera_B"), B="sera_B", small=dict(r=4, split=2, alpha=6.0)),
-    "lora": SimpleNamespace(
-        Config=lora.LoRAConfig, Linear=lora.LoRALinear, apply=lora.apply_lora, count=lora.lora_param_count,
-        state_dict=lora.lora_state_dict, load=lora.load_lora_state_dict,
-        trainable=("lora_A", "lora_B"), B="lora_B", small=dict(r=3, alpha=5.0, dropout=0.0)),
-}
-_sera_lora_names = pytest.mark.parametrize("name", ["sera", "lora"])
+_sera_lora_names = pytest.mark.parametrize("name", ["lora", "sera"])
+_SERA_LORA_TRAINABLE = {"lora": ("lora_A", "lora_B"), "sera": ("sera_A", "sera_C", "sera_B")}
 
 
 def _sera_lora_layer(name, d_in=12, d_out=10, dtype=torch.float32, randomize=True, **over):
-    M = _sera_lora_M[name]
-    cfg = M.Config(**{**M.small, **over})
+    M = METHODS[name]  # its cfg suits layers whose in/out features are even (SeRA's split=2 must divide them)
+    cfg = M.Config(**{**M.cfg, **over})
     layer = M.Linear(nn.Linear(d_in, d_out, dtype=dtype), cfg)
     if randomize:  # B = 0 at init would hide every bug past A; give all adapter tensors O(1) values
         with torch.no_grad():
-            for n in M.trainable:
+            for n in _SERA_LORA_TRAINABLE[name]:
                 getattr(layer, n).uniform_(-1, 1)
     return layer, cfg
 
@@ -436,16 +445,16 @@ def test_sera_lora_shapes_and_reference(name, shape):
 
 @_sera_lora_names
 def test_sera_lora_gradcheck_every_trainable(name):
-    M = _sera_lora_M[name]
+    trainable = _SERA_LORA_TRAINABLE[name]
     layer, _ = _sera_lora_layer(name, d_in=6, d_out=4, dtype=torch.float64)
-    assert {n for n, p in layer.named_parameters() if p.requires_grad} == set(M.trainable)
-    params = tuple(getattr(layer, n).detach().clone().requires_grad_() for n in M.trainable)
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == set(trainable)
+    params = tuple(getattr(layer, n).detach().clone().requires_grad_() for n in trainable)
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
-    f = lambda x, *ps: torch.func.functional_call(layer, dict(zip(M.trainable, ps)), (x,))
+    f = lambda x, *ps: torch.func.functional_call(layer, dict(zip(trainable, ps)), (x,))
     assert torch.autograd.gradcheck(f, (x, *params))
     layer(x).square().sum().backward()
     assert layer.base.weight.grad is None and layer.base.bias.grad is None
-    assert all(getattr(layer, n).grad.abs().sum() > 0 for n in M.trainable)
+    assert all(getattr(layer, n).grad.abs().sum() > 0 for n in trainable)
 
 
 @pytest.mark.parametrize("r, split", [(4, 4), (4, 2)])  # r/split = 1 (the default) and 2
@@ -502,7 +511,6 @@ def test_sera_lora_bf16_params_follow_base(name):
 @_sera_lora_names
 def test_sera_lora_kernel_dispatch(name, monkeypatch):
     """On the Triton path the layer hands its tensors to the kernels API with the agreed signature."""
-    M = _sera_lora_M[name]
     layer, cfg = _sera_lora_layer(name)
     seen = []
 
@@ -544,7 +552,7 @@ def test_sera_lora_init_kaiming_bounds(name):
         checks = [(layer.sera_A, d_in // 2), (layer.sera_C, r)]
     else:
         checks = [(layer.lora_A, d_in)]
-    assert torch.count_nonzero(getattr(layer, _sera_lora_M[name].B)) == 0  # B = 0: ΔW = 0 at init
+    assert torch.count_nonzero(getattr(layer, f"{name}_B")) == 0  # B = 0: ΔW = 0 at init
     gain = nn.init.calculate_gain("leaky_relu", math.sqrt(5))
     for t, fan_in in checks:
         b = gain * math.sqrt(3 / fan_in)
@@ -579,11 +587,11 @@ def test_sera_lora_merge_bf16_rounds_once(name):
 @pytest.mark.parametrize("d_in,d_out,r,split",
                          [(12, 8, 4, 2), (64, 32, 8, 8), (768, 3072, 16, 4), (1024, 1024, 16, 16)])
 def test_sera_lora_param_count_matches_layer(name, d_in, d_out, r, split):
-    M = _sera_lora_M[name]
+    M = METHODS[name]
     cfg = sera.SeRAConfig(r=r, split=split) if name == "sera" else lora.LoRAConfig(r=r)
     closed = (d_in + d_out) * r / split + r * r if name == "sera" else r * (d_in + d_out)
     layer = M.Linear(nn.Linear(d_in, d_out, device="meta"), cfg)
-    assert _sera_lora_trainable(layer) == M.count(d_in, d_out, cfg) == closed
+    assert _sera_lora_trainable(layer) == getattr(M.mod, f"{name}_param_count")(d_in, d_out, cfg) == closed
 
 
 def _sera_lora_clip_base():
@@ -666,12 +674,6 @@ def test_sera_subspace_similarity_by_hand():
 # ================================================================================================
 # SiVA
 # ================================================================================================
-import re
-import types
-import numpy as np
-import siva
-
-
 def _siva_ref_delta(W, k, s, select="bottom"):
     """ΔW from an independent float64 numpy SVD: the kept pairs in descending-σ order, scaled by s."""
     U, S, Vt = np.linalg.svd(W.detach().double().numpy(), full_matrices=False)  # (out, n), (n,), (n, in)
@@ -903,8 +905,6 @@ def test_siva_kernel_path_arguments(monkeypatch):
 # ================================================================================================
 # Bone
 # ================================================================================================
-import bone
-
 # every (grouping, variant) pair the config accepts
 _BONE_KINDS = [("col", "bone"), ("row", "bone"), ("col", "unconstrained"), ("row", "unconstrained"),
                ("col", "hadamard")]
@@ -1175,11 +1175,6 @@ def test_bone_cpu_autocast_bf16_backward(grouping):
 # ================================================================================================
 # VB-LoRA
 # ================================================================================================
-import vblora
-from vblora import (VBLoRABank, VBLoRAConfig, VBLoRALinear, apply_vblora, from_authors_state_dict,
-                    load_vblora_state_dict, vblora_compose_reference, vblora_param_count, vblora_state_dict,
-                    vblora_stored_param_count, vector_usage)
-
 _VB_TARGETS = ["q", "k", "v", "c_proj", "c_fc"]
 
 
@@ -1692,16 +1687,9 @@ def test_vblora_from_authors_state_dict(d_in, d_out):
 # ================================================================================================
 # kernels.py: every op against its reference (on the CPU under TRITON_INTERPRET=1, or on CUDA)
 # ================================================================================================
-import inspect
-import subprocess
-import textwrap
-
-import kernels
-
 # Forward and every gradient of each op vs its plain-PyTorch reference run in float64 on the same (rounded)
 # inputs, over odd shapes that cross tile borders (interpreter tiles are 32 wide), then the checks one op
-# needs: dropout masks, determinism, what is saved, bad input, autocast; last, how the method files hand
-# over to kernels.py.
+# needs: dropout masks, determinism, what is saved, bad input, autocast; last, an H100 compile of every kernel.
 KERNEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -2060,86 +2048,6 @@ def test_bone_col_bad_input(triton_on):
         kernels.bone_col_linear(torch.randn(2, 48), W.requires_grad_(True), torch.randn(4, 16, 16))
 
 
-# ---------------------------------------------------------------- how the method files hand over
-# A method file runs its formula unless kernels.applies(...) is true, then the op below, forward and backward.
-import lora, sera, siva, bone, vblora
-
-DISPATCH = {  # method -> (attach to fc1, fc2; the public ops and launchers its layers must reach)
-    "lora": (lambda m: lora.apply_lora(m, lora.LoRAConfig(r=4, dropout=0.0), ["fc1", "fc2"]),
-             ["lowrank_linear", "_lowrank_linear_fwd", "_lowrank_linear_bwd"]),
-    "sera": (lambda m: sera.apply_sera(m, sera.SeRAConfig(r=8, split=4), ["fc1", "fc2"]),
-             ["sera_delta", "_sera_delta_fwd", "_sera_delta_bwd"]),
-    "siva": (lambda m: siva.apply_siva(m, siva.SiVAConfig(perc=0.9), ["fc1", "fc2"]),
-             ["lowrank_linear", "_lowrank_linear_fwd", "_lowrank_linear_bwd"]),
-    "bone-row": (lambda m: bone.apply_bone(m, bone.BoneConfig(b=16, grouping="row"), ["fc1", "fc2"]),
-                 ["bone_row", "_bone_row_fwd", "_bone_row_bwd"]),
-    "bone-col": (lambda m: bone.apply_bone(m, bone.BoneConfig(b=16, grouping="col"), ["fc1", "fc2"]),
-                 ["bone_col_linear", "_bone_col_linear_fwd", "_bone_col_linear_bwd"]),
-    "vblora": (lambda m: vblora.apply_vblora(m, vblora.VBLoRAConfig(r=4, b=16, h=12, k=2), ["fc1", "fc2"]),
-               ["vblora_compose", "_vblora_compose_fwd", "_vblora_compose_bwd",
-                "lowrank_linear", "_lowrank_linear_fwd", "_lowrank_linear_bwd"]),
-}
-
-
-class _DispatchNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32)
-        self.requires_grad_(False)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-def _dispatch_run(method):
-    """Output, input gradient and adapter gradients of a 2-layer net with `method` on both layers."""
-    torch.manual_seed(0)
-    net = _DispatchNet()
-    DISPATCH[method][0](net)
-    with torch.no_grad():  # move every adapter off its zero start so every gradient is non-trivial
-        for p in net.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    x = torch.randn(3, 5, 32, requires_grad=True)
-    y = net(x)
-    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-    return y.detach(), x.grad, {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
-
-
-@pytest.mark.parametrize("method", list(DISPATCH))
-def test_dispatch_no_kernel_code_runs_where_none_applies(method, monkeypatch):
-    """A CPU without the interpreter (applies() false): the method's formula alone, nothing of kernels.py."""
-    monkeypatch.delenv("NANOPEFT_NO_TRITON", raising=False)
-    called = []
-    for name, fn in vars(kernels).items():
-        if inspect.isfunction(fn) and fn.__module__ == "kernels" and name != "applies":
-            monkeypatch.setattr(kernels, name, lambda *a, _n=name, **k: called.append(_n))
-    monkeypatch.setattr(kernels, "applies", lambda *tensors: False)
-    y, gx, grads = _dispatch_run(method)
-    assert called == [] and y.isfinite().all() and gx is not None and grads
-
-
-@pytest.mark.parametrize("method", list(DISPATCH))
-def test_dispatch_methods_run_their_kernels_and_match_formula(method, monkeypatch, kernel_device):
-    """With kernels applying, forward and backward go through the method's ops, and give what its plain
-    formula gives (NANOPEFT_NO_TRITON=1)."""
-    calls = set()
-    for name in DISPATCH[method][1]:
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _n=name, **k: calls.add(_n) or _real(*a, **k))
-    monkeypatch.setenv("NANOPEFT_NO_TRITON", "1")
-    y_r, gx_r, g_r = _dispatch_run(method)
-    assert calls == set(), f"{method}: NANOPEFT_NO_TRITON=1 still reached {calls}"
-    monkeypatch.delenv("NANOPEFT_NO_TRITON")
-    y_k, gx_k, g_k = _dispatch_run(method)
-    assert calls == set(DISPATCH[method][1]), f"{method}: reached {calls}"
-    assert_close(y_k, y_r)
-    assert_close(gx_k, gx_r)
-    assert g_k.keys() == g_r.keys() and len(g_k) > 0
-    for n in g_k:
-        assert_close(g_k[n], g_r[n])
-
-
 # ---------------------------------------------------------------- every kernel compiles for an H100
 # Ahead-of-time compilation of every Triton kernel for an H100 (sm_90), on this GPU-less machine.
 # The interpreter (TRITON_INTERPRET=1, what the kernel tests run) accepts code the real compiler rejects;
@@ -2307,24 +2215,89 @@ def test_aot_every_kernel_compiles_for_h100():
 
 
 # ================================================================================================
+# Dispatch: how the method files hand over to kernels.py
+# ================================================================================================
+# A method file runs its formula unless kernels.applies(...) is true, then the op below, forward and backward.
+
+DISPATCH = {  # method -> (attach to fc1, fc2; the public ops and launchers its layers must reach)
+    "lora": (lambda m: lora.apply_lora(m, lora.LoRAConfig(r=4, dropout=0.0), ["fc1", "fc2"]),
+             ["lowrank_linear", "_lowrank_linear_fwd", "_lowrank_linear_bwd"]),
+    "sera": (lambda m: sera.apply_sera(m, sera.SeRAConfig(r=8, split=4), ["fc1", "fc2"]),
+             ["sera_delta", "_sera_delta_fwd", "_sera_delta_bwd"]),
+    "siva": (lambda m: siva.apply_siva(m, siva.SiVAConfig(perc=0.9), ["fc1", "fc2"]),
+             ["lowrank_linear", "_lowrank_linear_fwd", "_lowrank_linear_bwd"]),
+    "bone-row": (lambda m: bone.apply_bone(m, bone.BoneConfig(b=16, grouping="row"), ["fc1", "fc2"]),
+                 ["bone_row", "_bone_row_fwd", "_bone_row_bwd"]),
+    "bone-col": (lambda m: bone.apply_bone(m, bone.BoneConfig(b=16, grouping="col"), ["fc1", "fc2"]),
+                 ["bone_col_linear", "_bone_col_linear_fwd", "_bone_col_linear_bwd"]),
+    "vblora": (lambda m: vblora.apply_vblora(m, vblora.VBLoRAConfig(r=4, b=16, h=12, k=2), ["fc1", "fc2"]),
+               ["vblora_compose", "_vblora_compose_fwd", "_vblora_compose_bwd",
+                "lowrank_linear", "_lowrank_linear_fwd", "_lowrank_linear_bwd"]),
+}
+
+
+class _DispatchNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32)
+        self.requires_grad_(False)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _dispatch_run(method):
+    """Output, input gradient and adapter gradients of a 2-layer net with `method` on both layers."""
+    torch.manual_seed(0)
+    net = _DispatchNet()
+    DISPATCH[method][0](net)
+    with torch.no_grad():  # move every adapter off its zero start so every gradient is non-trivial
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    y = net(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return y.detach(), x.grad, {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", list(DISPATCH))
+def test_dispatch_no_kernel_code_runs_where_none_applies(method, monkeypatch):
+    """A CPU without the interpreter (applies() false): the method's formula alone, nothing of kernels.py."""
+    monkeypatch.delenv("NANOPEFT_NO_TRITON", raising=False)
+    called = []
+    for name, fn in vars(kernels).items():
+        if inspect.isfunction(fn) and fn.__module__ == "kernels" and name != "applies":
+            monkeypatch.setattr(kernels, name, lambda *a, _n=name, **k: called.append(_n))
+    monkeypatch.setattr(kernels, "applies", lambda *tensors: False)
+    y, gx, grads = _dispatch_run(method)
+    assert called == [] and y.isfinite().all() and gx is not None and grads
+
+
+@pytest.mark.parametrize("method", list(DISPATCH))
+def test_dispatch_methods_run_their_kernels_and_match_formula(method, monkeypatch, kernel_device):
+    """With kernels applying, forward and backward go through the method's ops, and give what its plain
+    formula gives (NANOPEFT_NO_TRITON=1)."""
+    calls = set()
+    for name in DISPATCH[method][1]:
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _n=name, **k: calls.add(_n) or _real(*a, **k))
+    monkeypatch.setenv("NANOPEFT_NO_TRITON", "1")
+    y_r, gx_r, g_r = _dispatch_run(method)
+    assert calls == set(), f"{method}: NANOPEFT_NO_TRITON=1 still reached {calls}"
+    monkeypatch.delenv("NANOPEFT_NO_TRITON")
+    y_k, gx_k, g_k = _dispatch_run(method)
+    assert calls == set(DISPATCH[method][1]), f"{method}: reached {calls}"
+    assert_close(y_k, y_r)
+    assert_close(gx_k, gx_r)
+    assert g_k.keys() == g_r.keys() and len(g_k) > 0
+    for n in g_k:
+        assert_close(g_k[n], g_r[n])
+
+
+# ================================================================================================
 # train_gpt2.py
 # ================================================================================================
-import csv
-import json
-import shutil
-import subprocess
-import types
-
-import tiktoken
-
-import bone
-import lora
-import sera
-import siva
-import train_gpt2
-import vblora
-
-
 def _gpt2_enc():
     """A byte-level tiktoken encoding (no merges, no files): ids 0..255 = bytes, 256 = <|endoftext|>."""
     return tiktoken.Encoding(name="nanopeft_test_bytes", pat_str=r"\S+|\s+",
@@ -2432,7 +2405,6 @@ def _gpt2_hf_reference(sd, idx, n_layer, n_head):
 
 
 def test_gpt2_hf_checkpoint_loads_with_split_qkv(tmp_path):
-    from safetensors.torch import save_file
     V, T, C, H, L = 50, 16, 32, 4, 2
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g) * 0.3
@@ -2665,7 +2637,6 @@ def test_gpt2_offline_names_every_missing_resource_at_once(monkeypatch, tmp_path
         raise AssertionError("a download was tried although the probe said offline")
     monkeypatch.setattr(tiktoken, "get_encoding", fail)
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fail))
-    import huggingface_hub
 
     def hub(repo, name, local_files_only=False):
         assert local_files_only, "a download was tried although the probe said offline"
@@ -2684,7 +2655,6 @@ def test_gpt2_offline_names_every_missing_resource_at_once(monkeypatch, tmp_path
 
 
 def test_gpt2_explicit_bpe_dir_is_used_without_a_download(monkeypatch, tmp_path):
-    import tiktoken.load
 
     def no_download(*a, **k):
         raise AssertionError("tiktoken.get_encoding called although --bpe_dir was given")
@@ -2927,15 +2897,6 @@ def test_gpt2_torchrun_two_processes_give_the_one_process_adapter(tmp_path, meth
 # ================================================================================================
 # train_vit.py
 # ================================================================================================
-import json
-
-import numpy as np
-
-import re
-import subprocess
-
-import train_vit
-
 # -------------------------------------------------------------------------------------------------
 # helpers: a tiny ViT under Google/HF names, a plain reference forward, tiny data, tiny runs
 
@@ -2994,7 +2955,6 @@ def _vit_args(*extra):
 
 
 def _vit_save_hf_dir(tmp_path, sd, n_head=_VIT_TINY["n_head"]):
-    from safetensors.torch import save_file
     d = tmp_path / "ckpt"
     d.mkdir()
     save_file(sd, str(d / "model.safetensors"))
@@ -3101,7 +3061,6 @@ def test_vit_every_linear_is_called_as_a_module():
 
 
 def test_vit_hub_failure_names_the_repo_and_local_flags(monkeypatch):
-    import huggingface_hub
 
     def offline(*a, **k):
         raise ConnectionError("no network")
@@ -3226,7 +3185,6 @@ def test_vit_data_that_is_no_npz_nor_folder_is_refused_clearly(tmp_path):
 
 
 def _vit_image_folder(root, splits=("train", "test"), classes=("cat", "dog")):
-    from PIL import Image
     for split in splits:
         for c in classes:
             os.makedirs(root / split / c)
@@ -3234,7 +3192,6 @@ def _vit_image_folder(root, splits=("train", "test"), classes=("cat", "dog")):
 
 
 def test_vit_image_folder_loading(tmp_path):
-    from PIL import Image
     colours = {"cat": (255, 0, 0), "dog": (0, 0, 255)}
     for split, sizes in (("train", [(10, 14), (20, 20), (7, 9)]), ("test", [(16, 16)])):
         for c, rgb in colours.items():
@@ -3265,7 +3222,6 @@ def test_vit_image_folder_hidden_entries_are_not_classes(tmp_path):
                                               ("flat_splits", "train/ holds no class subfolders"),
                                               ("empty_class", "the test split is empty")])
 def test_vit_image_folder_bad_layout_says_the_expected_one(tmp_path, layout, expected):
-    from PIL import Image
     if layout == "no_test":
         _vit_image_folder(tmp_path, splits=("train",))
     elif layout == "flat":
@@ -3315,7 +3271,6 @@ def test_vit_dataset_error_that_is_not_the_network_says_what_failed(monkeypatch)
 
 def test_vit_hub_dataset_picks_image_and_label_columns(monkeypatch):
     datasets = pytest.importorskip("datasets")  # in requirements.txt; absent only on a bare GPU box
-    from PIL import Image
 
     def split(n, sizes):
         feats = datasets.Features({"family": datasets.ClassLabel(names=["x", "y"]), "image": datasets.Image(),
@@ -3335,7 +3290,6 @@ def test_vit_hub_dataset_picks_image_and_label_columns(monkeypatch):
 
 def test_vit_offline_run_names_everything_it_could_not_reach(monkeypatch, tmp_path):
     datasets = pytest.importorskip("datasets")  # in requirements.txt; absent only on a bare GPU box
-    import huggingface_hub
 
     def offline(*a, **k):
         raise ConnectionError("no network")
