@@ -6,6 +6,9 @@
         --data_dir ../shared/data/e2e --max_iters 20 --eval_samples 5 --beam 2   # CPU smoke run
     torchrun --standalone --nproc_per_node=4 train_gpt2.py --method lora      # 4 GPUs, DDP
     python train_gpt2.py --sample "name[The Eagle], food[French]" --out_dir out-e2e   # use the adapter
+    python train_gpt2.py --lm_text ../shared/data/tinyshakespeare/input.txt --method full --init_from scratch \
+        --n_layer 4 --n_head 4 --n_embd 128 --block_size 128 --label_smoothing 0 --out_dir out-lm  # pretrain
+    python train_gpt2.py --method lora --init_from out-lm/adapter.pt --data_dir ../shared/data/e2e  # then E2E
 
 One flat file: a compact GPT-2 (Hugging Face module names, so checkpoints load key for key, except that
 q, k, v are three nn.Linears `attn.q_proj/k_proj/v_proj`, split from HF's fused `c_attn`, so methods
@@ -30,6 +33,10 @@ Choices where the papers are silent:
   (the LoRA code's GPT-2 has no dropout besides the adapter's).
 - Adapters are never merged: lm_head shares its weight with wte, so merging an adapter on lm_head would
   rewrite the embedding too.
+- --lm_text FILE[,FILE]: plain language modelling instead of E2E (to pretrain a small base): the files,
+  each encoded whole and joined by EOS, are cut into consecutive blocks of min(--max_len, block_size)
+  tokens; the loss is on every next token of a block; every 20th block is held out as the dev set
+  (so dev samples every file); nothing is decoded. A full run's adapter.pt is then an --init_from.
 
 Multi-GPU (nanoGPT's pattern): under torchrun every process trains a DistributedDataParallel copy. One
 optimizer step takes --grad_accum micro-batches of --batch_size on each of the N processes; process r
@@ -449,6 +456,21 @@ def encode_e2e(rows, enc, max_len):
     return out
 
 
+def encode_lm_text(paths, enc, block):
+    """(train, dev) lists of (tokens, 1): the files encoded and joined by EOS, cut into consecutive blocks of
+    `block` tokens (the tail that fills no block is dropped); n_prompt 1, so the loss is on every next token.
+    Every 20th block goes to dev."""
+    tokens = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            tokens += enc.encode_ordinary(f.read()) + [enc.eot_token]
+    blocks = [(tokens[i:i + block], 1) for i in range(0, len(tokens) - block + 1, block)]
+    if len(blocks) < 2:
+        raise SystemExit(f"error: --lm_text: {len(tokens)} tokens make {len(blocks)} block(s) of {block}; need 2 "
+                         f"(one for dev): more text or a smaller --max_len")
+    return [b for i, b in enumerate(blocks) if i % 20 != 19], [b for i, b in enumerate(blocks) if i % 20 == 19]
+
+
 def collate(examples, pad):
     """Right-pad to the longest example: x (B, T) inputs, y (B, T) next tokens, IGNORE outside the reference."""
     T = max(len(t) for t, _ in examples) - 1
@@ -829,7 +851,9 @@ def get_args(argv=None):
     a("--data_dir", default=None, help="folder with the official E2E CSVs (default: the Hub via `datasets`)")
     a("--bpe_dir", default=None, help="folder with vocab.bpe + encoder.json (no download); default: "
       f"{SHARED_BPE_DIR} when present, else tiktoken's download")
-    a("--max_len", type=int, default=512, help="longest training example, in tokens")
+    a("--max_len", type=int, default=512, help="longest training example, in tokens (--lm_text: the block length)")
+    a("--lm_text", default=None, help="FILE[,FILE]: plain language modelling on these UTF-8 text files instead of "
+      "E2E (blocks of --max_len tokens, loss on every token, every 20th block for dev, no decoding)")
     # method: None = the method's default (epilog)
     a("--targets", default=None, help="comma list of Linear names, suffix match (per method)")
     a("--lora_r", type=int, default=None, help="LoRA rank (per method)")
@@ -905,6 +929,10 @@ def check_args(args):
             raise SystemExit(f"error: --block_size {args.block_size}: must be >= 2")
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume and --overwrite: pass one of them")
+    if args.lm_text is not None:
+        for path in args.lm_text.split(","):
+            if not os.path.isfile(path) or os.path.getsize(path) == 0:
+                raise SystemExit(f"error: --lm_text {args.lm_text}: {path!r} is not a non-empty file")
     if args.resume and args.method == "none":
         raise SystemExit("error: --resume: --method none trains nothing, so there is no run to resume; drop "
                          "--resume to evaluate the base model")
@@ -1046,7 +1074,9 @@ def sample(args, device):
 
 
 def main(argv=None):
-    """The script; returns {model, step, predictions, scores} for tests and notebooks."""
+    """The script; returns {model, step, predictions, scores, n_trainable, n_stored, train_loss (the last logged,
+    label-smoothed as trained), dev_loss (the last), curve [(step, train loss)] per log line, train_time (s,
+    evaluation excluded), tokens_per_s} for tests, notebooks and reproduce.py."""
     # ---------------------------------------------------------------- args & ddp
     args = get_args(argv)
     check_args(args)
@@ -1083,12 +1113,18 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- data
     t0 = time.time()
-    enc, data, weights = fetch_resources(args)
+    enc, data, weights = fetch_resources(args, what=("bpe", "weights") if args.lm_text else ("bpe", "e2e", "weights"))
     eos = enc.eot_token
     block_size = args.block_size if args.init_from == "scratch" else None  # a checkpoint's: known once loaded
+    if block_size is None and args.lm_text:  # the blocks must fit the checkpoint's positions
+        block_size = (load_gpt2(weights or args.init_from).config.block_size)
     max_len = min(args.max_len, block_size or args.max_len)
-    train = encode_e2e(data["train"], enc, max_len)
-    dev = encode_e2e(data["dev"], enc, max_len)
+    if args.lm_text:
+        train, dev = encode_lm_text(args.lm_text.split(","), enc, max_len)
+        data = {"test": []}
+    else:
+        train = encode_e2e(data["train"], enc, max_len)
+        dev = encode_e2e(data["dev"], enc, max_len)
     if not train:
         cap = f"--max_len {args.max_len}" + (f", --block_size {block_size}" if block_size else "")
         raise SystemExit(f"error: no training example fits in {max_len} tokens ({cap}): every MR takes as many")
@@ -1097,8 +1133,12 @@ def main(argv=None):
         test_refs[mr].append(ref)
     mrs = list(test_refs)[:args.eval_samples]
     prompts = [enc.encode_ordinary(mr) + [eos] for mr in mrs]
-    log(f"E2E: {len(train)} train, {len(dev)} dev examples, {len(test_refs)} test MRs "
-        f"(tokenised in {time.time() - t0:.1f}s)")
+    if args.lm_text:
+        log(f"LM text: {len(train)} train, {len(dev)} dev blocks of {max_len} tokens (tokenised in "
+            f"{time.time() - t0:.1f}s)")
+    else:
+        log(f"E2E: {len(train)} train, {len(dev)} dev examples, {len(test_refs)} test MRs "
+            f"(tokenised in {time.time() - t0:.1f}s)")
 
     # ---------------------------------------------------------------- model & method
     model = build_model(args, enc.n_vocab, weights)  # seeded: the same base and adapter init on every rank
@@ -1109,8 +1149,8 @@ def main(argv=None):
     n_base = sum(p.numel() for n, p in model.named_parameters() if not any(
         s in n for s in ("lora_", "sera_", "siva_", "bone_", "vblora_")))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"method {args.method}: {n_train:,} trainable params, {stored_param_count(model, args.method):,} stored "
-        f"(base model {n_base:,})")
+    n_stored = stored_param_count(model, args.method)
+    log(f"method {args.method}: {n_train:,} trainable params, {n_stored:,} stored (base model {n_base:,})")
     torch.manual_seed(args.seed + rank)  # dropout differs per rank (nanoGPT's seed offset)
     raw_model = model
     train_model = torch.compile(model, dynamic=True) if args.compile else model
@@ -1180,6 +1220,7 @@ def main(argv=None):
     model.train()
     t_start = t_log = time.time()
     loss_sum, tokens, n_logged, start_step = torch.zeros((), device=device), 0, 0, step  # since the last log line
+    curve, train_loss, last_dev, tokens_seen, train_time = [], None, None, 0, 0.0  # for the returned summary
     while step < total:
         f = lr_factor(step, args.warmup_iters, total)
         for g in opt.param_groups:
@@ -1212,24 +1253,31 @@ def main(argv=None):
             if ddp:
                 dist.all_reduce(seen)  # every rank's loss and tokens
             now = time.time()
-            log(f"step {step}/{total} | loss {seen[0].item() / n_logged / world_size:.4f} | "
+            train_loss = seen[0].item() / n_logged / world_size
+            curve.append((step, train_loss))
+            tokens_seen, train_time = tokens_seen + seen[1].item(), train_time + now - t_log
+            log(f"step {step}/{total} | loss {train_loss:.4f} | "
                 f"lr {opt.param_groups[0]['lr']:.2e} | {seen[1].item() / (now - t_log):,.0f} tok/s | "
                 f"elapsed {hms(now - t_start)} | eta {hms((now - t_start) / (step - start_step) * (total - step))}")
             loss_sum.zero_()
             tokens, n_logged, t_log = 0, 0, now
         if master and (step % args.eval_interval == 0 or step == total):
-            log(f"step {step}: dev loss {dev_loss():.4f}")
+            last_dev = dev_loss()
+            log(f"step {step}: dev loss {last_dev:.4f}")
             save_checkpoint()
             t_log = time.time()  # tok/s counts training only
     if ddp:
         dist.destroy_process_group()
-    result = dict(model=raw_model, step=step, predictions=[], scores={})
+    result = dict(model=raw_model, step=step, predictions=[], scores={}, n_trainable=n_train, n_stored=n_stored,
+                  train_loss=train_loss, dev_loss=last_dev, curve=curve, train_time=train_time,
+                  tokens_per_s=tokens_seen / train_time if train_time else None)
     if not master:
         return result
 
     # ---------------------------------------------------------------- save
     if total == 0 and dev_batches:
-        log(f"dev loss {dev_loss():.4f}")
+        result["dev_loss"] = dev_loss()
+        log(f"dev loss {result['dev_loss']:.4f}")
     save_atomic(dict(args=vars(args), method=args.method, config=asdict(raw_model.config),
                      adapter=adapter_state_dict(raw_model, args.method)), adapter_path)
     log(f"saved {adapter_path}")
