@@ -18,7 +18,10 @@ Choices made where the papers and SPEC are silent:
   transformers at run time. Their pooler (the in21k pre-logits layer) is dropped: the head reads the
   class token after the final norm, as HF's ViTForImageClassification does. Position embeddings are
   interpolated (bicubic) when --image_size gives another patch grid than the checkpoint's. A full
-  fine-tune's adapter.pt is a checkpoint too (its saved n_head is used).
+  fine-tune's adapter.pt is a checkpoint too (its saved n_head is used; its head only when its class
+  names are the data's, else the head starts fresh).
+- --classes 0-4 (or 5,6,7,8,9, or a mix: 0-2,7): train and test on those classes only, relabelled
+  0..C-1 in the order given, their names kept (pretrain on some classes, adapt to others).
 - The head is new, zero-initialised (as in the ViT paper's fine-tuning) and always trained, at its own
   --head_lr. `--method head` is the papers' linear probe (LP); `--method none` trains nothing and
   only evaluates --init_from (useful when its classifier fits the classes); to evaluate a fine-tuned
@@ -278,7 +281,8 @@ def _from_finetune(blob, path):
                          f"no backbone; rebuild it with load_finetuned({path!r}), or start from a full fine-tune")
     cfg = blob.get("model_cfg") or {"n_head": blob["args"].get("n_head"), "ln_eps": 1e-12}
     sd = {**blob["adapter"], **{f"head.{k}": v for k, v in blob.get("head", {}).items()}}
-    return sd, {"num_attention_heads": cfg["n_head"], "layer_norm_eps": cfg["ln_eps"], "hidden_act": "gelu"}
+    return sd, {"num_attention_heads": cfg["n_head"], "layer_norm_eps": cfg["ln_eps"], "hidden_act": "gelu",
+                "classes": blob.get("classes")}
 
 
 def read_checkpoint(init_from):
@@ -330,9 +334,10 @@ def read_checkpoint(init_from):
     return sd, hf_cfg
 
 
-def build_model(args, num_classes, weights=None, n_head=None):
+def build_model(args, num_classes, weights=None, n_head=None, classes=None):
     """ViT from --init_from (scratch, a Hub id/alias, or a local path), with a fresh head. weights: what
-    read_checkpoint returned, when main() has read it already; n_head: a saved model's own count."""
+    read_checkpoint returned, when main() has read it already; n_head: a saved model's own count; classes:
+    the data's class names (a fine-tune's head is kept only when it was trained on the same ones)."""
     if args.init_from == "scratch":
         return ViT(ViTConfig(args.image_size, args.patch_size, args.n_layer, n_head or args.n_head, args.n_embd,
                              4 * args.n_embd, num_classes))
@@ -351,6 +356,9 @@ def build_model(args, num_classes, weights=None, n_head=None):
         n_head = n_embd // 64
         print(f"no config.json beside {args.init_from}: assuming {n_head} heads of 64 (every Google ViT)")
     eps = hf_cfg.get("layer_norm_eps", 1e-12) if hf_cfg else 1e-12
+    if classes is not None and hf_cfg and hf_cfg.get("classes") is not None and \
+            list(hf_cfg["classes"]) != list(classes):  # another task's classifier: start the head fresh
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     cfg = ViTConfig(args.image_size, patch, n_layer, n_head, n_embd, sd["blocks.0.mlp.fc1.weight"].shape[0],
                     num_classes, eps)
     model = ViT(cfg)
@@ -514,14 +522,48 @@ def load_data(args):
     """{x_train, y_train, x_test, y_test, classes} from --data (a folder, or an .npz read by its content
     whatever its name) or else the Hub's --dataset; every problem is one `error:` line."""
     if not args.data:
-        return load_hub(args.dataset, args.image_size)
-    if os.path.isdir(args.data):
-        return load_folder(args.data, args.image_size)
-    if not os.path.isfile(args.data):
+        data = load_hub(args.dataset, args.image_size)
+    elif os.path.isdir(args.data):
+        data = load_folder(args.data, args.image_size)
+    elif not os.path.isfile(args.data):
         raise SystemExit(f"error: --data {args.data}: no such file or folder")
-    if not zipfile.is_zipfile(args.data):  # an .npz is a zip archive, whatever its suffix
+    elif not zipfile.is_zipfile(args.data):  # an .npz is a zip archive, whatever its suffix
         raise SystemExit(f"error: --data {args.data}: neither an .npz archive nor a folder; expected {DATA_LAYOUT}")
-    return load_npz(args.data, args.image_size)
+    else:
+        data = load_npz(args.data, args.image_size)
+    if args.classes:
+        data = select_classes(data, parse_classes(args.classes), f"--data {args.data}" if args.data else
+                              f"--dataset {args.dataset}")
+    return data
+
+
+def parse_classes(spec):
+    """'0-2,7' -> [0, 1, 2, 7]; ValueError for anything else (a bad item, an empty range, a repeat)."""
+    out = []
+    for item in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
+        if not m or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise ValueError(f"{item!r} is not an index or a range lo-hi (e.g. 0-4 or 5,6,7)")
+        out += range(int(m[1]), int(m[2] or m[1]) + 1)
+    if len(set(out)) != len(out):
+        raise ValueError("a class is listed twice")
+    return out
+
+
+def select_classes(data, keep, where):
+    """Only the classes `keep` (indices into data["classes"]), relabelled 0..len(keep)-1 in that order."""
+    n = len(data["classes"])
+    if max(keep) >= n:
+        raise SystemExit(f"error: --classes: {where} has {n} classes (0..{n - 1}), not {max(keep)}")
+    out = {"classes": [data["classes"][c] for c in keep]}
+    new = torch.full((n,), -1, dtype=torch.int64)
+    new[keep] = torch.arange(len(keep))  # old label -> new label, -1 = dropped
+    for split in ("train", "test"):
+        y = new[data[f"y_{split}"]]
+        out[f"x_{split}"], out[f"y_{split}"] = data[f"x_{split}"][y >= 0], y[y >= 0]
+        if len(out[f"y_{split}"]) == 0:
+            raise SystemExit(f"error: --classes {','.join(map(str, keep))}: no {split} image in {where}")
+    return out
 
 
 def random_resized_crop_flip(x, size, min_scale=0.08, ratio=(3 / 4, 4 / 3), flip=True, generator=None):
@@ -722,6 +764,8 @@ def get_args(argv=None):
     g.add_argument("--dataset", default="cifar10", choices=list(DATASETS), help="Hub dataset (see DATASETS)")
     g.add_argument("--data", default="", help=f"local data instead: {DATA_LAYOUT}")
     g.add_argument("--min_crop", type=float, default=0.08, help="smallest random-resized-crop area fraction")
+    g.add_argument("--classes", default="", help="train and test on these class indices only, relabelled 0..C-1 "
+                   "in this order, e.g. 0-4 or 5,6,7,8,9 (default: all)")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="lora", choices=ALL_METHODS,
                    help="none = evaluate only; head = linear probe; full = every weight; else the adapter")
@@ -798,6 +842,11 @@ def check_args(args):
         bad.append(f"--warmup_frac {args.warmup_frac} must lie in [0, 1)")
     if args.resume and args.overwrite:
         bad.append("--resume and --overwrite: pass one, continue the run or start over")
+    if args.classes:
+        try:
+            parse_classes(args.classes)
+        except ValueError as e:
+            bad.append(f"--classes {args.classes}: {e}")
     if args.method in METHODS:
         try:
             METHODS[args.method][0](args)  # the method's own checks on its flags
@@ -864,7 +913,9 @@ def fetch_inputs(args, ddp, master):
 
 
 def main(argv=None):
-    """The script; returns {model, test_acc, step} for tests and notebooks."""
+    """The script; returns {model, test_acc, step, n_trainable (without the head), n_head, n_stored, train_loss
+    (the last logged), curve [(step, loss)] per log line, train_time (s, evaluation excluded), img_per_s} for
+    tests, notebooks and reproduce.py."""
     args = get_args(argv)
     ddp, rank, world_size, device = setup_ddp(args)
     try:
@@ -915,7 +966,7 @@ def train(args, ddp, rank, world_size, device):
 
     # ---- model and method; the same seed on every rank, so all start identical
     torch.manual_seed(args.seed)  # before build_model: a scratch backbone is rebuilt from the seed on reload
-    model = build_model(args, len(classes), weights).to(device)
+    model = build_model(args, len(classes), weights, classes=classes).to(device)
     try:
         groups = apply_method(model, args)
     except ValueError as e:
@@ -923,8 +974,9 @@ def train(args, ddp, rank, world_size, device):
     torch.manual_seed(args.seed + rank)  # dropout differs across ranks
     n_head = sum(p.numel() for p in model.head.parameters() if p.requires_grad)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_stored = stored_param_count(model, args.method)
     log(f"method {args.method}: {n_train - n_head:,} trainable parameters without the head (as the papers "
-        f"count), {n_train:,} with it; {stored_param_count(model, args.method):,.0f} stored in adapter.pt; "
+        f"count), {n_train:,} with it; {n_stored:,.0f} stored in adapter.pt; "
         f"model {sum(p.numel() for p in model.parameters()):,}")
 
     # ---- optimizer and schedule
@@ -982,6 +1034,7 @@ def train(args, ddp, rank, world_size, device):
         os.makedirs(args.out_dir, exist_ok=True)
     acc, perm, t_start, step0 = None, None, time.time(), step
     t_log, step_log = t_start, step
+    curve, train_loss, seen, train_time = [], None, 0, 0.0  # for the returned summary
     model.train()
     while step < max_steps:
         epoch, j = divmod(step, steps_per_epoch)
@@ -1012,6 +1065,8 @@ def train(args, ddp, rank, world_size, device):
             if ddp:  # the loss of the global batch, as one process would print it
                 dist.all_reduce(loss_sum)  # a sum: gloo has no average
             loss_val, now = float(loss_sum) / world_size, time.time()  # float() waits for the device: time after it
+            curve.append((step, loss_val))
+            train_loss, seen, train_time = loss_val, seen + (step - step_log) * global_batch, train_time + now - t_log
             rate = (step - step_log) * global_batch / (now - t_log)  # over this interval
             eta = (max_steps - step) * (now - t_start) / (step - step0)
             lr = next((g for g in opt.param_groups if g["name"] != "head"), opt.param_groups[0])["lr"]
@@ -1028,7 +1083,9 @@ def train(args, ddp, rank, world_size, device):
     log(f"saved {args.out_dir}/adapter.pt and ckpt.pt")
     if ddp:
         dist.barrier()  # the other ranks wait for rank 0's last evaluation and save
-    return {"model": raw_model, "test_acc": acc, "step": step}
+    return {"model": raw_model, "test_acc": acc, "step": step, "n_trainable": n_train - n_head, "n_head": n_head,
+            "n_stored": n_stored, "train_loss": train_loss, "curve": curve, "train_time": train_time,
+            "img_per_s": seen / train_time if train_time else None}
 
 
 if __name__ == "__main__":
