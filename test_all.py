@@ -3483,3 +3483,120 @@ def test_vit_bad_init_from_file_is_one_line(tmp_path):
     msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--init_from", str(path)))
     assert msg.startswith(f"error: --init_from {path}: not a readable checkpoint") and "\n" not in msg
 
+
+
+# ================================================================================================
+# reproduce.py
+# ================================================================================================
+# The flags it needs from the training scripts (plain-LM pretraining, init from a full run's adapter.pt,
+# class subsets with a fresh head) and its cache of finished runs. Its --quick mode runs end to end in .ci/run.
+
+
+def _repro_bytes_enc():
+    """Byte-level tiktoken encoding: ids 0..255 = bytes, 256 = <|endoftext|>; no BPE files needed."""
+    return tiktoken.Encoding(name="nanopeft_repro_bytes", pat_str=r"\S+|\s+",
+                             mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={"<|endoftext|>": 256})
+
+
+def _repro_gpt2_main(argv):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_gpt2, "get_tokenizer", lambda bpe_dir=None, online=None: _repro_bytes_enc())
+        return train_gpt2.main([str(a) for a in argv])
+
+
+def test_lm_text_blocks_cover_the_text_and_every_next_token_is_a_target(tmp_path):
+    (tmp_path / "a.txt").write_text("abcdefghij" * 7)
+    (tmp_path / "b.txt").write_text("xyz" * 9)
+    enc = _repro_bytes_enc()
+    train, dev = train_gpt2.encode_lm_text([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], enc, 4)
+    tokens = list(b"abcdefghij" * 7) + [256] + list(b"xyz" * 9) + [256]  # 99 tokens: 24 blocks, 3 left over
+    blocks = [tokens[i:i + 4] for i in range(0, 96, 4)]
+    assert [t for t, _ in train] == [b for i, b in enumerate(blocks) if i % 20 != 19]
+    assert [t for t, _ in dev] == [blocks[19]]  # every 20th block is held out
+    x, y = train_gpt2.collate(train[:3], enc.eot_token)
+    assert (y != train_gpt2.IGNORE).all() and torch.equal(y[:, :-1], x[:, 1:])  # a target at every position
+    assert y[:, -1].tolist() == [t[-1] for t, _ in train[:3]]
+
+
+def test_lm_text_bad_input_is_one_line(tmp_path):
+    (tmp_path / "short.txt").write_text("abc")
+    with pytest.raises(SystemExit, match=r"^error: --lm_text: 4 tokens make 1 block\(s\) of 4; need 2"):
+        train_gpt2.encode_lm_text([str(tmp_path / "short.txt")], _repro_bytes_enc(), 4)
+    with pytest.raises(SystemExit, match=r"^error: --lm_text .*nope.txt' is not a non-empty file$"):
+        train_gpt2.check_args(train_gpt2.get_args(["--lm_text", f"{tmp_path / 'short.txt'},{tmp_path / 'nope.txt'}"]))
+
+
+def test_lm_pretraining_then_fine_tuning_from_its_adapter(tmp_path):
+    (tmp_path / "text.txt").write_text("the cafe serves french food near the river. " * 40)
+    res = _repro_gpt2_main(["--lm_text", tmp_path / "text.txt", "--method", "full", "--init_from", "scratch",
+                            "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--max_len",
+                            "32", "--batch_size", "4", "--max_iters", "6", "--lr", "1e-2", "--warmup_iters", "1",
+                            "--label_smoothing", "0", "--log_interval", "2", "--eval_iters", "2", "--device", "cpu",
+                            "--out_dir", tmp_path / "base"])
+    assert res["predictions"] == [] and [s for s, _ in res["curve"]] == [2, 4, 6]
+    assert res["curve"][-1][1] < res["curve"][0][1] and res["train_loss"] == res["curve"][-1][1]
+    assert res["dev_loss"] is not None and res["n_trainable"] == res["n_stored"] > 0 and res["tokens_per_s"] > 0
+    with open(tmp_path / "trainset.csv", "w") as f:
+        f.write("mr,ref\r\n" + "".join(f'"name[C{i}], food[French]","C{i} serves French food."\r\n' for i in range(6)))
+    for split in ("devset.csv", "testset_w_refs.csv"):
+        (tmp_path / split).write_text((tmp_path / "trainset.csv").read_text())
+    ft = _repro_gpt2_main(["--method", "none", "--init_from", tmp_path / "base" / "adapter.pt", "--data_dir", tmp_path,
+                           "--eval_samples", "0", "--eval_iters", "1", "--device", "cpu", "--out_dir", tmp_path / "ft"])
+    pre, got = res["model"].state_dict(), ft["model"].state_dict()
+    assert got.keys() == pre.keys() and all(torch.equal(got[k], pre[k]) for k in pre)  # the pretrained base
+    assert ft["model"].config.n_head == 2 and ft["model"].config.block_size == 64
+
+
+def test_vit_classes_subset_is_relabelled_in_the_order_given():
+    assert train_vit.parse_classes("5-7,2") == [5, 6, 7, 2]
+    data = {"classes": ["a", "b", "c", "d"], "x_train": torch.arange(8).view(8, 1), "y_train": torch.tensor([0, 1, 2, 3] * 2),
+            "x_test": torch.arange(4).view(4, 1), "y_test": torch.tensor([3, 2, 1, 0])}
+    out = train_vit.select_classes(data, [3, 1], "test data")
+    assert out["classes"] == ["d", "b"]
+    assert out["y_train"].tolist() == [1, 0, 1, 0] and out["x_train"].view(-1).tolist() == [1, 3, 5, 7]
+    assert out["y_test"].tolist() == [0, 1] and out["x_test"].view(-1).tolist() == [0, 2]
+    with pytest.raises(SystemExit, match=r"^error: --classes: test data has 4 classes \(0..3\), not 4$"):
+        train_vit.select_classes(data, [0, 4], "test data")
+    for bad, why in (("3-1", "not an index or a range"), ("a", "not an index or a range"), ("1,0-2", "listed twice")):
+        with pytest.raises(SystemExit, match=rf"^error: --classes {bad}: .*{why}"):
+            train_vit.get_args(["--classes", bad])
+
+
+def test_vit_init_from_a_full_run_keeps_its_head_only_for_the_same_classes(tmp_path):
+    npz = tmp_path / "data.npz"
+    g = np.random.default_rng(0)
+    np.savez(npz, x_train=g.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8), y_train=np.arange(16) % 4,
+             x_test=g.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), y_test=np.arange(8) % 4,
+             class_names=np.array(["c0", "c1", "c2", "c3"]))
+    common = ["--image_size", "16", "--data", str(npz), "--batch_size", "4", "--log_interval", "1", "--device", "cpu"]
+    base = train_vit.main(["--method", "full", "--init_from", "scratch", "--n_layer", "1", "--n_embd", "32", "--n_head",
+                           "2", "--patch_size", "4", "--classes", "0-1", "--max_iters", "2", "--lr", "1e-2",
+                           "--out_dir", str(tmp_path / "base"), *common])
+    assert base["model"].head.weight.abs().sum() > 0 and base["model"].head.out_features == 2
+    pt = str(tmp_path / "base" / "adapter.pt")
+    for classes, keeps_head in (("2,3", False), ("0,1", True)):
+        r = train_vit.main(["--method", "none", "--init_from", pt, "--classes", classes,
+                            "--out_dir", str(tmp_path / classes), *common])
+        pre, got = base["model"].state_dict(), r["model"].state_dict()
+        assert all(torch.equal(got[k], pre[k]) for k in pre if not k.startswith("head."))
+        assert torch.equal(got["head.weight"], pre["head.weight"]) == keeps_head
+        assert keeps_head or not got["head.weight"].any()  # fresh: zero-initialised
+
+
+def test_reproduce_cache_reuses_a_finished_run_and_redoes_a_changed_one(tmp_path):
+    calls = []
+
+    def main(argv):
+        calls.append(argv)
+        return {"model": "a model", "predictions": ["x"], "score": len(calls)}
+    main.__module__ = "stub"
+    out = str(tmp_path / "row")
+    first = reproduce.cached_run(main, ["--a", "1"], out, deps=["base1"], analyse=lambda m: f"saw {m}")
+    assert calls == [["--a", "1", "--out_dir", out, "--overwrite"]]
+    assert first["score"] == 1 and first["analysis"] == "saw a model" and "model" not in first and "predictions" not in first
+    assert reproduce.cached_run(main, ["--a", "1"], out, deps=["base1"]) == first and len(calls) == 1  # reused
+    assert reproduce.cached_run(main, ["--a", "2"], out, deps=["base1"])["score"] == 2  # a changed flag
+    assert reproduce.cached_run(main, ["--a", "2"], out, deps=["base2"])["score"] == 3  # a rebuilt base
+    assert reproduce.cached_run(main, ["--a", "2"], out, deps=["base2"])["score"] == 3 and len(calls) == 3
+    os.remove(os.path.join(out, "result.json"))  # a run that never finished has no result.json
+    assert reproduce.cached_run(main, ["--a", "2"], out, deps=["base2"])["score"] == 4
