@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bone
 import kernels
 import lora
+import reproduce
 import sera
 import siva
 import train_gpt2
