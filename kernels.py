@@ -79,9 +79,12 @@ def applies(*tensors):
     the CPU under TRITON_INTERPRET=1). None entries (an absent optional tensor) are ignored."""
     if os.environ.get("NANOPEFT_NO_TRITON") == "1":
         return False
-    ts = [t for t in tensors if t is not None]
-    for t in ts:
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or t.device != ts[0].device:
+    device = None
+    for t in tensors:  # a plain loop: on a CPU this function is all of kernels.py that runs
+        if t is None:
+            continue
+        device = t.device if device is None else device
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or t.device != device:
             return False
         if not (t.is_cuda or (_interpreting() and t.device.type == "cpu")):
             return False
