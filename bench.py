@@ -22,7 +22,8 @@ frozen base model.
     costs 16-50 us of host time, a torch op 10-20 us) can exceed its GPU work, so eager measures the host
     as much as the kernels. "graph" replays the whole step as one CUDA graph: no host overhead, the GPU
     cost alone, which is what the kernels decide. "[torch]" rows run the same model with
-    NANOPEFT_NO_TRITON=1 (the method files' formulas); peft-* rows appear when `peft` is installed.
+    NANOPEFT_NO_TRITON=1 (the method files' formulas); peft-* rows appear when `peft` imports (else a
+    note says why they are missing).
     Peak memory (CUDA) is the model's own tensors plus the most one eager step allocates on top.
 """
 import argparse
@@ -152,7 +153,8 @@ def methods():
             ("bone-col", lambda m: bone.apply_bone(m, bone.BoneConfig(grouping="col"), TARGETS))]
     try:
         import peft
-    except ImportError:
+    except Exception as e:  # not installed, or broken by a module it imports (README: the name `kernels`)
+        print(f"note: no peft-* rows: `import peft` failed ({type(e).__name__}: {e})")
         return rows
     for name, cfg in [("peft-lora", lambda: peft.LoraConfig(r=4, lora_alpha=32, lora_dropout=0.0,
                                                             target_modules=TARGETS)),

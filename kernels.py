@@ -7,7 +7,10 @@ file when `applies(...)` says a kernel can run (CUDA tensors, or CPU tensors und
         return _kernels.lowrank_linear(x, W, bias, A, B, d, scale, dropout=p)
     return <the formula>
 
-The file imports only where triton does (a method file catches the ImportError and runs its formula).
+Without triton (macOS, Windows, a CPU box) the file still imports, since transformers >= 5 imports whatever
+top-level module is called `kernels`: `applies` then says no and every op raises. `NANOPEFT_KERNELS = True`
+marks the file as ours; a method file uses a `kernels` module only when it carries that mark (Hugging Face
+has a package of the same name).
 
 Contents (the ops, in the method files' order; x (..., in), W (out, in), N = rows of x):
 
@@ -61,8 +64,34 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+NANOPEFT_KERNELS = True  # the mark a method file checks before it uses this module
+
+
+class _NoTriton:
+    """Stands in for `triton` and `triton.language` where triton is not installed, so that the definitions
+    below still run: `@triton.jit` and `@triton.autotune(...)` hand the function back unchanged, and any
+    other name (`tl.constexpr`, `tl.float32`, `triton.Config(...)`) is another stand-in. Nothing defined with
+    it ever launches: without triton `applies` is False and every op raises."""
+
+    def __getattr__(self, name):
+        return _NoTriton()
+
+    def __call__(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs and callable(args[0]):
+            return args[0]  # used as a decorator
+        return _NoTriton()
+
+
+if not HAS_TRITON:
+    triton = tl = _NoTriton()
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -75,9 +104,9 @@ def _interpreting():
 
 def applies(*tensors):
     """True iff a kernel may run on these tensors: NANOPEFT_NO_TRITON is not "1" (read now, so tests and
-    bench.py can flip it), every tensor is fp32/bf16/fp16, all on one device, and that device is CUDA (or
+    bench.py can flip it), triton is installed, every tensor is fp32/bf16/fp16, all on one device, and that device is CUDA (or
     the CPU under TRITON_INTERPRET=1). None entries (an absent optional tensor) are ignored."""
-    if os.environ.get("NANOPEFT_NO_TRITON") == "1":
+    if not HAS_TRITON or os.environ.get("NANOPEFT_NO_TRITON") == "1":
         return False
     device = None
     for t in tensors:  # a plain loop: on a CPU this function is all of kernels.py that runs
@@ -92,6 +121,9 @@ def applies(*tensors):
 
 
 def _check_applies(op, *tensors):
+    if not HAS_TRITON:
+        raise RuntimeError(f"kernels.{op}: triton is not installed (pip install triton, Linux only); call "
+                           f"{op}_reference instead")
     if not applies(*tensors):
         raise RuntimeError(f"kernels.{op}: no kernel applies to these tensors (they must be fp32/bf16/fp16 on "
                            f"one CUDA device, or on the CPU with TRITON_INTERPRET=1, and NANOPEFT_NO_TRITON "

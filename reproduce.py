@@ -1,44 +1,67 @@
-"""Every method learns, side by side: a mini-reproduction on a laptop CPU (about 30 minutes on 2 cores).
+"""Every method side by side on small pretrained bases: a mini-reproduction on a laptop CPU.
 
-    python reproduce.py                        # both sides, seeds 0 and 1, results in out-repro/results.md
+    python reproduce.py                        # both sides, seeds 0 and 1; results in out-repro/results.md
+    python reproduce.py --data DIR             # offline, from local files (the layout below)
+    python reproduce.py --sweep                # the learning-rate sweep behind GPT2_LR and VIT_LR
     python reproduce.py --device cuda          # the same on a GPU, in minutes
-    python reproduce.py --quick --out_dir /tmp/repro    # tiny sizes, for CI (under 3 minutes)
+    python reproduce.py --quick --out_dir /tmp/repro    # tiny sizes: checks the pipeline, not the methods
 
 No training loop here: every row is one call of train_gpt2.main or train_vit.main with its flags.
 
-Language: a 4-layer GPT-2-shaped model (GPT-2 BPE, n_embd 128) is pretrained from scratch as a plain
-language model (train_gpt2.py --lm_text) on tiny Shakespeare + the E2E training references without their
-MRs, then fine-tuned on E2E (MR -> reference) with the same steps for every method; the untouched base,
-decoded zero-shot, is the floor. Test: beam 4 on the first 40 test MRs (all their references).
-Vision: a 4-layer ViT (32x32, patch 4, n_embd 64) is pretrained from scratch on CIFAR-10 classes 0-4 (the
-6k-image subset by default, or --cifar), then adapted to classes 5-9: head only (linear probe), full, and
-each method + head, the same steps for each.
+Data. With no --data, what is needed is fetched once and prepared under OUT_DIR/data: E2E through
+train_gpt2.load_e2e (the Hub's parquet export), CIFAR-10 through train_vit.load_hub (`datasets`), the GPT-2
+BPE through tiktoken. Offline, one message lists what could not be had. --data DIR holds the same files:
+e2e/{trainset,devset,testset_w_refs}.csv (github.com/tuetschek/e2e-dataset), gpt2/{vocab.bpe,encoder.json}
+and cifar10/cifar10_subset_6k_decoded.npz (any .npz in train_vit.py's layout, 500 training and 100 test
+images per class; or --cifar PATH). From either, the same preparation:
+- E2E test: N_TEST MRs drawn at random (seed 0) from the whole test set, with all their references. (The
+  first MRs of the file are a few restaurants only: one missed name would move the whole score.)
+- CIFAR-10: 500 training and 100 test images per class (the first ones of each class); the last 50
+  training images of each class are held out as a validation split, used by --sweep only.
 
-Each method runs with its script's per-method defaults (rank, alpha, targets), except where a size
-cannot divide these small widths or would be the whole matrix (the deviations, all ours):
-- Bone b = 16 (default 64: at width 64/128 one or two blocks, a nearly dense update); VB-LoRA b = 64 on
-  GPT-2 (default 256 must divide the width 128) and b = 32 on the ViT (width 64).
-- Warm-up 30 steps on GPT-2 (the recipe's 500 exceed the run); ViT --min_crop 0.5 (0.08 is too strong an
-  augmentation for a few hundred steps from scratch).
-- The bases: lr 1e-3, no label smoothing; GPT-2 250 steps, the ViT 1,200 (our choice for a small model).
-The scripts' learning rates were set for GPT-2 Medium / ViT-B over thousands of steps; for these small
-models and few steps each method's lr comes from a short sweep (GPT2_LR, VIT_LR below: default vs 5x).
+Language. A 4-layer, 256-wide GPT-2 (GPT-2 BPE) is pretrained from scratch as a plain language model
+(train_gpt2.py --lm_text) on the E2E training references *without* their MRs, until its dev LM loss
+flattens: it knows how restaurant descriptions read, not which MR they describe. Then every method is
+fine-tuned on E2E (MR -> reference) for the same steps; the untouched base decoded zero-shot is the floor,
+full fine-tuning the ceiling. Vision. A 4-layer, 64-wide ViT (32x32, patch 4) is pretrained on CIFAR-10
+classes 0-4, then adapted to classes 5-9: head only (linear probe), full, and each method + head.
 
-Caching: out_dir/<side>/<row> holds each run and its result.json, keyed on the run's flags and on the key
-of the base it starts from; a rerun reuses every finished row whose key matches and redoes the rest (a
-changed base setting redoes the base and every row built on it). The bases are trained once (seed 0);
-the seeds vary the adapters' init, data order and augmentation.
-Analysis printed with the tables (the papers' own): SiVA effective rank of W and W + dW; VB-LoRA bank
-vectors in use; Bone weight-guide / tile norms; SeRA subspace similarity of dW between the two seeds.
+What is measured, per method and seed (the tables show the mean over seeds):
+- GPT-2: dev loss (plain cross-entropy on 200 dev examples) and the share of the zero-shot -> full
+  fine-tuning dev-loss gap it closes; BLEU and ROUGE-L (beam 4) on the sampled test MRs; and slot
+  accuracy, in the spirit of the E2E challenge's slot error rate: the share of outputs that state the MR's
+  `name`, and its `near` where it has one, verbatim (case aside). Those values must be copied from the MR.
+- ViT: test accuracy on classes 5-9.
+- The papers' analyses on the adapted models (SiVA effective rank, VB-LoRA bank usage, Bone norms, SeRA
+  subspace similarity between seeds); the figures curves.png (loss curves, mean over seeds, and the bases'
+  pretraining) and efficiency.png (the metric against *stored* parameters, as VB-LoRA's Figure 1), when
+  matplotlib is installed.
+
+Settings. Each method runs with its script's per-method defaults (targets, rank, alpha), except where a
+size cannot divide these small widths or would make one dense block (ours): Bone b = 16; VB-LoRA b = 64 on
+GPT-2 (width 256) and 32 on the ViT (width 64). Warm-up 30 steps on GPT-2 (the recipe's 500 exceed the
+run); ViT --min_crop 0.5 (0.08 is too strong an augmentation for a few hundred steps from scratch). The
+scripts' learning rates were set for GPT-2 Medium / ViT-B over thousands of steps; here each method's lr
+comes from `--sweep` (GPT2_LR, VIT_LR below), picked on held-out data only: GPT-2 by dev loss, the ViT by
+validation accuracy. Never on test.
+
+Caching: OUT_DIR/<side>/<row> holds each run and its result.json, keyed on the run's flags and on the key
+of the base it starts from; a rerun reuses every finished row whose key matches and redoes the rest. The
+bases are trained once (seed 0); the seeds vary the adapters' init, data order and augmentation.
 """
 import argparse
 import contextlib
+import csv
+import ctypes
 import hashlib
 import json
 import os
 import platform
+import random
+import re
 import time
 
+import numpy as np
 import torch
 
 import bone
@@ -47,33 +70,49 @@ import siva
 import train_gpt2
 import train_vit
 import vblora
+from resources import Missing, fetch_all
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("--out_dir", default="out-repro", help="runs, cached bases and rows, results.md, curves.png")
+p.add_argument("--out_dir", default="out-repro", help="runs, prepared data, results.md, curves.png, efficiency.png")
 p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
 p.add_argument("--quick", action="store_true", help="tiny models and a few steps: checks the pipeline, not the methods")
+p.add_argument("--sweep", action="store_true", help="the learning-rate sweep (seed 0, held-out data) instead of the "
+               "tables; its picks are written into GPT2_LR and VIT_LR by hand")
 p.add_argument("--seeds", default="0,1", help="comma list of seeds; every row runs once per seed")
 p.add_argument("--only", default="both", choices=["both", "gpt2", "vit"], help="run one side only")
-p.add_argument("--data", default=os.path.join(HERE, "..", "shared", "data"),
-               help="folder with e2e/ (official CSVs), gpt2/ (vocab.bpe, encoder.json), tinyshakespeare/input.txt")
+p.add_argument("--data", default=None, help="local data instead of downloads: a folder holding e2e/ (the official "
+               "CSVs), gpt2/ (vocab.bpe, encoder.json) and cifar10/cifar10_subset_6k_decoded.npz")
 p.add_argument("--cifar", default=None, help="CIFAR-10 as an .npz or folder (train_vit.py --data); default: "
-               "DATA/cifar10/cifar10_subset_6k_decoded.npz")
+               "DATA/cifar10/cifar10_subset_6k_decoded.npz, or the Hub without --data")
+
+N_TEST = 50  # sampled test MRs (of 630)
+PER_CLASS = (500, 100, 50)  # CIFAR-10 per class: training images, test images, of the training ones held out
+E2E_FILES = train_gpt2.E2E_FILES
+LAYOUT = ("a folder holding e2e/{trainset,devset,testset_w_refs}.csv (github.com/tuetschek/e2e-dataset), "
+          "gpt2/{vocab.bpe,encoder.json} (openaipublic.blob.core.windows.net/gpt-2/encodings/main/) and "
+          "cifar10/cifar10_subset_6k_decoded.npz (or --cifar PATH)")
+
+# Learning rates: each method's script default against 5x it (full: more), seed 0, picked on held-out data.
+# ViT: `python reproduce.py --sweep --only vit` at these sizes, by validation accuracy (assets/sweep-vit.md):
+# full 1e-4 (2e-5 / 1e-4 / 5e-4: 61.2 / 62.4 / 62.0 %), LoRA 5e-3 (65.6 / 52.8), SeRA 2.5e-2 (59.6 / 60.0), SiVA
+# 2.5e-2 (58.8 / 59.6), Bone 5e-4 (col 58.4 / 62.8, row 58.0 / 61.2), VB-LoRA 5e-3, 5e-2 (57.6 / 63.2).
+# GPT-2: by dev loss, from the sweep of the former base (4 x 128, 250 steps on Shakespeare + E2E references;
+# 250 adaptation steps), not rerun at 4 x 256: its 13 runs cost more than this session had. `--sweep --only
+# gpt2` reruns it. Picks (dev loss): full 1e-3 (3.165 / 2.789 / 2.390), LoRA 1e-3 (3.383 / 3.294), SeRA 1e-3
+# (3.542 / 3.391), SiVA 1e-2 (3.612 / 3.508), Bone 1e-3 (col 3.420 / 3.328), VB-LoRA 5e-3, 5e-2 (3.283 / 3.248).
+GPT2_SWEEP = {"full": ["5e-5", "2.5e-4", "1e-3"], "lora": ["2e-4", "1e-3"], "sera": ["2e-4", "1e-3"],
+              "siva": ["2e-3", "1e-2"], "bone": ["2e-4", "1e-3"], "vblora": [("1e-3", "1e-2"), ("5e-3", "5e-2")]}
+VIT_SWEEP = {"full": ["2e-5", "1e-4", "5e-4"], "lora": ["5e-3", "2.5e-2"], "sera": ["5e-3", "2.5e-2"],
+             "siva": ["5e-3", "2.5e-2"], "bone": ["1e-4", "5e-4"], "vblora": [("1e-3", "1e-2"), ("5e-3", "5e-2")]}
+GPT2_LR = {"full": "1e-3", "lora": "1e-3", "sera": "1e-3", "siva": "1e-2", "bone": "1e-3", "vblora": ("5e-3", "5e-2")}
+VIT_LR = {"full": "1e-4", "lora": "5e-3", "sera": "2.5e-2", "siva": "2.5e-2", "bone": "5e-4", "vblora": ("5e-3", "5e-2")}
 
 
-# Learning rates from a short sweep (seed 0, one run per value, this file's sizes and steps): each method's
-# script default and 5x it (full also 20x on GPT-2, 5x and 25x on the ViT), the better kept. GPT-2 picked by
-# dev loss; the ViT by test accuracy on classes 5-9 (the subset has no validation split, so seed 0's ViT
-# cells are optimistic, seed 1's are not). Picks (default -> kept), GPT-2: full 5e-5 -> 1e-3 (dev loss
-# 3.165 / 2.789 at 2.5e-4 / 2.390), LoRA 2e-4 -> 1e-3 (3.383 / 3.294), SeRA 2e-4 -> 1e-3 (3.542 / 3.391),
-# SiVA 2e-3 -> 1e-2 (3.612 / 3.508), Bone 2e-4 -> 1e-3 (col: 3.420 / 3.328), VB-LoRA bank, logits
-# 1e-3, 1e-2 -> 5e-3, 5e-2 (3.283 / 3.248). ViT (accuracy %): full 2e-5 -> 5e-4 (57.2 / 62.0 at 1e-4 / 67.8),
-# LoRA 5e-3 kept (65.6 / 46.0 at 2.5e-2), SeRA 5e-3 -> 2.5e-2 (60.8 / 65.6), SiVA 5e-3 -> 2.5e-2 (57.6 / 58.2),
-# Bone 1e-4 -> 5e-4 (col: 58.4 / 61.2), VB-LoRA bank, logits 1e-3, 1e-2 -> 5e-3, 5e-2 (57.4 / 62.4).
-GPT2_LR = {"full": ["--lr", "1e-3"], "lora": ["--lr", "1e-3"], "sera": ["--lr", "1e-3"], "siva": ["--lr", "1e-2"],
-           "bone": ["--lr", "1e-3"], "vblora": ["--vblora_bank_lr", "5e-3", "--vblora_logits_lr", "5e-2"]}
-VIT_LR = {"full": ["--lr", "5e-4"], "sera": ["--lr", "2.5e-2"], "siva": ["--lr", "2.5e-2"], "bone": ["--lr", "5e-4"],
-          "vblora": ["--vblora_bank_lr", "5e-3", "--vblora_logits_lr", "5e-2"]}
+def lr_flags(lr):
+    """A sweep value -> the script's flags: VB-LoRA's (bank, logits) pair, or --lr."""
+    if isinstance(lr, tuple):
+        return ["--vblora_bank_lr", lr[0], "--vblora_logits_lr", lr[1]]
+    return ["--lr", lr]
 
 
 def cached_run(main, argv, out, deps=(), analyse=None):
@@ -88,12 +127,131 @@ def cached_run(main, argv, out, deps=(), analyse=None):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "log.txt"), "w", buffering=1) as log, contextlib.redirect_stdout(log):
         res = main(argv + ["--out_dir", out, "--overwrite"])  # --overwrite: a stale or half-done run
-    r = {k: v for k, v in res.items() if k not in ("model", "predictions")}
+    r = {k: v for k, v in res.items() if k != "model"}
     r.update(key=key, analysis=analyse(res["model"]) if analyse else "")
     with open(path + ".tmp", "w") as f:
         json.dump(r, f)
     os.replace(path + ".tmp", path)  # a result.json is always a finished run
     return r
+
+
+# ---- data: fetched or local, then prepared the same way under OUT_DIR/data
+
+
+def write_e2e_csv(path, rows):
+    """rows [(mr, ref)] as an official E2E CSV (header mr,ref), atomically."""
+    with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, quoting=csv.QUOTE_ALL)
+        w.writerow(["mr", "ref"])
+        w.writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
+def sample_test_mrs(rows, n, seed=0):
+    """The rows of n MRs drawn at random from every distinct MR of the test set (kept in file order)."""
+    mrs = list(dict.fromkeys(mr for mr, _ in rows))  # distinct, in order
+    keep = set(random.Random(seed).sample(mrs, min(n, len(mrs))))
+    return [(mr, ref) for mr, ref in rows if mr in keep]
+
+
+def cifar_subset(data):
+    """{x, y} per split of a CIFAR-10 load: the first PER_CLASS images of each class; train_vit's (N, 3, H, W)
+    tensors -> the .npz layout's (N, H, W, 3) uint8 arrays."""
+    out = {"class_names": np.array(data["classes"])}
+    for split, n in (("train", PER_CLASS[0]), ("test", PER_CLASS[1])):
+        y = data[f"y_{split}"]
+        idx = torch.cat([(y == c).nonzero()[:n, 0] for c in range(len(data["classes"]))])
+        out[f"x_{split}"] = data[f"x_{split}"][idx].permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+        out[f"y_{split}"] = y[idx].numpy()
+    return out
+
+
+def save_vit_npz(path, x_train, y_train, x_test, y_test, class_names):
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, class_names=class_names)
+    os.replace(path + ".tmp", path)
+
+
+def prepare_data(args, sides):
+    """-> {e2e, bpe, refs, vit, vit_val}: local paths the rows read. Fetched (or read from --data) once;
+    a rerun finds them prepared. Offline with no --data: one message naming everything and --data."""
+    d = os.path.join(args.out_dir, "data")
+    paths = dict(e2e=os.path.join(d, "e2e"), refs=os.path.join(d, "e2e_train_refs.txt"),
+                 bpe=os.path.join(args.data, "gpt2") if args.data else None,
+                 vit=os.path.join(d, "cifar10.npz"), vit_val=os.path.join(d, "cifar10_val.npz"))
+    need_gpt2 = "gpt2" in sides and not os.path.isfile(paths["refs"])
+    need_vit = "vit" in sides and not os.path.isfile(paths["vit_val"])
+    cifar = args.cifar or (os.path.join(args.data, "cifar10", "cifar10_subset_6k_decoded.npz") if args.data else None)
+    if args.data:  # every local file checked before any work
+        want = ([os.path.join(args.data, "e2e", f) for f in E2E_FILES.values()] +
+                [os.path.join(paths["bpe"], f) for f in train_gpt2.GPT2_BPE_SHA256]) if "gpt2" in sides else []
+        missing = [f for f in want + ([cifar] if "vit" in sides else []) if not os.path.exists(f)]
+        if missing:
+            raise SystemExit(f"error: --data {args.data}: missing {', '.join(missing)}; --data takes {LAYOUT}")
+
+    def local_or_hub(job):  # a Missing from the scripts names their flags; here --data replaces them all
+        def run(online):
+            try:
+                return job(online)
+            except Missing as e:
+                raise Missing(f"{str(e.code).split(': pass ')[0]}: pass --data DIR, {LAYOUT}")
+        return run
+    jobs = {}
+    if need_gpt2:
+        jobs["e2e"] = local_or_hub(lambda online: train_gpt2.load_e2e(
+            os.path.join(args.data, "e2e") if args.data else None, online))
+        if not args.data:  # the BPE: tiktoken's download, cached by tiktoken for every row
+            jobs["bpe"] = local_or_hub(lambda online: train_gpt2.get_tokenizer(None, online))
+    if need_vit:
+        vit_args = train_vit.get_args(["--image_size", "32"] + (["--data", cifar] if cifar else []))
+        jobs["cifar"] = local_or_hub(lambda online: train_vit.load_data(vit_args, online))
+    got = fetch_all(jobs)
+    os.makedirs(paths["e2e"], exist_ok=True)
+    if need_gpt2:
+        e2e = got["e2e"]
+        write_e2e_csv(os.path.join(paths["e2e"], E2E_FILES["train"]), e2e["train"])
+        write_e2e_csv(os.path.join(paths["e2e"], E2E_FILES["dev"]), e2e["dev"])
+        write_e2e_csv(os.path.join(paths["e2e"], E2E_FILES["test"]), sample_test_mrs(e2e["test"], N_TEST))
+        with open(paths["refs"] + ".tmp", "w", encoding="utf-8") as f:  # the references alone: words, not the task
+            f.write("".join(" ".join(ref.split()) + "\n" for _, ref in e2e["train"]))
+        os.replace(paths["refs"] + ".tmp", paths["refs"])
+    if need_vit:
+        c = cifar_subset(got["cifar"])
+        per_class = len(c["y_train"]) // len(c["class_names"])
+        held = np.arange(len(c["y_train"])) % per_class >= per_class - PER_CLASS[2]  # the last 50 of each class
+        train = (c["x_train"][~held], c["y_train"][~held])
+        save_vit_npz(paths["vit"], *train, c["x_test"], c["y_test"], c["class_names"])
+        save_vit_npz(paths["vit_val"], *train, c["x_train"][held], c["y_train"][held], c["class_names"])
+    return paths
+
+
+# ---- what is measured beyond the scripts' own metrics
+
+
+def mr_slots(mr):
+    """'name[The Eagle], eatType[pub], near[Burger King]' -> {'name': 'The Eagle', 'eatType': 'pub', ...}."""
+    return {k.strip(): v.strip() for k, v in re.findall(r"([^,\[\]]+)\[([^\]]*)\]", mr)}
+
+
+def slot_accuracy(mrs, outputs, slots=("name", "near")):
+    """{slot: share of outputs stating the value verbatim (case aside), among those whose MR has that slot}
+    and "all": the share stating every one of `slots` their MR has."""
+    hits = {s: [] for s in slots}
+    every = []
+    for mr, out in zip(mrs, outputs):
+        values = mr_slots(mr)
+        ok = {s: values[s].lower() in out.lower() for s in slots if s in values}
+        for s, v in ok.items():
+            hits[s].append(v)
+        every.append(all(ok.values()))
+    share = {s: sum(h) / len(h) if h else None for s, h in hits.items()}
+    share["all"] = sum(every) / len(every) if every else None
+    return share
+
+
+def gap_closed(dev, zero_shot, full):
+    """The share of the zero-shot -> full fine-tuning dev-loss gap a method closes."""
+    return (zero_shot - dev) / (zero_shot - full)
 
 
 # ---- the papers' analyses, one line each
@@ -129,157 +287,271 @@ def sera_similarity(script, outs):
     return f"SeRA subspace similarity phi(dW_seed0, dW_seed1, r, r), mean over {len(phi)} layers: {sum(phi) / len(phi):.3f}"
 
 
-def both(rows, key, fmt):
-    vals = [r.get(key) for r in rows]
-    return " / ".join("–" if v is None else fmt(v) for v in vals)
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
 
 
-if __name__ == "__main__":
-    args = p.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    t_all, load0 = time.time(), os.getloadavg()
-    os.makedirs(args.out_dir, exist_ok=True)
-    data = args.data
-    cifar = args.cifar or os.path.join(data, "cifar10", "cifar10_subset_6k_decoded.npz")
-    need = [os.path.join(data, f) for f in ("e2e/trainset.csv", "gpt2/vocab.bpe", "tinyshakespeare/input.txt")]
-    for f in (need if args.only != "vit" else []) + ([cifar] if args.only != "gpt2" else []):
-        if not os.path.exists(f):
-            raise SystemExit(f"error: {f} is missing (--data {data}, --cifar {args.cifar})")
-    q = args.quick
-    G = dict(n_layer=1, n_head=2, n_embd=64, pre_iters=4, ft_iters=4, mrs=3, beam=2, new=8, dev=2) if q else \
-        dict(n_layer=4, n_head=4, n_embd=128, pre_iters=250, ft_iters=250, mrs=40, beam=4, new=64, dev=25)
-    V = dict(n_layer=1, n_embd=32, n_head=2, pre_iters=4, ft_iters=4) if q else \
-        dict(n_layer=4, n_embd=64, n_head=4, pre_iters=1200, ft_iters=300)
-    dev = ["--device", args.device]
-    md = [f"# nanopeft mini-reproduction{' (--quick: checks the pipeline only)' if q else ''}", ""]
-    analysis, curves = [], {}
+def fmt(v, spec, scale=1):
+    return "–" if v is None else format(scale * v, spec)
 
-    # ------------------------------------------------------------------ GPT-2 on E2E
-    if args.only != "vit":
-        e2e, bpe = os.path.join(data, "e2e"), os.path.join(data, "gpt2")
-        refs = os.path.join(args.out_dir, "e2e_train_refs.txt")  # the references alone: words, not the task
-        if not os.path.isfile(refs):
-            with open(refs + ".tmp", "w", encoding="utf-8") as f:
-                f.write("".join(" ".join(r.split()) + "\n" for _, r in train_gpt2.read_e2e_csv(
-                    os.path.join(e2e, "trainset.csv"))))
-            os.replace(refs + ".tmp", refs)
-        texts = [os.path.join(data, "tinyshakespeare", "input.txt"), refs]
-        base_argv = ["--lm_text", ",".join(texts), "--method", "full", "--init_from", "scratch",
-                     "--n_layer", str(G["n_layer"]), "--n_head", str(G["n_head"]), "--n_embd", str(G["n_embd"]),
-                     "--block_size", "160", "--max_len", "128", "--batch_size", "8", "--lr", "1e-3",
-                     "--warmup_iters", "20", "--label_smoothing", "0", "--max_iters", str(G["pre_iters"]),
-                     "--eval_iters", str(G["dev"]), "--eval_interval", "100000", "--log_interval", "10", "--bpe_dir", bpe,
-                     "--seed", "0", *dev]
-        t0 = time.time()
-        base = cached_run(train_gpt2.main, base_argv, os.path.join(args.out_dir, "gpt2", "base"),
-                          deps=[os.path.getsize(t) for t in texts])
-        print(f"GPT-2 base: dev loss {base['dev_loss']:.3f}, {base['tokens_per_s']:,.0f} tok/s ({time.time() - t0:.0f}s)")
-        base_pt = os.path.join(args.out_dir, "gpt2", "base", "adapter.pt")
-        rows = [("zero-shot", "none", []), ("full", "full", []), ("LoRA", "lora", []), ("SeRA", "sera", []),
-                ("SiVA", "siva", []), ("Bone-col", "bone", ["--bone_grouping", "col"]),
-                ("Bone-row", "bone", ["--bone_grouping", "row"]), ("VB-LoRA", "vblora", [])]
-        res = {}
-        for name, method, extra in rows:
-            for seed in seeds[:1] if method == "none" else seeds:  # zero-shot has no randomness
-                sizes = (["--bone_b", "16"] if method == "bone" else []) + \
-                    (["--vblora_b", "64"] if method == "vblora" else [])
-                lr = [] if q else GPT2_LR.get(method, [])
-                argv = ["--method", method, "--init_from", base_pt, "--data_dir", e2e, "--bpe_dir", bpe, *extra, *sizes, *lr,
-                        "--max_iters", str(G["ft_iters"]), "--warmup_iters", "30", "--eval_iters", str(G["dev"]),
-                        "--eval_interval", "100000", "--log_interval", "10", "--eval_samples", str(G["mrs"]),
-                        "--beam", str(G["beam"]), "--max_new_tokens", str(G["new"]), "--seed", str(seed), *dev]
-                t0 = time.time()
-                out = os.path.join(args.out_dir, "gpt2", f"{name}-s{seed}")
-                r = cached_run(train_gpt2.main, argv, out, deps=[base["key"]], analyse=ANALYSE.get(method))
-                r["out"] = out
-                res.setdefault(name, []).append(r)
-                print(f"GPT-2 {name} seed {seed}: BLEU {100 * r['scores']['BLEU']:.2f}, dev loss {r['dev_loss']:.3f} "
-                      f"({time.time() - t0:.0f}s)")
-        md += [f"## GPT-2 on E2E: a {G['n_layer']}-layer, {G['n_embd']}-wide GPT-2 pretrained here "
-               f"({base['train_time']:.0f}s, {G['pre_iters']} steps of 8x128 tokens, dev LM loss "
-               f"{base['dev_loss']:.3f}), then {G['ft_iters']} fine-tuning steps of batch 8 per method", "",
-               f"Seeds {' / '.join(map(str, seeds))} in every cell. BLEU and ROUGE-L (x100): beam {G['beam']} on the "
-               f"first {G['mrs']} test MRs. Train loss: the last {10} steps, label-smoothed 0.1 as trained; dev "
-               f"loss: plain cross-entropy on {8 * G['dev']} dev examples. Time: training only.", "",
-               "| method | trainable | stored | train loss | dev loss | BLEU | ROUGE-L | time (s) | tok/s |",
-               "| --- | ---: | ---: | --- | --- | --- | --- | --- | --- |"]
-        for name, rs in res.items():
-            md.append(f"| {name} | {rs[0]['n_trainable']:,} | {rs[0]['n_stored']:,} | "
-                      f"{both(rs, 'train_loss', lambda v: f'{v:.3f}')} | {both(rs, 'dev_loss', lambda v: f'{v:.3f}')} | "
-                      + " / ".join(f"{100 * r['scores']['BLEU']:.2f}" for r in rs) + " | "
-                      + " / ".join(f"{100 * r['scores']['ROUGE_L']:.2f}" for r in rs) + " | "
-                      f"{both(rs, 'train_time', lambda v: f'{v:.0f}')} | {both(rs, 'tokens_per_s', lambda v: f'{v:,.0f}')} |")
-            analysis += [f"GPT-2 {name} seed {s}: {r['analysis']}" for s, r in zip(seeds, rs) if r["analysis"]]
-            curves[f"gpt2/{name}"] = rs[0]["curve"]
-        if len(res["SeRA"]) > 1:
-            analysis.append("GPT-2 " + sera_similarity(train_gpt2, [r["out"] for r in res["SeRA"]]))
-        md.append("")
 
-    # ------------------------------------------------------------------ ViT on CIFAR-10
-    if args.only != "gpt2":
-        shape = ["--image_size", "32", "--min_crop", "0.5", "--data", cifar, *dev]
-        base_argv = ["--method", "full", "--init_from", "scratch", "--n_layer", str(V["n_layer"]), "--n_embd",
-                     str(V["n_embd"]), "--n_head", str(V["n_head"]), "--patch_size", "4", "--classes", "0-4",
-                     "--lr", "1e-3", "--max_iters", str(V["pre_iters"]), "--batch_size", "64", "--log_interval", "10",
-                     "--seed", "0", *shape]
-        t0 = time.time()
-        base = cached_run(train_vit.main, base_argv, os.path.join(args.out_dir, "vit", "base"),
-                          deps=[os.path.getsize(cifar)])
-        print(f"ViT base: classes 0-4 test accuracy {100 * base['test_acc']:.1f}% ({time.time() - t0:.0f}s)")
-        base_pt = os.path.join(args.out_dir, "vit", "base", "adapter.pt")
-        rows = [("linear probe", "head", []), ("full", "full", []), ("LoRA", "lora", []), ("SeRA", "sera", []),
-                ("SiVA", "siva", []), ("Bone-col", "bone", ["--bone_grouping", "col"]),
-                ("Bone-row", "bone", ["--bone_grouping", "row"]), ("VB-LoRA", "vblora", [])]
-        res = {}
-        for name, method, extra in rows:
-            for seed in seeds:
-                sizes = (["--bone_b", "16"] if method == "bone" else []) + \
-                    (["--vblora_b", "32"] if method == "vblora" else [])
-                lr = [] if q else VIT_LR.get(method, [])
-                argv = ["--method", method, "--init_from", base_pt, "--classes", "5-9", *extra, *sizes, *lr, "--max_iters",
-                        str(V["ft_iters"]), "--batch_size", "32", "--log_interval", "5", "--seed", str(seed), *shape]
-                t0 = time.time()
-                out = os.path.join(args.out_dir, "vit", f"{name.replace(' ', '-')}-s{seed}")
-                r = cached_run(train_vit.main, argv, out, deps=[base["key"]], analyse=ANALYSE.get(method))
-                r["out"] = out
-                res.setdefault(name, []).append(r)
-                print(f"ViT {name} seed {seed}: test accuracy {100 * r['test_acc']:.1f}% ({time.time() - t0:.0f}s)")
-        md += [f"## ViT on CIFAR-10: a {V['n_layer']}-layer, {V['n_embd']}-wide ViT pretrained here on classes 0-4 "
-               f"({base['train_time']:.0f}s, {V['pre_iters']} steps of 64, test accuracy {100 * base['test_acc']:.1f}%), "
-               f"adapted to classes 5-9 with {V['ft_iters']} steps of 32 per method", "",
-               f"Seeds {' / '.join(map(str, seeds))} in every cell. Accuracy on the test images of classes 5-9; "
-               "trainable without the head (+ the head's count); train loss: the last step's batch; time: training "
-               "only.", "",
-               "| method | trainable (+head) | stored | train loss | test accuracy (%) | time (s) | img/s |",
-               "| --- | ---: | ---: | --- | --- | --- | --- |"]
-        for name, rs in res.items():
-            md.append(f"| {name} | {rs[0]['n_trainable']:,} (+{rs[0]['n_head']:,}) | {int(rs[0]['n_stored']):,} | "
-                      f"{both(rs, 'train_loss', lambda v: f'{v:.3f}')} | {both(rs, 'test_acc', lambda v: f'{100 * v:.1f}')} | "
-                      f"{both(rs, 'train_time', lambda v: f'{v:.0f}')} | {both(rs, 'img_per_s', lambda v: f'{v:,.0f}')} |")
-            analysis += [f"ViT {name} seed {s}: {r['analysis']}" for s, r in zip(seeds, rs) if r["analysis"]]
-            curves[f"vit/{name}"] = rs[0]["curve"]
-        if len(res["SeRA"]) > 1:
-            analysis.append("ViT " + sera_similarity(train_vit, [r["out"] for r in res["SeRA"]]))
-        md.append("")
+def mean_curve(curves):
+    """Step-wise mean of several [(step, value)] curves (the same steps), the shortest length."""
+    curves = [c for c in curves if c]
+    if not curves:
+        return []
+    n = min(len(c) for c in curves)
+    return [(curves[0][i][0], sum(c[i][1] for c in curves) / len(curves)) for i in range(n)]
 
-    # ------------------------------------------------------------------ analysis, machine, curves
-    md += ["## The papers' analyses on the adapted models", "", *[f"- {a}" for a in analysis], ""]
+
+# ---- figures (matplotlib is optional)
+
+
+def figures(out_dir, panels, points):
+    """curves.png: one panel per entry of `panels` {title: {label: curve}}; efficiency.png: one panel per
+    entry of `points` {title: (ylabel, {label: (stored, value)}, {line label: value})}. Returns the lines for
+    results.md."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        sides = sorted({k.split("/")[0] for k in curves})
-        fig, axes = plt.subplots(1, len(sides), figsize=(6 * len(sides), 4), squeeze=False)
-        for ax, side in zip(axes[0], sides):
-            for k, c in curves.items():
-                if k.startswith(side + "/") and c:
-                    ax.plot(*zip(*c), label=k.split("/")[1])
-            ax.set(title=f"{side}: training loss (seed {seeds[0]})", xlabel="step", ylabel="loss")
-            ax.legend(fontsize=7)
-        fig.savefig(os.path.join(args.out_dir, "curves.png"), dpi=120, bbox_inches="tight")
-        md.append(f"Loss curves: {os.path.join(args.out_dir, 'curves.png')}")
     except ImportError:
-        md.append("Loss curves: skipped, matplotlib is not installed (pip install matplotlib to get curves.png).")
+        return ["Figures: skipped, matplotlib is not installed (pip install matplotlib, then rerun: every row "
+                "comes from the cache)."]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels.items()):
+        for label, c in lines.items():
+            if c:
+                ax.plot(*zip(*c), label=label, lw=1.2, marker="o" if len(c) < 12 else None, ms=3)
+        ax.set(title=title, xlabel="step", ylabel="loss")
+        ax.legend(fontsize=7)
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=110, bbox_inches="tight")
+    fig, axes = plt.subplots(1, len(points), figsize=(5.6 * len(points), 4), squeeze=False)
+    for ax, (title, (ylabel, pts, hlines)) in zip(axes[0], points.items()):
+        ax.set(title=title, xlabel="stored parameters (log scale)", ylabel=ylabel, xscale="log")
+        for label, (x, y) in pts.items():
+            ax.scatter([x], [y])
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for label, y in hlines.items():
+            ax.axhline(y, color="grey", ls="--", lw=0.8, label=label)
+        if hlines:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.savefig(os.path.join(out_dir, "efficiency.png"), dpi=110, bbox_inches="tight")
+    return [f"Figures: {os.path.join(out_dir, 'curves.png')}, {os.path.join(out_dir, 'efficiency.png')}"]
+
+
+def keep_freed_memory():
+    """On Linux, glibc hands every freed block above 32 MB straight back to the OS, so each pretraining
+    step's (tokens x 50,257) logits are page-faulted in anew: measured here, 20 steps of the GPT-2 base took
+    85 s that way and 53 s with freed memory kept in the process (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD)."""
+    if platform.system() == "Linux":
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks below 1 GiB come from the heap
+            libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: and stay there when freed
+
+
+# ---- the two sides
+
+
+def gpt2_side(args, paths, seeds, q, dev):
+    G = dict(n_layer=1, n_head=2, n_embd=64, pre_iters=4, pre_batch=4, ft_iters=4, beam=2, new=8, dev=2) if q else \
+        dict(n_layer=4, n_head=4, n_embd=256, pre_iters=500, pre_batch=16, ft_iters=300, beam=4, new=64, dev=25)
+    bpe = ["--bpe_dir", paths["bpe"]] if paths["bpe"] else []
+    base_argv = ["--lm_text", paths["refs"], "--method", "full", "--init_from", "scratch",
+                 "--n_layer", str(G["n_layer"]), "--n_head", str(G["n_head"]), "--n_embd", str(G["n_embd"]),
+                 "--block_size", "160", "--max_len", "128", "--batch_size", str(G["pre_batch"]), "--lr", "1e-3",
+                 "--warmup_iters", "30", "--label_smoothing", "0", "--max_iters", str(G["pre_iters"]),
+                 "--eval_iters", str(G["dev"]), "--eval_interval", str(max(G["pre_iters"] // 10, 1)),
+                 "--log_interval", "10", *bpe, "--seed", "0", *dev]
+    t0 = time.time()
+    base = cached_run(train_gpt2.main, base_argv, os.path.join(args.out_dir, "gpt2", "base"),
+                      deps=[os.path.getsize(paths["refs"])])
+    print(f"GPT-2 base: dev LM loss {base['dev_loss']:.3f}, {base['tokens_per_s']:,.0f} tok/s ({time.time() - t0:.0f}s)")
+    base_pt = os.path.join(args.out_dir, "gpt2", "base", "adapter.pt")
+    rows = [("zero-shot", "none", []), ("full", "full", []), ("LoRA", "lora", []), ("SeRA", "sera", []),
+            ("SiVA", "siva", []), ("Bone-col", "bone", ["--bone_grouping", "col"]),
+            ("Bone-row", "bone", ["--bone_grouping", "row"]), ("VB-LoRA", "vblora", [])]
+    with open(os.path.join(paths["e2e"], E2E_FILES["test"]), encoding="utf-8") as f:
+        test_mrs = list(dict.fromkeys(row["mr"] for row in csv.DictReader(f)))  # the decode order
+    res, sweep = {}, []
+    for name, method, extra in rows:
+        if args.sweep and method == "none":
+            continue
+        sizes = (["--bone_b", "16"] if method == "bone" else []) + (["--vblora_b", "64"] if method == "vblora" else [])
+        grid = [None] if q else (GPT2_SWEEP[method] if args.sweep else [GPT2_LR.get(method)])
+        for lr in grid:
+            for seed in seeds[:1] if method == "none" or args.sweep else seeds:  # zero-shot has no randomness
+                argv = ["--method", method, "--init_from", base_pt, "--data_dir", paths["e2e"], *bpe, *extra, *sizes,
+                        *(lr_flags(lr) if lr else []), "--max_iters", str(G["ft_iters"]), "--warmup_iters", "30",
+                        "--eval_iters", str(G["dev"]), "--eval_interval", "100000", "--log_interval", "10",
+                        *(["--eval_samples", "0"] if args.sweep else []), "--beam", str(G["beam"]),
+                        "--max_new_tokens", str(G["new"]), "--seed", str(seed), *dev]
+                tag = f"{name}-lr{lr if isinstance(lr, str) else '-'.join(lr)}" if args.sweep else name
+                t0 = time.time()
+                out = os.path.join(args.out_dir, "gpt2-sweep" if args.sweep else "gpt2", f"{tag}-s{seed}")
+                r = cached_run(train_gpt2.main, argv, out, deps=[base["key"]], analyse=ANALYSE.get(method))
+                r["out"] = out
+                if args.sweep:
+                    sweep.append((name, lr, r["dev_loss"]))
+                    print(f"GPT-2 sweep {name} lr {lr}: dev loss {r['dev_loss']:.4f} ({time.time() - t0:.0f}s)")
+                    continue
+                r["slots"] = slot_accuracy(test_mrs, r["predictions"]) if r["predictions"] else {}
+                res.setdefault(name, []).append(r)
+                print(f"GPT-2 {name} seed {seed}: dev loss {r['dev_loss']:.3f}, BLEU {100 * r['scores'].get('BLEU', 0):.2f}, "
+                      f"name {fmt(r['slots'].get('name'), '.0%')} ({time.time() - t0:.0f}s)")
+    return G, base, res, sweep, len(test_mrs)
+
+
+def vit_side(args, paths, seeds, q, dev):
+    V = dict(n_layer=1, n_embd=32, n_head=2, pre_iters=4, ft_iters=4) if q else \
+        dict(n_layer=4, n_embd=64, n_head=4, pre_iters=1200, ft_iters=300)
+    data = paths["vit_val"] if args.sweep else paths["vit"]
+    shape = ["--image_size", "32", "--min_crop", "0.5", *dev]
+    base_argv = ["--method", "full", "--init_from", "scratch", "--n_layer", str(V["n_layer"]), "--n_embd",
+                 str(V["n_embd"]), "--n_head", str(V["n_head"]), "--patch_size", "4", "--classes", "0-4",
+                 "--lr", "1e-3", "--max_iters", str(V["pre_iters"]), "--batch_size", "64", "--log_interval", "10",
+                 "--seed", "0", "--data", paths["vit"], *shape]
+    t0 = time.time()
+    base = cached_run(train_vit.main, base_argv, os.path.join(args.out_dir, "vit", "base"),
+                      deps=[os.path.getsize(paths["vit"])])
+    print(f"ViT base: classes 0-4 test accuracy {100 * base['test_acc']:.1f}% ({time.time() - t0:.0f}s)")
+    base_pt = os.path.join(args.out_dir, "vit", "base", "adapter.pt")
+    rows = [("linear probe", "head", []), ("full", "full", []), ("LoRA", "lora", []), ("SeRA", "sera", []),
+            ("SiVA", "siva", []), ("Bone-col", "bone", ["--bone_grouping", "col"]),
+            ("Bone-row", "bone", ["--bone_grouping", "row"]), ("VB-LoRA", "vblora", [])]
+    res, sweep = {}, []
+    for name, method, extra in rows:
+        sizes = (["--bone_b", "16"] if method == "bone" else []) + (["--vblora_b", "32"] if method == "vblora" else [])
+        grid = [None] if q or method == "head" else (VIT_SWEEP[method] if args.sweep else [VIT_LR.get(method)])
+        for lr in grid:
+            for seed in seeds[:1] if args.sweep else seeds:
+                argv = ["--method", method, "--init_from", base_pt, "--classes", "5-9", *extra, *sizes,
+                        *(lr_flags(lr) if lr else []), "--max_iters", str(V["ft_iters"]), "--batch_size", "32",
+                        "--log_interval", "5", "--seed", str(seed), "--data", data, *shape]
+                tag = name.replace(" ", "-") + (f"-lr{lr if isinstance(lr, str) else '-'.join(lr)}" if lr and args.sweep else "")
+                t0 = time.time()
+                out = os.path.join(args.out_dir, "vit-sweep" if args.sweep else "vit", f"{tag}-s{seed}")
+                r = cached_run(train_vit.main, argv, out, deps=[base["key"]], analyse=ANALYSE.get(method))
+                r["out"] = out
+                if args.sweep:
+                    sweep.append((name, lr, r["test_acc"]))
+                    print(f"ViT sweep {name} lr {lr}: validation accuracy {100 * r['test_acc']:.1f}% ({time.time() - t0:.0f}s)")
+                    continue
+                res.setdefault(name, []).append(r)
+                print(f"ViT {name} seed {seed}: test accuracy {100 * r['test_acc']:.1f}% ({time.time() - t0:.0f}s)")
+    return V, base, res, sweep
+
+
+def sweep_report(gpt2_sweep, vit_sweep):
+    md = ["# Learning-rate sweep (seed 0, held-out data only)", "",
+          "GPT-2: dev loss (lower is better). ViT: accuracy on the validation split, the last 50 training "
+          "images of each class, never trained on (higher is better).", "",
+          "| side | method | lr | held-out metric |", "| --- | --- | --- | ---: |"]
+    md += [f"| GPT-2 | {n} | {lr} | {v:.4f} |" for n, lr, v in gpt2_sweep]
+    md += [f"| ViT | {n} | {lr} | {100 * v:.1f} % |" for n, lr, v in vit_sweep]
+    picks = {}
+    for side, rows, better in (("GPT-2", gpt2_sweep, min), ("ViT", vit_sweep, max)):
+        for n in dict.fromkeys(n for n, _, _ in rows):
+            picks[(side, n)] = better((v, lr) for m, lr, v in rows if m == n)[1]
+    md += ["", "Picks: " + "; ".join(f"{s} {n} {lr}" for (s, n), lr in picks.items()), ""]
+    return md
+
+
+def main():
+    args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sides = [s for s in ("gpt2", "vit") if args.only in ("both", s)]
+    t_all, load0 = time.time(), os.getloadavg()
+    if args.device == "cpu":
+        keep_freed_memory()
+    os.makedirs(args.out_dir, exist_ok=True)
+    paths = prepare_data(args, sides)
+    print(f"data ready in {time.time() - t_all:.0f}s: {os.path.join(args.out_dir, 'data')}")
+    q, dev = args.quick, ["--device", args.device]
+    md = [f"# nanopeft mini-reproduction{' (--quick: checks the pipeline only)' if q else ''}", ""]
+    analysis, panels, points, times, gpt2_sweep, vit_sweep = [], {}, {}, {}, [], []
+
+    if "gpt2" in sides:
+        t0 = time.time()
+        G, base, res, gpt2_sweep, n_mrs = gpt2_side(args, paths, seeds, q, dev)
+        times["GPT-2"] = time.time() - t0
+        if not args.sweep:
+            zs, full = mean(r["dev_loss"] for r in res["zero-shot"]), mean(r["dev_loss"] for r in res["full"])
+            md += [f"## GPT-2 on E2E: a {G['n_layer']}-layer, {G['n_embd']}-wide GPT-2 pretrained here on the E2E "
+                   f"training references ({G['pre_iters']} steps of {G['pre_batch']}x128 tokens, "
+                   f"{base['train_time']:.0f}s, dev LM loss {base['dev_loss']:.3f}), then {G['ft_iters']} "
+                   f"fine-tuning steps of batch 8 per method", "",
+                   f"Mean over seeds {' and '.join(map(str, seeds))}. Dev loss: plain cross-entropy on "
+                   f"{8 * G['dev']} dev examples; gap closed: the share of the zero-shot -> full fine-tuning dev-loss "
+                   f"gap. BLEU, ROUGE-L (x100) and slot accuracy (% of outputs stating the MR's name, and its near "
+                   f"where it has one, verbatim): beam {G['beam']} on {n_mrs} test MRs drawn at random from the "
+                   f"whole test set. Time: training only, per seed.", "",
+                   "| method | trainable | stored | dev loss | gap closed | BLEU | ROUGE-L | name | near | "
+                   "time (s) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            for name, rs in res.items():
+                dl = mean(r["dev_loss"] for r in rs)
+                s = {k: mean(r["slots"].get(k) for r in rs) for k in ("name", "near")}
+                md.append(f"| {name} | {rs[0]['n_trainable']:,} | {rs[0]['n_stored']:,} | {dl:.3f} | "
+                          f"{fmt(gap_closed(dl, zs, full) if zs != full else None, '.0%')} | "
+                          f"{fmt(mean(r['scores'].get('BLEU') for r in rs), '.2f', 100)} | "
+                          f"{fmt(mean(r['scores'].get('ROUGE_L') for r in rs), '.2f', 100)} | "
+                          f"{fmt(s['name'], '.0%')} | {fmt(s['near'], '.0%')} | "
+                          f"{fmt(mean(r['train_time'] for r in rs), '.0f')} |")
+                analysis += [f"GPT-2 {name} seed {sd}: {r['analysis']}" for sd, r in zip(seeds, rs) if r["analysis"]]
+                if name != "zero-shot":
+                    points.setdefault("GPT-2 on E2E", ("dev-loss gap closed (%)", {}, {}))[1][name] = (
+                        rs[0]["n_stored"], 100 * gap_closed(dl, zs, full) if zs != full else 0.0)
+            md += ["", "Per seed (dev loss, BLEU, name %):", ""] + [
+                f"- {name}: " + "; ".join(f"seed {sd}: {r['dev_loss']:.3f}, {fmt(r['scores'].get('BLEU'), '.2f', 100)}, "
+                                         f"{fmt(r['slots'].get('name'), '.0%')}" for sd, r in zip(seeds, rs))
+                for name, rs in res.items()]
+            if len(res["SeRA"]) > 1:
+                analysis.append("GPT-2 " + sera_similarity(train_gpt2, [r["out"] for r in res["SeRA"]]))
+            panels["GPT-2 base: pretraining"] = {"train": base["curve"], "dev": base.get("dev_curve", [])}
+            panels["GPT-2 on E2E: train loss (mean over seeds)"] = {
+                n: mean_curve([r["curve"] for r in rs]) for n, rs in res.items() if n != "zero-shot"}
+            md.append("")
+
+    if "vit" in sides:
+        t0 = time.time()
+        V, base, res, vit_sweep = vit_side(args, paths, seeds, q, dev)
+        times["ViT"] = time.time() - t0
+        if not args.sweep:
+            md += [f"## ViT on CIFAR-10: a {V['n_layer']}-layer, {V['n_embd']}-wide ViT pretrained here on classes 0-4 "
+                   f"({V['pre_iters']} steps of 64, {base['train_time']:.0f}s, test accuracy "
+                   f"{100 * base['test_acc']:.1f}%), adapted to classes 5-9 with {V['ft_iters']} steps of 32", "",
+                   f"Mean over seeds {' and '.join(map(str, seeds))} (each seed in brackets). Accuracy on the "
+                   f"{PER_CLASS[1] * 5} test images of classes 5-9; trainable without the head (+ the head's count); "
+                   "time: training only, per seed.", "",
+                   "| method | trainable (+head) | stored | test accuracy (%) | time (s) |",
+                   "| --- | ---: | ---: | ---: | ---: |"]
+            probe = mean(r["test_acc"] for r in res["linear probe"])
+            for name, rs in res.items():
+                acc = mean(r["test_acc"] for r in rs)
+                each = " / ".join(f"{100 * r['test_acc']:.1f}" for r in rs)
+                md.append(f"| {name} | {rs[0]['n_trainable']:,} (+{rs[0]['n_head']:,}) | {int(rs[0]['n_stored']):,} | "
+                          f"{100 * acc:.1f} ({each}) | "
+                          f"{fmt(mean(r['train_time'] for r in rs), '.0f')} |")
+                analysis += [f"ViT {name} seed {sd}: {r['analysis']}" for sd, r in zip(seeds, rs) if r["analysis"]]
+                if name != "linear probe":
+                    points.setdefault("ViT on CIFAR-10 5-9", ("test accuracy (%)", {}, {"linear probe": 100 * probe}))[
+                        1][name] = (max(int(rs[0]["n_stored"]), 1), 100 * acc)
+            if len(res["SeRA"]) > 1:
+                analysis.append("ViT " + sera_similarity(train_vit, [r["out"] for r in res["SeRA"]]))
+            panels["ViT base: pretraining (train loss)"] = {"train": base["curve"]}
+            panels["ViT on CIFAR-10 5-9: train loss (mean over seeds)"] = {
+                n: mean_curve([r["curve"] for r in rs]) for n, rs in res.items()}
+            md.append("")
+
+    if args.sweep:
+        md = sweep_report(gpt2_sweep, vit_sweep)
+        name = "sweep.md"
+    else:
+        md += ["## The papers' analyses on the adapted models", "", *[f"- {a}" for a in analysis], ""]
+        md += figures(args.out_dir, panels, points)
+        name = "results.md"
     cpu = platform.processor() or platform.machine()
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -288,9 +560,13 @@ if __name__ == "__main__":
         cpu += f", GPU {torch.cuda.get_device_name(args.device)}"
     md += ["", f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
            f"device {args.device}. Command: `python reproduce.py {' '.join(os.sys.argv[1:])}`. Wall time "
-           f"{(time.time() - t_all) / 60:.1f} min (cached rows count as zero). Load average at start / end: "
-           f"{load0[0]:.1f} / {os.getloadavg()[0]:.1f}."]
+           f"{(time.time() - t_all) / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in times.items())}; cached "
+           f"rows count as zero). Load average at start / end: {load0[0]:.1f} / {os.getloadavg()[0]:.1f}."]
     text = "\n".join(md) + "\n"
-    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
+    with open(os.path.join(args.out_dir, name), "w") as f:
         f.write(text)
     print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -40,8 +40,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-try:
+try:  # kernels.py beside this file, and only it: Hugging Face's `kernels` package has the same name
     import kernels as _kernels
+    _kernels = _kernels if getattr(_kernels, "NANOPEFT_KERNELS", False) else None
 except ImportError:
     _kernels = None
 

@@ -48,8 +48,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
+try:  # kernels.py beside this file, and only it: Hugging Face's `kernels` package has the same name
     import kernels as _kernels
+    _kernels = _kernels if getattr(_kernels, "NANOPEFT_KERNELS", False) else None
 except ImportError:
     _kernels = None
 

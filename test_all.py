@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import types
 from types import SimpleNamespace
 
@@ -2590,9 +2591,9 @@ def test_gpt2_rouge_meteor_cider_by_hand():
 
 
 def test_gpt2_offline_names_every_missing_resource_at_once(monkeypatch, tmp_path):
+    import resources
     probes = []
-    monkeypatch.setattr(train_gpt2, "network_ok", lambda timeout=3.0: probes.append(1) or False)
-    monkeypatch.setattr(train_gpt2, "SHARED_BPE_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(resources, "network_ok", lambda *a, **k: probes.append(1) or False)
 
     def fail(*a, **k):
         raise AssertionError("a download was tried although the probe said offline")
@@ -2663,7 +2664,7 @@ def test_gpt2_smoke_every_method(method, tmp_path, capsys):
     res = _gpt2_main(_gpt2_argv(tmp_path, out, method, "--max_iters", "2", "--eval_samples", "2"))
     log = capsys.readouterr().out
     assert "trainable params" in log and "BLEU" in log
-    assert "decode 2/2 MRs | elapsed 0:00:0" in log and "| eta 0:00:00" in log  # progress while decoding
+    assert "decode 2/2 MRs | elapsed 0:0" in log and "| eta 0:00:00" in log  # progress while decoding
     assert res["step"] == (0 if method == "none" else 2)
     assert all(math.isfinite(v) for v in res["scores"].values()) and len(res["predictions"]) == 2
     assert (out / "predictions.txt").read_text(encoding="utf-8").count("\n") == 2
@@ -3210,9 +3211,11 @@ def test_vit_missing_dataset_names_the_local_flag(monkeypatch):
         raise ConnectionError("no network")
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SystemExit) as e:
-        train_vit.load_hub("pets", 224)
+        train_vit.load_hub("pets", 224)  # the probe said yes, then the download broke off
     assert "timm/oxford-iiit-pet" in str(e.value) and "--data PATH" in str(e.value)
-    assert "could not reach" in str(e.value) and "Offline?" in str(e.value)
+    assert "the download broke off: ConnectionError: no network" in str(e.value)
+    with pytest.raises(SystemExit, match="the dataset timm/oxford-iiit-pet .*the Hugging Face Hub.*--data PATH"):
+        train_vit.load_hub("pets", 224, online=lambda: False)  # offline: `datasets` is not even asked
 
 
 def test_vit_dataset_error_that_is_not_the_network_says_what_failed(monkeypatch):
@@ -3228,7 +3231,7 @@ def test_vit_dataset_error_that_is_not_the_network_says_what_failed(monkeypatch)
         train_vit.load_hub("fgvc", 224)
     msg = str(e.value)
     assert "RuntimeError: Dataset scripts are no longer supported" in msg and "--data PATH" in msg
-    assert "Offline?" not in msg and "could not reach" not in msg
+    assert "broke off" not in msg
 
 
 def test_vit_hub_dataset_picks_image_and_label_columns(monkeypatch):
@@ -3252,17 +3255,19 @@ def test_vit_hub_dataset_picks_image_and_label_columns(monkeypatch):
 
 def test_vit_offline_run_names_everything_it_could_not_reach(monkeypatch, tmp_path):
     datasets = pytest.importorskip("datasets")  # in requirements.txt; absent only on a bare GPU box
+    import resources
 
     def offline(*a, **k):
         raise ConnectionError("no network")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(resources, "network_ok", lambda *a, **k: True)  # the probe passes, the downloads fail
     msg = _vit_exit(["--init_from", "vit-base", "--dataset", "cifar10", "--out_dir", str(tmp_path / "out")])
     lines = msg.splitlines()
-    assert len(lines) == 2 and all(line.startswith("error: could not reach the Hugging Face Hub") for line in lines)
-    assert "google/vit-base-patch16-224-in21k" in lines[0] and "--init_from PATH" in lines[0]
-    assert "--init_from scratch" in lines[0]
-    assert "uoft-cs/cifar10" in lines[1] and "--data PATH" in lines[1]
+    assert lines[0] == "error: a download failed; these could not be fetched:" and len(lines) == 3
+    assert "google/vit-base-patch16-224-in21k" in lines[1] and "--init_from PATH" in lines[1]
+    assert "--init_from scratch" in lines[1] and "broke off" in lines[1]
+    assert "uoft-cs/cifar10" in lines[2] and "--data PATH" in lines[2]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -3485,6 +3490,141 @@ def test_vit_bad_init_from_file_is_one_line(tmp_path):
     assert msg.startswith(f"error: --init_from {path}: not a readable checkpoint") and "\n" not in msg
 
 
+# ================================================================================================
+# Beside the ecosystem: a user's clone (no workshop folder), no triton, transformers, another `kernels`
+# ================================================================================================
+# Issue 18. Each test below fails on 62db354.
+ROOT = os.path.dirname(os.path.abspath(__file__))
+METHOD_FILES = ("lora.py", "sera.py", "siva.py", "bone.py", "vblora.py")
+NO_TRITON = ("import sys\n"  # what a Mac sees: `import triton` raises ImportError
+             "sys.modules['triton'] = None\nsys.modules['triton.language'] = None\n")
+
+
+def _python(code, cwd, env=None):
+    """Run `code` as `python -` from cwd, as a user does from a folder: cwd comes first on sys.path."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NANOPEFT_NO_TRITON")},
+           **(env or {})}
+    r = subprocess.run([sys.executable, "-"], input=code, cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_no_product_file_names_the_workshop_folder():
+    product = [f for f in os.listdir(ROOT) if f.endswith((".py", ".md", ".txt")) and f != "test_all.py"]
+    assert "README.md" in product and "train_gpt2.py" in product
+    for f in product:
+        with open(os.path.join(ROOT, f), encoding="utf-8") as fh:
+            text = fh.read()
+        assert not re.search(r"\.\./shared|[\"']shared[\"']", text), f"{f} names ../shared, which a user's clone lacks"
+
+
+def test_kernels_imports_without_triton_says_no_and_its_ops_raise():
+    out = _python(NO_TRITON + textwrap.dedent("""
+        import torch, kernels
+        x, W, A, B = torch.randn(3, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+        print(kernels.HAS_TRITON, kernels.applies(x, W))
+        try:
+            kernels.lowrank_linear(x, W, None, A, B)
+        except RuntimeError as e:
+            print(e)
+        """), ROOT, env={"TRITON_INTERPRET": "1"})  # the interpreter asked for, but no triton: still no
+    lines = out.splitlines()
+    assert lines[0] == "False False"
+    assert lines[1].startswith("kernels.lowrank_linear: triton is not installed") and "lowrank_linear_reference" in lines[1]
+
+
+def test_transformers_and_lora_work_from_the_repository_root_without_triton():
+    pytest.importorskip("transformers")  # .ci/run installs it: a user's machine usually has it
+    out = _python(NO_TRITON + textwrap.dedent("""
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+        import lora
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4))
+        ids = torch.randint(0, 50, (2, 6))
+        before = m(ids).logits
+        names = lora.apply_lora(m, lora.LoRAConfig(r=2), ["q_proj", "v_proj"])
+        after = m(ids).logits
+        after.sum().backward()
+        grads = sorted(n for n, p in m.named_parameters() if p.grad is not None)
+        print(len(names), torch.equal(before, after), len(grads), all("lora_" in n for n in grads))
+        """), ROOT)
+    assert out.split() == ["4", "True", "8", "True"]  # 2 layers x q, v; B = 0: the same logits; A, B get gradients
+
+
+@pytest.mark.parametrize("method_file", METHOD_FILES)
+def test_a_method_file_copied_beside_another_kernels_module_runs_its_own_formula(tmp_path, method_file):
+    shutil.copy(os.path.join(ROOT, method_file), tmp_path)
+    (tmp_path / "kernels.py").write_text("def applies(*tensors):\n    return True\n")  # someone else's kernels
+    name = method_file[:-3]
+    setup = {"lora": "lora.apply_lora(m, lora.LoRAConfig(r=4, dropout=0.0), ['0'])",
+             "sera": "sera.apply_sera(m, sera.SeRAConfig(r=4), ['0'])",
+             "siva": "siva.apply_siva(m, siva.SiVAConfig(), ['0'])",
+             "bone": "bone.apply_bone(m, bone.BoneConfig(b=8), ['0'])",
+             "vblora": "vblora.apply_vblora(m, vblora.VBLoRAConfig(r=2, b=8, h=4), ['0'])"}[name]
+    out = _python(textwrap.dedent(f"""
+        import torch, {name}
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(16, 16))
+        {setup}
+        layer = m[0]
+        for p in layer.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1)  # a non-zero update
+        x = torch.randn(3, 16, requires_grad=True)
+        y = m(x)
+        y.square().sum().backward()
+        W = layer.base.weight if hasattr(layer, "base") else layer.weight
+        ref = x @ (W + layer.delta_weight()).T + layer.base.bias
+        print({name}._kernels is None, torch.allclose(y, ref, atol=1e-5), x.grad is not None)
+        """), tmp_path)
+    assert out.split() == ["True", "True", "True"], out
+
+
+def test_vit_offline_fails_within_seconds_with_one_message(monkeypatch, tmp_path):
+    import resources
+    probes = []
+    monkeypatch.setattr(resources, "network_ok", lambda *a, **k: probes.append(1) or False)
+
+    def download(repo, filename, local_files_only=False, **k):
+        assert local_files_only, "a download was tried although the probe said offline"
+        raise FileNotFoundError("not in the cache")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda *a, **k: pytest.fail("datasets.load_dataset called although the probe said offline")))
+    t0 = time.time()
+    msg = _vit_exit(["--method", "lora", "--out_dir", str(tmp_path / "out")])
+    assert time.time() - t0 < 5 and probes == [1]
+    lines = msg.splitlines()
+    assert lines[0] == "error: no network (could not reach huggingface.co); these could not be fetched:", msg
+    assert len(lines) == 3 and "google/vit-base-patch16-224-in21k" in lines[1] and "--init_from scratch" in lines[1]
+    assert "uoft-cs/cifar10" in lines[2] and "--data PATH" in lines[2]
+
+
+def test_bench_without_peft_says_why_its_rows_are_missing(monkeypatch, capsys):
+    import bench
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+    rows = [name for name, _ in bench.methods()]
+    assert rows and not any(r.startswith("peft") for r in rows)
+    assert "note: no peft-* rows: `import peft` failed (ModuleNotFoundError" in capsys.readouterr().out
+
+
+def test_bench_peft_rows_from_the_repository_root_without_triton():
+    pytest.importorskip("peft")  # .ci/run installs it
+    out = _python(NO_TRITON + "import bench\nprint([n for n, _ in bench.methods()])\n", ROOT)
+    assert "'peft-lora'" in out and "'peft-vblora'" in out and "note:" not in out, out
+
+
+@pytest.mark.parametrize("mr", ["", "   ", " | ", ", "])
+def test_gpt2_empty_sample_is_refused_before_any_file_is_read(monkeypatch, mr):
+    monkeypatch.setattr(train_gpt2, "fetch_resources", lambda *a, **k: pytest.fail("a file was read"))
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.main(["--sample", mr, "--adapter", "nowhere/adapter.pt"])
+    assert str(e.value.code) == f'error: --sample {mr!r} is an empty MR; give one such as "name[The Eagle] | food[French]"'
+
+
 
 # ================================================================================================
 # reproduce.py
@@ -3594,10 +3734,95 @@ def test_reproduce_cache_reuses_a_finished_run_and_redoes_a_changed_one(tmp_path
     out = str(tmp_path / "row")
     first = reproduce.cached_run(main, ["--a", "1"], out, deps=["base1"], analyse=lambda m: f"saw {m}")
     assert calls == [["--a", "1", "--out_dir", out, "--overwrite"]]
-    assert first["score"] == 1 and first["analysis"] == "saw a model" and "model" not in first and "predictions" not in first
+    assert first["score"] == 1 and first["analysis"] == "saw a model" and "model" not in first
+    assert first["predictions"] == ["x"]  # kept: slot accuracy reads them
     assert reproduce.cached_run(main, ["--a", "1"], out, deps=["base1"]) == first and len(calls) == 1  # reused
     assert reproduce.cached_run(main, ["--a", "2"], out, deps=["base1"])["score"] == 2  # a changed flag
     assert reproduce.cached_run(main, ["--a", "2"], out, deps=["base2"])["score"] == 3  # a rebuilt base
     assert reproduce.cached_run(main, ["--a", "2"], out, deps=["base2"])["score"] == 3 and len(calls) == 3
     os.remove(os.path.join(out, "result.json"))  # a run that never finished has no result.json
     assert reproduce.cached_run(main, ["--a", "2"], out, deps=["base2"])["score"] == 4
+
+
+def test_reproduce_offline_without_data_names_everything_and_the_data_flag(monkeypatch, tmp_path):
+    import resources
+    probes = []
+    monkeypatch.setattr(resources, "network_ok", lambda *a, **k: probes.append(1) or False)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda *a, **k: pytest.fail("a download was tried although the probe said offline")))
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda *a: pytest.fail("tiktoken asked to download"))
+    args = reproduce.p.parse_args(["--out_dir", str(tmp_path / "out")])
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        reproduce.prepare_data(args, ["gpt2", "vit"])
+    msg = str(e.value.code)
+    assert time.time() - t0 < 5 and probes == [1]
+    lines = msg.splitlines()
+    assert lines[0] == "error: no network (could not reach huggingface.co); these could not be fetched:" and len(lines) == 4
+    for line, what in zip(lines[1:], ("tuetschek/e2e_nlg", "vocab.bpe", "uoft-cs/cifar10")):
+        assert what in line and "pass --data DIR, a folder holding e2e/" in line, line
+    assert "shared" not in msg
+
+
+def test_reproduce_data_folder_missing_files_are_named_before_any_work(tmp_path):
+    (tmp_path / "e2e").mkdir()
+    (tmp_path / "e2e" / "trainset.csv").write_text("mr,ref\n")
+    args = reproduce.p.parse_args(["--data", str(tmp_path), "--out_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as e:
+        reproduce.prepare_data(args, ["gpt2", "vit"])
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: --data {tmp_path}: missing ") and "\n" not in msg
+    for f in ("devset.csv", "testset_w_refs.csv", "vocab.bpe", "encoder.json", "cifar10_subset_6k_decoded.npz"):
+        assert f in msg
+    assert "trainset.csv," not in msg.split("; --data takes")[0]  # present, so not listed
+    assert not (tmp_path / "out").exists()
+
+
+def test_reproduce_prepares_a_seeded_test_sample_across_the_file_and_a_held_out_vit_split(tmp_path):
+    d = tmp_path / "data"
+    (d / "e2e").mkdir(parents=True)
+    (d / "gpt2").mkdir()
+    for f in ("vocab.bpe", "encoder.json"):
+        (d / "gpt2" / f).write_text("x")
+    rows = [(f"name[R{i // 3}], near[N{i // 3}]", f"R{i // 3} is near N{i // 3}, ref {i % 3}.") for i in range(300)]
+    for f in ("trainset.csv", "devset.csv", "testset_w_refs.csv"):
+        with open(d / "e2e" / f, "w", newline="") as fh:
+            csv.writer(fh).writerows([("mr", "ref")] + rows)
+    g = np.random.default_rng(0)
+    y_train, y_test = np.repeat(np.arange(10), 500), np.tile(np.arange(10), 100)  # classes in blocks, interleaved
+    x_train = g.integers(0, 256, (5000, 4, 4, 3), dtype=np.uint8)
+    x_train[:, 0, 0, 0], x_train[:, 0, 0, 1] = np.arange(5000) // 256, np.arange(5000) % 256  # an id per image
+    np.savez(d / "cifar.npz", x_train=x_train, y_train=y_train, x_test=g.integers(0, 256, (1000, 4, 4, 3), dtype=np.uint8),
+             y_test=y_test, class_names=np.array([f"c{i}" for i in range(10)]))
+    args = reproduce.p.parse_args(["--data", str(d), "--cifar", str(d / "cifar.npz"), "--out_dir", str(tmp_path / "o")])
+    paths = reproduce.prepare_data(args, ["gpt2", "vit"])
+    test = train_gpt2.read_e2e_csv(os.path.join(paths["e2e"], "testset_w_refs.csv"))
+    mrs = list(dict.fromkeys(mr for mr, _ in test))
+    assert len(mrs) == reproduce.N_TEST and len(test) == 3 * reproduce.N_TEST  # every reference of each MR kept
+    idx = sorted(int(re.match(r"name\[R(\d+)\]", mr)[1]) for mr in mrs)
+    assert idx == [int(re.match(r"name\[R(\d+)\]", mr)[1]) for mr in mrs]  # file order
+    assert idx[0] < 20 and idx[-1] > 80  # drawn across the file, not its head
+    assert mrs == list(dict.fromkeys(mr for mr, _ in reproduce.sample_test_mrs(rows, reproduce.N_TEST)))  # seeded
+    assert train_gpt2.read_e2e_csv(os.path.join(paths["e2e"], "trainset.csv")) == rows
+    assert open(paths["refs"]).read().splitlines() == [ref for _, ref in rows]  # references alone, no MR
+    vit, val = np.load(paths["vit"]), np.load(paths["vit_val"])
+    assert np.array_equal(vit["x_train"], val["x_train"]) and np.bincount(vit["y_train"]).tolist() == [450] * 10
+    assert np.bincount(val["y_test"]).tolist() == [50] * 10 and np.bincount(vit["y_test"]).tolist() == [100] * 10
+    ids = lambda x: set((256 * x[:, 0, 0, 0].astype(int) + x[:, 0, 0, 1]).tolist())
+    # the validation images are the last 50 of each class's 500, and never trained on
+    assert ids(val["x_test"]) == {i for c in range(10) for i in range(500 * c + 450, 500 * c + 500)}
+    assert ids(vit["x_train"]) == set(range(5000)) - ids(val["x_test"])
+    src = np.load(d / "cifar.npz")  # every test image, grouped by class
+    assert np.array_equal(vit["x_test"], src["x_test"][np.argsort(src["y_test"], kind="stable")])
+
+
+def test_reproduce_slot_accuracy_counts_verbatim_values_case_aside():
+    mrs = ["name[The Eagle], eatType[pub], near[Burger King]", "name[Blue Spice], food[French]",
+           "name[Alimentum], near[Yippee Noodle Bar]", "name[Zizzi]"]
+    outs = ["the eagle is a pub near Burger King.", "Fitzbillies serves French food.",
+            "Alimentum is near the Yippee Noodle Bar.", "Zizz is a pub."]
+    assert reproduce.mr_slots(mrs[0]) == {"name": "The Eagle", "eatType": "pub", "near": "Burger King"}
+    acc = reproduce.slot_accuracy(mrs, outs)
+    assert acc["name"] == 2 / 4 and acc["near"] == 2 / 2 and acc["all"] == 2 / 4
+    assert reproduce.gap_closed(3.0, 4.0, 2.0) == 0.5 and reproduce.gap_closed(4.0, 4.0, 2.0) == 0.0
+    assert reproduce.mean_curve([[(1, 2.0), (2, 4.0)], [(1, 4.0), (2, 6.0), (3, 1.0)]]) == [(1, 3.0), (2, 5.0)]

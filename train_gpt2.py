@@ -1,14 +1,14 @@
 """Fine-tune GPT-2 on the E2E NLG Challenge with any nanopeft method, decode with beam search, score.
 
     python train_gpt2.py --method vblora                  # GPT-2 Medium, E2E from the Hub, paper recipe
-    python train_gpt2.py --method lora --data_dir ../shared/data/e2e --bpe_dir ../shared/data/gpt2
+    python train_gpt2.py --method lora --data_dir e2e-dataset --bpe_dir gpt2-bpe   # offline: local files
     python train_gpt2.py --method sera --init_from scratch --n_layer 2 --n_head 4 --n_embd 256 \\
-        --data_dir ../shared/data/e2e --max_iters 20 --eval_samples 5 --beam 2   # CPU smoke run
+        --max_iters 20 --eval_samples 5 --beam 2   # CPU smoke run
     torchrun --standalone --nproc_per_node=4 train_gpt2.py --method lora      # 4 GPUs, DDP
     python train_gpt2.py --sample "name[The Eagle], food[French]" --out_dir out-e2e   # use the adapter
-    python train_gpt2.py --lm_text ../shared/data/tinyshakespeare/input.txt --method full --init_from scratch \
+    python train_gpt2.py --lm_text input.txt --method full --init_from scratch \
         --n_layer 4 --n_head 4 --n_embd 128 --block_size 128 --label_smoothing 0 --out_dir out-lm  # pretrain
-    python train_gpt2.py --method lora --init_from out-lm/adapter.pt --data_dir ../shared/data/e2e  # then E2E
+    python train_gpt2.py --method lora --init_from out-lm/adapter.pt   # then E2E
 
 One flat file: a compact GPT-2 (Hugging Face module names, so checkpoints load key for key, except that
 q, k, v are three nn.Linears `attn.q_proj/k_proj/v_proj`, split from HF's fused `c_attn`, so methods
@@ -79,7 +79,6 @@ import json
 import math
 import os
 import re
-import socket
 import time
 from collections import Counter, defaultdict
 from contextlib import nullcontext
@@ -96,6 +95,7 @@ import lora
 import sera
 import siva
 import vblora
+from resources import Missing, Online, fetch_all
 
 IGNORE = -100  # target id the loss skips (MR tokens, padding)
 
@@ -280,44 +280,19 @@ def load_gpt2(path, dropout=0.0, n_head=None):
 
 # -----------------------------------------------------------------------------
 # What may come from the network: GPT-2's weights, the BPE files, E2E. Local files first; the network is
-# probed once, and offline one message lists everything missing with the flag that replaces it.
+# probed once, and offline one message lists everything missing with the flag that replaces it
+# (resources.py, shared with train_vit.py and reproduce.py).
 
-HUB_HOST = "huggingface.co"
 E2E_FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
 E2E_HUB = "tuetschek/e2e_nlg"  # its loading script no longer runs in datasets>=4; the Hub's parquet export does
 GPT2_BPE_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
                    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
-SHARED_BPE_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data",
-                                              "gpt2"))
 FLAG_FOR = {  # what replaces each download
     "weights": "--init_from PATH (a model.safetensors or pytorch_model.bin, or its folder) or --init_from scratch",
-    "bpe": "--bpe_dir DIR (holding vocab.bpe and encoder.json)",
+    "bpe": "--bpe_dir DIR (holding vocab.bpe and encoder.json, from openaipublic.blob.core.windows.net/gpt-2/"
+           "encodings/main/)",
     "e2e": f"--data_dir DIR (holding {', '.join(E2E_FILES.values())}, from github.com/tuetschek/e2e-dataset)",
 }
-
-
-class Missing(Exception):
-    """A resource neither on disk nor downloadable; str(e) says what and why."""
-
-
-def network_ok(timeout=3.0):
-    """One quick probe: can a TCP connection to the Hugging Face Hub be opened?"""
-    try:
-        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-class Online:
-    """network_ok(), probed on the first need only and remembered."""
-    def __init__(self):
-        self.ok = None
-
-    def __call__(self):
-        if self.ok is None:
-            self.ok = network_ok()
-        return self.ok
 
 
 def gpt2_weights(init_from, online):
@@ -331,26 +306,26 @@ def gpt2_weights(init_from, online):
     except Exception:
         pass  # not in the cache
     if not online():
-        raise Missing(f"GPT-2 weights {repo}/model.safetensors (not in the Hugging Face cache)")
+        raise Missing(f"GPT-2 weights {repo}/model.safetensors (not in the Hugging Face cache): pass "
+                      f"{FLAG_FOR['weights']}")
     try:
         return hf_hub_download(repo, "model.safetensors")
     except Exception as e:
-        raise Missing(f"GPT-2 weights {repo}/model.safetensors ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise Missing(f"GPT-2 weights {repo}/model.safetensors ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                      f"pass {FLAG_FOR['weights']}")
 
 
 def get_tokenizer(bpe_dir=None, online=lambda: True):
-    """tiktoken's GPT-2 encoding from OpenAI's vocab.bpe + encoder.json: in bpe_dir when given, else in
-    SHARED_BPE_DIR when present (the same files, checked by hash), else tiktoken's download or cache."""
+    """tiktoken's GPT-2 encoding from OpenAI's vocab.bpe + encoder.json (checked by hash): in bpe_dir when
+    given, else tiktoken's download or cache."""
     import tiktoken
-    if not bpe_dir and all(os.path.isfile(os.path.join(SHARED_BPE_DIR, f)) for f in GPT2_BPE_SHA256):
-        bpe_dir = SHARED_BPE_DIR
     if not bpe_dir:
         if not online():
-            raise Missing("GPT-2 BPE files vocab.bpe, encoder.json (tiktoken's download)")
+            raise Missing(f"GPT-2 BPE files vocab.bpe, encoder.json (tiktoken's download): pass {FLAG_FOR['bpe']}")
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # tiktoken fetches its files from openaipublic.blob.core.windows.net
-            raise Missing(f"GPT-2 BPE files vocab.bpe, encoder.json ({type(e).__name__}: {e})")
+            raise Missing(f"GPT-2 BPE files vocab.bpe, encoder.json ({type(e).__name__}: {e}): pass {FLAG_FOR['bpe']}")
     files = {f: os.path.join(bpe_dir, f) for f in GPT2_BPE_SHA256}
     if not all(os.path.isfile(p) for p in files.values()):
         raise SystemExit(f"error: --bpe_dir {bpe_dir}: needs both vocab.bpe and encoder.json")
@@ -374,14 +349,15 @@ def load_e2e(data_dir=None, online=lambda: True):
             raise SystemExit(f"error: --data_dir {data_dir}: missing {', '.join(missing)}")
         return {s: read_e2e_csv(p) for s, p in paths.items()}
     if not online():
-        raise Missing(f"E2E dataset {E2E_HUB} (the Hugging Face Hub)")
+        raise Missing(f"E2E dataset {E2E_HUB} (the Hugging Face Hub): pass {FLAG_FOR['e2e']}")
     try:
         import datasets
         ds = datasets.load_dataset(E2E_HUB, revision="refs/convert/parquet", data_files={
             "train": "default/train/*.parquet", "dev": "default/validation/*.parquet",
             "test": "default/test/*.parquet"})
     except Exception as e:  # the Hub unreachable, or datasets missing
-        raise Missing(f"E2E dataset {E2E_HUB} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise Missing(f"E2E dataset {E2E_HUB} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): pass "
+                      f"{FLAG_FOR['e2e']}")
     data = {s: list(zip(d["meaning_representation"], d["human_reference"])) for s, d in ds.items()}
     for s, rows in data.items():
         if not rows or not all(mr.strip() and ref.strip() for mr, ref in rows):
@@ -393,18 +369,11 @@ def fetch_resources(args, what=("bpe", "e2e", "weights")):
     """(tokenizer, E2E data, GPT-2 weights path or None for scratch), all fetched before anything else
     runs (None for what is not asked for). Whatever cannot be had is reported at once, each with the flag
     that replaces it."""
-    online, missing, got = Online(), [], dict(bpe=None, e2e=None, weights=None)
-    jobs = dict(bpe=lambda: get_tokenizer(args.bpe_dir, online), e2e=lambda: load_e2e(args.data_dir, online),
-                weights=lambda: None if args.init_from == "scratch" else gpt2_weights(args.init_from, online))
-    for key in what:
-        try:
-            got[key] = jobs[key]()
-        except Missing as e:
-            missing.append(f"  {e}: pass {FLAG_FOR[key]}")
-    if missing:
-        why = "no network (could not reach huggingface.co)" if online.ok is False else "download failed"
-        raise SystemExit(f"error: {why}; these could not be fetched:\n" + "\n".join(missing))
-    return got["bpe"], got["e2e"], got["weights"]
+    jobs = dict(bpe=lambda online: get_tokenizer(args.bpe_dir, online),
+                e2e=lambda online: load_e2e(args.data_dir, online),
+                weights=lambda online: None if args.init_from == "scratch" else gpt2_weights(args.init_from, online))
+    got = fetch_all({key: jobs[key] for key in what})
+    return got.get("bpe"), got.get("e2e"), got.get("weights")
 
 
 # -----------------------------------------------------------------------------
@@ -849,8 +818,8 @@ def get_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the training forward")
     # data
     a("--data_dir", default=None, help="folder with the official E2E CSVs (default: the Hub via `datasets`)")
-    a("--bpe_dir", default=None, help="folder with vocab.bpe + encoder.json (no download); default: "
-      f"{SHARED_BPE_DIR} when present, else tiktoken's download")
+    a("--bpe_dir", default=None, help="folder with vocab.bpe + encoder.json (no download); default: tiktoken's "
+      "download or cache")
     a("--max_len", type=int, default=512, help="longest training example, in tokens (--lm_text: the block length)")
     a("--lm_text", default=None, help="FILE[,FILE]: plain language modelling on these UTF-8 text files instead of "
       "E2E (blocks of --max_len tokens, loss on every token, every 20th block for dev, no decoding)")
@@ -929,6 +898,9 @@ def check_args(args):
             raise SystemExit(f"error: --block_size {args.block_size}: must be >= 2")
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume and --overwrite: pass one of them")
+    if args.sample is not None and not re.sub(r"[\s|,]", "", args.sample):  # nothing but blanks and separators
+        raise SystemExit(f'error: --sample {args.sample!r} is an empty MR; give one such as '
+                         f'"name[The Eagle] | food[French]"')
     if args.lm_text is not None:
         for path in args.lm_text.split(","):
             if not os.path.isfile(path) or os.path.getsize(path) == 0:
@@ -1014,11 +986,10 @@ def load_finetuned(path, device="cpu"):
     args = argparse.Namespace(**blob["args"])
     weights = None
     if args.init_from != "scratch":
-        online = Online()
         try:
-            weights = gpt2_weights(args.init_from, online)
+            weights = gpt2_weights(args.init_from, Online())
         except Missing as e:
-            raise SystemExit(f"error: {path} was trained on {e}: pass {FLAG_FOR['weights']}")
+            raise SystemExit(f"error: {path} was trained on {e.code}")
     model = build_model(args, blob["config"]["vocab_size"], weights, blob["config"])
     apply_method(model, args)
     if args.method in METHODS:
@@ -1075,8 +1046,9 @@ def sample(args, device):
 
 def main(argv=None):
     """The script; returns {model, step, predictions, scores, n_trainable, n_stored, train_loss (the last logged,
-    label-smoothed as trained), dev_loss (the last), curve [(step, train loss)] per log line, train_time (s,
-    evaluation excluded), tokens_per_s} for tests, notebooks and reproduce.py."""
+    label-smoothed as trained), dev_loss (the last), curve [(step, train loss)] per log line, dev_curve [(step,
+    dev loss)] per --eval_interval, train_time (s, evaluation excluded), tokens_per_s} for tests, notebooks and
+    reproduce.py."""
     # ---------------------------------------------------------------- args & ddp
     args = get_args(argv)
     check_args(args)
@@ -1220,7 +1192,7 @@ def main(argv=None):
     model.train()
     t_start = t_log = time.time()
     loss_sum, tokens, n_logged, start_step = torch.zeros((), device=device), 0, 0, step  # since the last log line
-    curve, train_loss, last_dev, tokens_seen, train_time = [], None, None, 0, 0.0  # for the returned summary
+    curve, dev_curve, train_loss, last_dev, tokens_seen, train_time = [], [], None, None, 0, 0.0  # the summary
     while step < total:
         f = lr_factor(step, args.warmup_iters, total)
         for g in opt.param_groups:
@@ -1263,13 +1235,14 @@ def main(argv=None):
             tokens, n_logged, t_log = 0, 0, now
         if master and (step % args.eval_interval == 0 or step == total):
             last_dev = dev_loss()
+            dev_curve.append((step, last_dev))
             log(f"step {step}: dev loss {last_dev:.4f}")
             save_checkpoint()
             t_log = time.time()  # tok/s counts training only
     if ddp:
         dist.destroy_process_group()
     result = dict(model=raw_model, step=step, predictions=[], scores={}, n_trainable=n_train, n_stored=n_stored,
-                  train_loss=train_loss, dev_loss=last_dev, curve=curve, train_time=train_time,
+                  train_loss=train_loss, dev_loss=last_dev, curve=curve, dev_curve=dev_curve, train_time=train_time,
                   tokens_per_s=tokens_seen / train_time if train_time else None)
     if not master:
         return result

@@ -3,7 +3,7 @@
     python train_vit.py --method siva --dataset cifar10                        # ViT-B/16 in21k, 10 epochs
     python train_vit.py --method lora --init_from vit-large --dataset pets
     python train_vit.py --method bone --init_from scratch --n_layer 2 --n_embd 256 --n_head 4 --patch_size 4 \
-        --image_size 32 --data ../shared/data/cifar10/cifar10_subset_6k_decoded.npz --max_iters 10
+        --image_size 32 --data cifar10.npz --max_iters 10   # offline: an .npz or a folder
     torchrun --standalone --nproc_per_node=4 train_vit.py --method lora --dataset cifar10   # 4 GPUs, DDP
 
 Model: a compact pre-norm ViT (class token, learned position embeddings, q/k/v as separate Linears named
@@ -79,6 +79,7 @@ import lora
 import sera
 import siva
 import vblora
+from resources import Missing, fetch_all
 
 # -----------------------------------------------------------------------------
 # model
@@ -255,11 +256,6 @@ def _read_tensors(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-class Unreachable(SystemExit):
-    """A download that failed for want of a network. main() tries every download first and then
-    reports all of them at once, each with the flags that replace it."""
-
-
 def _unreachable(e):
     """True when e, or an exception it was raised from, is a failed connection or a timeout (the
     requests, httpx and huggingface_hub ones included, by their class names)."""
@@ -285,7 +281,32 @@ def _from_finetune(blob, path):
                 "classes": blob.get("classes")}
 
 
-def read_checkpoint(init_from):
+def hub_checkpoint(repo, init_from, online):
+    """(config.json, weights file) of a Hub model: the Hugging Face cache first, then a download."""
+    from huggingface_hub import hf_hub_download
+    local = ("pass --init_from PATH (a .safetensors/.bin file, or a folder holding it and config.json, "
+             "downloaded elsewhere) or --init_from scratch")
+    for cached in (True, False):
+        if not cached and not online():
+            raise Missing(f"the ViT {repo} (--init_from {init_from}; not in the Hugging Face cache): {local}")
+        try:
+            cfg_path = hf_hub_download(repo, "config.json", local_files_only=cached)
+            try:
+                return cfg_path, hf_hub_download(repo, "model.safetensors", local_files_only=cached)
+            except Exception as e:
+                if _unreachable(e):
+                    raise
+                return cfg_path, hf_hub_download(repo, "pytorch_model.bin", local_files_only=cached)
+        except Exception as e:
+            if cached:
+                continue  # not in the cache
+            if _unreachable(e):
+                raise Missing(f"the ViT {repo} (--init_from {init_from}; the download broke off: {_why(e)}): {local}")
+            raise SystemExit(f"error: could not fetch {repo} (--init_from {init_from}; config.json + "
+                             f"model.safetensors or pytorch_model.bin) from the Hugging Face Hub: {_why(e)}; {local}")
+
+
+def read_checkpoint(init_from, online=lambda: True):
     """-> (state dict in our naming, HF config dict or None), from a file, a folder or the Hub."""
     hf_cfg = None
     if os.path.isdir(init_from):
@@ -299,24 +320,7 @@ def read_checkpoint(init_from):
     elif os.path.isfile(init_from):
         path, cfg_path = init_from, os.path.join(os.path.dirname(init_from), "config.json")
     else:
-        repo = HUB_MODELS.get(init_from, init_from)
-        try:
-            from huggingface_hub import hf_hub_download
-            cfg_path = hf_hub_download(repo, "config.json")
-            try:
-                path = hf_hub_download(repo, "model.safetensors")
-            except Exception as e:
-                if _unreachable(e):
-                    raise
-                path = hf_hub_download(repo, "pytorch_model.bin")
-        except Exception as e:
-            local = ("pass --init_from PATH (a .safetensors/.bin file, or a folder holding it and config.json, "
-                     "downloaded elsewhere) or --init_from scratch")
-            if _unreachable(e):
-                raise Unreachable(f"error: could not reach the Hugging Face Hub for the model {repo} (--init_from "
-                                  f"{init_from}): {_why(e)}. Offline? {local}")
-            raise SystemExit(f"error: could not fetch {repo} (--init_from {init_from}; config.json + "
-                             f"model.safetensors or pytorch_model.bin) from the Hugging Face Hub: {_why(e)}; {local}")
+        cfg_path, path = hub_checkpoint(HUB_MODELS.get(init_from, init_from), init_from, online)
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:
             hf_cfg = json.load(f)
@@ -490,16 +494,17 @@ def load_folder(path, size):
     return out
 
 
-def load_hub(name, size):
+def load_hub(name, size, online=lambda: True):
     repo, label, revision = DATASETS[name]
     local = f"pass --data PATH: {DATA_LAYOUT}"
+    if not online():  # `datasets` would retry for a minute before it gave up
+        raise Missing(f"the dataset {repo} (--dataset {name}; the Hugging Face Hub): {local}")
     try:
         import datasets
         ds = datasets.load_dataset(repo, revision=revision)
     except Exception as e:
         if _unreachable(e):
-            raise Unreachable(f"error: could not reach the Hugging Face Hub for the dataset {repo} (--dataset "
-                              f"{name}): {_why(e)}. Offline? {local}")
+            raise Missing(f"the dataset {repo} (--dataset {name}; the download broke off: {_why(e)}): {local}")
         raise SystemExit(f"error: could not load the dataset {repo} (--dataset {name}) through `datasets`: "
                          f"{_why(e)}; {local}")
     feats = ds["train"].features
@@ -518,11 +523,11 @@ def load_hub(name, size):
     return out
 
 
-def load_data(args):
+def load_data(args, online=lambda: True):
     """{x_train, y_train, x_test, y_test, classes} from --data (a folder, or an .npz read by its content
     whatever its name) or else the Hub's --dataset; every problem is one `error:` line."""
     if not args.data:
-        data = load_hub(args.dataset, args.image_size)
+        data = load_hub(args.dataset, args.image_size, online)
     elif os.path.isdir(args.data):
         data = load_folder(args.data, args.image_size)
     elif not os.path.isfile(args.data):
@@ -887,25 +892,17 @@ def evaluate(model, x, y, args, ctx):
 
 
 def fetch_inputs(args, ddp, master):
-    """The base weights and the data. Every download is tried before any is reported, so an offline
-    run names at once all it could not reach and the flags that replace each. Under DDP rank 0
-    downloads first; the others then read its cache."""
+    """The base weights and the data (resources.fetch_all: one probe of the network, every input tried
+    before any is reported, one message naming all that is missing). Under DDP rank 0 downloads first;
+    the others then read its cache."""
     if ddp and not master:
         dist.barrier()
-    weights, data, offline = None, None, []
-    try:
-        weights = None if args.init_from == "scratch" else read_checkpoint(args.init_from)
-    except Unreachable as e:
-        offline.append(str(e))
-    try:
-        data = load_data(args)
-    except Unreachable as e:
-        offline.append(str(e))
-    if offline:
-        raise SystemExit("\n".join(offline))
+    got = fetch_all({"weights": lambda online: None if args.init_from == "scratch" else
+                     read_checkpoint(args.init_from, online),
+                     "data": lambda online: load_data(args, online)})
     if ddp and master:
         dist.barrier()
-    return weights, data
+    return got["weights"], got["data"]
 
 
 # -----------------------------------------------------------------------------
