@@ -195,7 +195,7 @@ def prepare_data(args, sides):
             try:
                 return job(online)
             except Missing as e:
-                raise Missing(f"{str(e.code).split(': pass ')[0]}: pass --data DIR, {LAYOUT}")
+                raise Missing(str(e.code).split(": pass ")[0])
         return run
     jobs = {}
     if need_gpt2:
@@ -206,7 +206,10 @@ def prepare_data(args, sides):
     if need_vit:
         vit_args = train_vit.get_args(["--image_size", "32"] + (["--data", cifar] if cifar else []))
         jobs["cifar"] = local_or_hub(lambda online: train_vit.load_data(vit_args, online))
-    got = fetch_all(jobs)
+    try:
+        got = fetch_all(jobs)
+    except SystemExit as e:
+        raise SystemExit(f"{e.code}\npass --data DIR instead, {LAYOUT}")
     os.makedirs(paths["e2e"], exist_ok=True)
     if need_gpt2:
         e2e = got["e2e"]
