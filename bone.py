@@ -1,4 +1,4 @@
-"""Bone: Block Affine transformation as PEFT for LLMs (2024; papers/bone.txt, and SPEC §5 for its equations).
+"""Bone: Block Affine Transformation as Parameter Efficient Fine-tuning Methods for LLMs (2024).
 
 Split the frozen W (out, in) into b×b blocks W_ij (i over out/b row-blocks, j over in/b column-blocks).
 The "Weight Guide" update multiplies each block by a trainable b×b matrix, so the original weights keep
@@ -21,7 +21,7 @@ is never kept alive; weight_prime() is the one place it is formed (col forward a
     the "bone" variant runs the same maths in kernels.py: kernels.bone_row (row's x + t and Σ_j t_j) and
     kernels.bone_col_linear (W' formed in one pass, never saved). NANOPEFT_NO_TRITON=1 keeps the plain formulas.
 
-Choices where the paper/SPEC are silent:
+Choices where the paper is silent:
   - Ablations (paper §4.5) as `variant`: "unconstrained" ΔW_ij = B_g (no weight guide; both groupings
     factorise, no W' formed) and "hadamard" ΔW_ij = W_ij ⊙ B_g + B_g (col only, as it needs W'; the W_ij
     term stays in W' so that B = 0 still gives W' = W).

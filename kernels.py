@@ -973,7 +973,7 @@ def vblora_compose(logits, bank, k):
 #   x (N, IN) viewed as (N, IN/b, b) chunks x_j, one B_j (b, b) per input chunk:
 #   t_j = x_j B_j^T,   returns  x + t  (N, IN)  and  Σ_j t_j  (N, b)
 #
-# so the Bone-row layer is y = (x + t) W^T + tile(Σ_j t_j) without forming W' (SPEC §5). Tiles: BLOCK_M
+# so the Bone-row layer is y = (x + t) W^T + tile(Σ_j t_j) without forming W' (bone.py). Tiles: BLOCK_M
 # rows and, within a chunk, BLOCK_B columns (b padded to a power of two, masked), so any b works and a
 # large b loops over tiles instead of holding a b x b tile. Bone's dots run in x's dtype (B cast to it).
 
@@ -1164,7 +1164,7 @@ def bone_row(x, B):
 #   y = x W'^T + bias,   W'_ij = W_ij + W_ij B_i + B_i   (b x b blocks: i over out/b, j over in/b)
 #   W'_ij[p, q] = W_ij[p, q] + Σ_r W_ij[p, r] B_i[r, q] + B_i[p, q]
 #
-# W' has no factorisation through x (SPEC §5). Design, measured on an H100 (bf16, N = 4096, 1024 -> 4096,
+# W' has no factorisation through x. Design, measured on an H100 (bf16, N = 4096, 1024 -> 4096,
 # b = 64): a Triton matmul that formed each W' tile in registers ran at 60-80 TFLOP/s against cuBLAS's
 # 400-500 on the same products (the W' tile costs extra flops per row block and its registers spill). So
 # the three big products (x W'^T, g W', g^T x) stay with cuBLAS and the kernels do the memory-bound parts

@@ -9,7 +9,7 @@
 No training loop here: every row is one call of train_gpt2.main or train_vit.main with its flags.
 
 Data. With no --data, what is needed is fetched once and prepared under OUT_DIR/data: E2E through
-train_gpt2.load_e2e (the Hub's parquet export), CIFAR-10 through train_vit.load_hub (`datasets`), the GPT-2
+e2e.load_e2e (the Hub's parquet export), CIFAR-10 through images.load_hub (`datasets`), the GPT-2
 BPE through tiktoken. Offline, one message lists what could not be had. --data DIR holds the same files:
 e2e/{trainset,devset,testset_w_refs}.csv (github.com/tuetschek/e2e-dataset), gpt2/{vocab.bpe,encoder.json}
 and cifar10/cifar10_subset_6k_decoded.npz (any .npz in train_vit.py's layout, 500 training and 100 test
@@ -65,12 +65,14 @@ import numpy as np
 import torch
 
 import bone
+import images
 import sera
 import siva
 import train_gpt2
 import train_vit
 import vblora
-from resources import Missing, fetch_all
+from common import Missing, fetch_all
+from e2e import E2E_FILES, GPT2_BPE_SHA256, get_tokenizer, load_e2e
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--out_dir", default="out-repro", help="runs, prepared data, results.md, curves.png, efficiency.png")
@@ -87,7 +89,6 @@ p.add_argument("--cifar", default=None, help="CIFAR-10 as an .npz or folder (tra
 
 N_TEST = 50  # sampled test MRs (of 630)
 PER_CLASS = (500, 100, 50)  # CIFAR-10 per class: training images, test images, of the training ones held out
-E2E_FILES = train_gpt2.E2E_FILES
 LAYOUT = ("a folder holding e2e/{trainset,devset,testset_w_refs}.csv (github.com/tuetschek/e2e-dataset), "
           "gpt2/{vocab.bpe,encoder.json} (openaipublic.blob.core.windows.net/gpt-2/encodings/main/) and "
           "cifar10/cifar10_subset_6k_decoded.npz (or --cifar PATH)")
@@ -185,7 +186,7 @@ def prepare_data(args, sides):
     cifar = args.cifar or (os.path.join(args.data, "cifar10", "cifar10_subset_6k_decoded.npz") if args.data else None)
     if args.data:  # every local file checked before any work
         want = ([os.path.join(args.data, "e2e", f) for f in E2E_FILES.values()] +
-                [os.path.join(paths["bpe"], f) for f in train_gpt2.GPT2_BPE_SHA256]) if "gpt2" in sides else []
+                [os.path.join(paths["bpe"], f) for f in GPT2_BPE_SHA256]) if "gpt2" in sides else []
         missing = [f for f in want + ([cifar] if "vit" in sides else []) if not os.path.exists(f)]
         if missing:
             raise SystemExit(f"error: --data {args.data}: missing {', '.join(missing)}; --data takes {LAYOUT}")
@@ -199,13 +200,13 @@ def prepare_data(args, sides):
         return run
     jobs = {}
     if need_gpt2:
-        jobs["e2e"] = local_or_hub(lambda online: train_gpt2.load_e2e(
+        jobs["e2e"] = local_or_hub(lambda online: load_e2e(
             os.path.join(args.data, "e2e") if args.data else None, online))
         if not args.data:  # the BPE: tiktoken's download, cached by tiktoken for every row
-            jobs["bpe"] = local_or_hub(lambda online: train_gpt2.get_tokenizer(None, online))
+            jobs["bpe"] = local_or_hub(lambda online: get_tokenizer(None, online))
     if need_vit:
         vit_args = train_vit.get_args(["--image_size", "32"] + (["--data", cifar] if cifar else []))
-        jobs["cifar"] = local_or_hub(lambda online: train_vit.load_data(vit_args, online))
+        jobs["cifar"] = local_or_hub(lambda online: images.load_data(vit_args, online))
     try:
         got = fetch_all(jobs)
     except SystemExit as e:

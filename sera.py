@@ -1,4 +1,4 @@
-"""SeRA: Vector Segmented and Recombined Adaptation (anonymous, ICLR 2025 submission; papers/sera.txt).
+"""SeRA: Vector Segmented and Recombined Adaptation (anonymous, ICLR 2025 submission).
 
 The paper writes layers in row-vector form, h = x W0 + x ΔW (Eq. 1), with
 
@@ -11,7 +11,7 @@ by the square C (the role W_o plays in multi-head attention), and the result is 
 segment expanded by B_i. In torch's (out, in) layout the update is delta_weight() = scale * (A C B)^T.
 Trainable parameters per layer (§3.2): (in + out) * r/split + r^2.
 
-Choices where the paper is silent (SPEC §3 decides the rest):
+Choices where the paper is silent:
 - scale = alpha / r, LoRA's convention (§3.1: "consistent with LoRA, we scale xΔW by α, a
   constant"). The paper's hyper-parameter appendix is missing from our copy; alpha = 16 is the
   (r=8, α=16) of the LoRA RoBERTa-large GLUE recipe that §4.4 says SeRA follows. Keep alpha fixed

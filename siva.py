@@ -1,5 +1,5 @@
 """SiVA: Singular Value Adaptation (anonymous, "Singular Value Adaptation for Parameter Efficient
-Fine Tuning", ICLR 2025 submission; papers/siva.txt).
+Fine Tuning", ICLR 2025 submission).
 
 Attach time, once per layer: thin SVD  W = U Σ V^T  (W: (out, in), n = min(out, in) singular values).
 Train only k scalars s that move k singular values of W, along W's own singular vectors:
@@ -9,7 +9,7 @@ Train only k scalars s that move k singular values of W, along W's own singular 
 k per layer (paper §3.3): the singular values whose eigenvalues σ² together hold the bottom
 (1 − perc) of the variance Σσ²: sort σ² ascending and take the longest prefix whose sum is at most
 (1 − perc)·Σσ²; k ≥ 1 (the conclusion's "cumulative sum of singular values" is read as §3.3's
-variance, as SPEC §4 says). perc = 0.95 (the paper's ViT and RoBERTa runs) and 0.997 for LLaMA2-7B;
+variance, the quantity its method section defines). perc = 0.95 (the paper's ViT and RoBERTa runs) and 0.997 for LLaMA2-7B;
 for GPT-2 on E2E the paper's hyper-parameter table is missing from our copy, so 0.95 there is our
 assumption, as is adapting q and v.
 The smallest singular values are chosen because raising them raises the effective rank most

@@ -8,7 +8,9 @@ Sections, in this order:
 3. kernels.py: one parametrised test (op x odd shapes x dtype, forward and every gradient against the
    reference, on the CPU under TRITON_INTERPRET=1), the checks one op needs, and an H100 compile of every kernel;
 4. dispatch: how the method files hand over to kernels.py;
-5. train_gpt2.py and train_vit.py on tiny synthetic data.
+5. GPT-2 on E2E (model_gpt2.py, e2e.py, train_gpt2.py) and the ViT (model_vit.py, images.py, train_vit.py), with
+   common.py's fetching, checkpoints, resume and DDP, on tiny synthetic data;
+6. beside the ecosystem (no triton, transformers, another `kernels`); 7. reproduce.py.
 """
 import os
 # Kernel tests run on the CPU under Triton's interpreter (set before triton is imported), or compiled on a GPU
@@ -46,8 +48,13 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bone
+import common
+import e2e
+import images
 import kernels
 import lora
+import model_gpt2
+import model_vit
 import reproduce
 import sera
 import siva
@@ -55,7 +62,7 @@ import train_gpt2
 import train_vit
 import vblora
 from vblora import (VBLoRABank, VBLoRAConfig, VBLoRALinear, apply_vblora, from_authors_state_dict,
-                    load_vblora_state_dict, vblora_compose_reference, vblora_param_count, vblora_state_dict,
+                    load_vblora_state_dict, topk_admixture, vblora_param_count, vblora_state_dict,
                     vblora_stored_param_count, vector_usage)
 
 
@@ -328,7 +335,7 @@ def test_contract_empty_targets_raise(method):
 @pytest.mark.parametrize("first, second", [(m, "lora") for m in METHODS] + [("lora", m) for m in METHODS]
                          + [("bone-col", "bone-row")])
 def test_contract_second_apply_keeps_the_first_adapter(first, second):
-    """Issue 10 item 5: applying methods one after another leaves the earlier adapters as they were."""
+    """Applying methods one after another leaves the earlier adapters as they were."""
     model = _toy(first, targets=["l0"])
     before = {n for n, p in model.named_parameters() if p.requires_grad}
     M = METHODS[second]
@@ -340,7 +347,7 @@ def test_contract_second_apply_keeps_the_first_adapter(first, second):
 
 @_methods
 def test_contract_refuses_multihead_attention_out_proj(method):
-    """Issue 10 item 8: nn.MultiheadAttention reads out_proj.weight itself; an adapter there would be bypassed."""
+    """Nn.MultiheadAttention reads out_proj.weight itself; an adapter there would be bypassed."""
     M = METHODS[method]
     model = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0)
     with pytest.raises(ValueError, match="cannot adapt 'self_attn.out_proj': nn.MultiheadAttention"):
@@ -361,7 +368,7 @@ class _Tied(nn.Module):
 
 @_methods
 def test_contract_merge_refuses_a_tied_weight(method):
-    """Issue 10 item 6: merging into a weight shared with another module would rewrite that module too."""
+    """Merging into a weight shared with another module would rewrite that module too."""
     torch.manual_seed(0)
     model = _Tied().double()
     M = METHODS[method]
@@ -376,7 +383,7 @@ def test_contract_merge_refuses_a_tied_weight(method):
 
 @pytest.mark.parametrize("method, bad", [(m, b) for m, M in METHODS.items() for b in M.bad])
 def test_contract_bad_config_values_name_the_value(method, bad):
-    """Issue 10 item 9: non-integer sizes, negative or NaN scales: a ValueError naming the value."""
+    """Non-integer sizes, negative or NaN scales: a ValueError naming the value."""
     M = METHODS[method]
     key, value = list(bad.items())[-1]  # the offending field is the last one given
     with pytest.raises(ValueError, match=re.escape(f"{M.name}: {key}={value!r}")):
@@ -385,7 +392,7 @@ def test_contract_bad_config_values_name_the_value(method, bad):
 
 @_methods
 def test_contract_load_checks_everything_before_writing(method):
-    """Issue 10 item 9: a non-finite tensor is refused, and nothing of the adapter was overwritten."""
+    """A non-finite tensor is refused, and nothing of the adapter was overwritten."""
     model = _toy(method)
     _randomize(model)
     sd = {n: t.clone() for n, t in METHODS[method].state_dict(model).items()}
@@ -400,7 +407,7 @@ def test_contract_load_checks_everything_before_writing(method):
 
 @_methods
 def test_contract_load_into_a_merged_model_is_refused(method):
-    """Issue 10 item 7: loading under a merged W makes a later unmerge() subtract the wrong ΔW."""
+    """Loading under a merged W makes a later unmerge() subtract the wrong ΔW."""
     model = _toy(method)
     _randomize(model)
     sd = METHODS[method].state_dict(model)
@@ -636,13 +643,13 @@ def _sera_lora_clip_base():
 ])
 def test_sera_paper_counts(model_fn, r, expect):
     model = model_fn()
-    names = sera.apply_sera(model, sera.SeRAConfig(r=r), ["q_proj", "v_proj"])  # split follows r (issue 10 item 1)
+    names = sera.apply_sera(model, sera.SeRAConfig(r=r), ["q_proj", "v_proj"])  # split follows r
     assert len(names) == 48  # q and v of 24 layers
     assert _sera_lora_trainable(model) == expect
 
 
 def test_sera_split_defaults_to_r():
-    """Issue 10 item 1: the paper's default is split = r, so changing r alone moves split with it."""
+    """The paper's default is split = r, so changing r alone moves split with it."""
     assert sera.SeRAConfig(r=16).split == 16 and sera.SeRAConfig().split == sera.SeRAConfig().r == 8
     assert sera.SeRAConfig(r=16, split=4).split == 4
 
@@ -928,7 +935,7 @@ _BONE_KINDS = [("col", "bone"), ("row", "bone"), ("col", "unconstrained"), ("row
 
 
 def _bone_ref_weight(W, B, b, grouping, variant):
-    """Independent reference: W' built block by block with Python loops, straight from SPEC §5."""
+    """Independent reference: W' built block by block with Python loops, straight from the Weight Guide W'_ij = W_ij + W_ij B + B."""
     Wp = W.clone()
     for i in range(W.shape[0] // b):
         for j in range(W.shape[1] // b):
@@ -1215,14 +1222,14 @@ def _vb_spread(model, std=1.0):
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_vblora_compose_matches_loop(k):
     logits, bank = torch.randn(7, 6), torch.randn(6, 5)
-    torch.testing.assert_close(vblora_compose_reference(logits, bank, k), _vb_loop_compose(logits, bank, k))
+    torch.testing.assert_close(topk_admixture(logits, bank, k), _vb_loop_compose(logits, bank, k))
 
 
 @pytest.mark.parametrize("k", [2, 3])
 def test_vblora_gradcheck_compose(k):
     logits = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     bank = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda l, v: vblora_compose_reference(l, v, k), (logits, bank))
+    assert torch.autograd.gradcheck(lambda l, v: topk_admixture(l, v, k), (logits, bank))
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -1410,13 +1417,13 @@ def test_vblora_vector_usage():
 
 def _vb_counting(monkeypatch):
     calls = []
-    ref = vblora.vblora_compose_reference
+    ref = vblora.topk_admixture
 
     def counted(logits, bank, k):
         calls.append(logits.shape[0])
         return ref(logits, bank, k)
 
-    monkeypatch.setattr(vblora, "vblora_compose_reference", counted)
+    monkeypatch.setattr(vblora, "topk_admixture", counted)
     return calls
 
 
@@ -1549,7 +1556,7 @@ def test_vblora_autocast_and_data_writes():
     assert torch.equal(after, again)
 
 
-# ---------------------------------------------------------------- issue 10 items
+# ---------------------------------------------------------------- VB-LoRA at LLM scale, its layouts and bad input
 
 
 def _vb_meta_llm(n_layer, d, qo, kv, ffn, cfg):
@@ -1612,9 +1619,9 @@ def test_vblora_load_checks_everything_before_writing():
 def _vb_authors_forward(x, W, bias, bank, la_theirs, lb, k):
     """The authors' NLU VBLinear: logits_A (in/b, r, h), A (in, r), B (r, out), y = x W^T + b + x A B."""
     r = la_theirs.shape[1]
-    A = vblora_compose_reference(la_theirs.reshape(-1, bank.shape[0]), bank, k)  # (in/b * r, b)
+    A = topk_admixture(la_theirs.reshape(-1, bank.shape[0]), bank, k)  # (in/b * r, b)
     A = A.reshape(la_theirs.shape[0], r, -1).transpose(1, 2).reshape(-1, r)  # (in/b, b, r) -> (in, r)
-    B = vblora_compose_reference(lb.reshape(-1, bank.shape[0]), bank, k)  # (out/b * r, b)
+    B = topk_admixture(lb.reshape(-1, bank.shape[0]), bank, k)  # (out/b * r, b)
     B = B.reshape(lb.shape[0], r, -1).transpose(0, 1).reshape(r, -1)  # (r, out/b, b) -> (r, out)
     return F.linear(x, W, bias) + x @ A @ B
 
@@ -2258,7 +2265,7 @@ def test_dispatch_methods_run_their_kernels_and_match_formula(method, monkeypatc
 
 
 # ================================================================================================
-# train_gpt2.py
+# GPT-2 on E2E: model_gpt2.py, e2e.py, train_gpt2.py (and what it takes from common.py)
 # ================================================================================================
 def _gpt2_enc():
     """A byte-level tiktoken encoding (no merges, no files): ids 0..255 = bytes, 256 = <|endoftext|>."""
@@ -2283,7 +2290,7 @@ def _gpt2_write_e2e(folder):
 
 def _gpt2_tiny(vocab=40, block=64, layers=2, heads=2, embd=16, std=0.3):
     """A random float64 GPT whose logits are peaked enough for decoding tests to be meaningful."""
-    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=block, vocab_size=vocab, n_layer=layers,
+    model = model_gpt2.GPT(model_gpt2.GPTConfig(block_size=block, vocab_size=vocab, n_layer=layers,
                                                 n_head=heads, n_embd=embd)).double().eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -2322,7 +2329,7 @@ def _gpt2_error(argv):
 
 def _gpt2_decode(model, enc, mrs):
     prompts = [enc.encode_ordinary(mr) + [enc.eot_token] for mr in mrs]
-    return [" ".join(enc.decode(t).split()) for t in train_gpt2.beam_search(model, prompts, enc.eot_token, beam=2,
+    return [" ".join(enc.decode(t).split()) for t in model_gpt2.beam_search(model, prompts, enc.eot_token, beam=2,
                                                                               max_new_tokens=8)]
 
 
@@ -2344,7 +2351,7 @@ def _gpt2_copy(run, tmp_path):
     return [str(out) if a == str(run.out) else a for a in run.argv]
 
 
-# ---- model: Hugging Face GPT-2 checkpoints map onto our names
+# ---- model_gpt2.py: Hugging Face GPT-2 checkpoints map onto our names
 
 
 def _gpt2_hf_reference(sd, idx, n_layer, n_head):
@@ -2388,7 +2395,7 @@ def test_gpt2_hf_checkpoint_loads_with_split_qkv(tmp_path):
     idx = torch.randint(0, V, (2, 11), generator=g)
     want = _gpt2_hf_reference(sd, idx, L, H)
     for source in (str(tmp_path), str(tmp_path / "pytorch_model.bin")):
-        model = train_gpt2.load_gpt2(source).eval()
+        model = model_gpt2.load_gpt2(source).eval()
         assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (L, H, C)
         assert isinstance(model.transformer.h[1].attn.q_proj, nn.Linear)
         assert model.lm_head.weight is model.transformer.wte.weight
@@ -2398,22 +2405,22 @@ def test_gpt2_hf_checkpoint_loads_with_split_qkv(tmp_path):
     torch.testing.assert_close(q, sd["h.0.attn.c_attn.weight"][:, :C].T)  # Conv1D (in, out) -> Linear (out, in)
 
 
-# ---- data: the loss sees exactly the reference tokens; bad files are named with their line
+# ---- e2e.py, data: the loss sees exactly the reference tokens; bad files are named with their line
 
 
 def test_gpt2_loss_mask_covers_exactly_the_reference():
     enc = _gpt2_enc()
     eos = enc.eot_token
     rows = [("name[Cotto], food[French]", "Cotto serves French food, cheap."), ("name[A]", "A.")]
-    examples = train_gpt2.encode_e2e(rows, enc, 512)
-    x, y = train_gpt2.collate(examples, pad=eos)
+    examples = e2e.encode_e2e(rows, enc, 512)
+    x, y = e2e.collate(examples, pad=eos)
     assert x.shape == y.shape == (2, max(len(t) for t, _ in examples) - 1)
     for i, (mr, ref) in enumerate(rows):
         tokens, n_prompt = examples[i]
         ref_tokens = enc.encode_ordinary(" " + ref) + [eos]
         assert tokens == enc.encode_ordinary(mr) + [eos] + ref_tokens
         assert n_prompt == len(enc.encode_ordinary(mr)) + 1
-        kept = (y[i] != train_gpt2.IGNORE).nonzero().flatten()
+        kept = (y[i] != model_gpt2.IGNORE).nonzero().flatten()
         assert y[i, kept].tolist() == ref_tokens  # every reference token and the final EOS, nothing else
         assert kept.tolist() == list(range(n_prompt - 1, len(tokens) - 1))
         assert x[i, :len(tokens) - 1].tolist() == tokens[:-1]
@@ -2430,14 +2437,14 @@ def test_gpt2_loss_mask_covers_exactly_the_reference():
 def test_gpt2_bad_e2e_file_fails_before_training_naming_file_and_line(tmp_path, content, message):
     _gpt2_write_e2e(tmp_path)
     for split in ("trainset.csv", "testset_w_refs.csv"):
-        (tmp_path / split).write_bytes(content)  # today: header-only trains 0 steps and writes an adapter
+        (tmp_path / split).write_bytes(content)  # a header-only file would train 0 steps
         msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora"))
         assert msg.startswith(f"error: {tmp_path / split}") and message in msg, msg
         assert not (tmp_path / "out").exists()
         _gpt2_write_e2e(tmp_path)
 
 
-# ---- flags: every bad value is one line before anything is loaded or trained
+# ---- train_gpt2.py, flags: every bad value is one line before anything is loaded or trained
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -2466,10 +2473,10 @@ def test_gpt2_method_config_error_is_one_line(tmp_path):
     msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "sera", "--sera_r", "8", "--sera_split", "3"))
     assert msg.startswith("error: --method sera: ") and "split=3" in msg
     args = train_gpt2.get_args(["--method", "sera", "--sera_r", "4"])
-    assert args.sera_split is None and train_gpt2.METHODS["sera"][0](args).split == 4  # split = r by default
+    assert args.sera_split is None and common.METHODS["sera"][0](args).split == 4  # split = r by default
 
 
-# ---- decoding
+# ---- model_gpt2.py, decoding
 
 
 def _gpt2_greedy(model, prompt, eos, max_new, n):
@@ -2493,15 +2500,15 @@ def test_gpt2_beam1_is_greedy():
     model = _gpt2_tiny()
     prompts = [[5, 6, 7], [1], [9, 8, 7, 6, 5, 4, 3], [2, 2]]
     for no_repeat in (0, 3):
-        got = train_gpt2.beam_search(model, prompts, eos=3, beam=1, max_new_tokens=12, no_repeat_ngram=no_repeat)
+        got = model_gpt2.beam_search(model, prompts, eos=3, beam=1, max_new_tokens=12, no_repeat_ngram=no_repeat)
         assert got == [_gpt2_greedy(model, p, 3, 12, no_repeat) for p in prompts]
 
 
 def test_gpt2_batched_beam_equals_per_prompt_beam():
     model = _gpt2_tiny()
     prompts = [[5, 6, 7], [1], [9, 8, 7, 6, 5, 4, 3, 2], [2, 2, 11, 12, 13]]
-    batched = train_gpt2.beam_search(model, prompts, eos=3, beam=3, max_new_tokens=10, no_repeat_ngram=3)
-    single = [train_gpt2.beam_search(model, [p], eos=3, beam=3, max_new_tokens=10, no_repeat_ngram=3)[0]
+    batched = model_gpt2.beam_search(model, prompts, eos=3, beam=3, max_new_tokens=10, no_repeat_ngram=3)
+    single = [model_gpt2.beam_search(model, [p], eos=3, beam=3, max_new_tokens=10, no_repeat_ngram=3)[0]
               for p in prompts]
     assert batched == single
     assert len({tuple(s) for s in single}) > 1  # the prompts really lead to different outputs
@@ -2519,14 +2526,14 @@ def test_gpt2_no_repeat_ngram_is_respected():
             p.zero_()
         model.transformer.wpe.weight.zero_()
     prompts = [[5], [7, 8]]
-    free = train_gpt2.beam_search(model, prompts, eos=3, beam=2, max_new_tokens=20, no_repeat_ngram=0)
+    free = model_gpt2.beam_search(model, prompts, eos=3, beam=2, max_new_tokens=20, no_repeat_ngram=0)
     assert all(_gpt2_has_repeat(t, 4) for t in free)  # without the rule this model loops
     for beam in (1, 3):
-        out = train_gpt2.beam_search(model, prompts, eos=3, beam=beam, max_new_tokens=20, no_repeat_ngram=4)
+        out = model_gpt2.beam_search(model, prompts, eos=3, beam=beam, max_new_tokens=20, no_repeat_ngram=4)
         assert all(len(t) == 20 and not _gpt2_has_repeat(t, 4) for t in out)
 
 
-# ---- metrics against hand computations
+# ---- e2e.py, metrics against hand computations
 
 
 def test_gpt2_bleu_by_hand():
@@ -2536,64 +2543,64 @@ def test_gpt2_bleu_by_hand():
     #   1g the x2, cat, on, mat = 5/6; 2g "the cat", "on the", "the mat" = 3/5; 3g "on the mat" = 1/4;
     #   4g 0/3; closest ref length 6 (ref 1). Corpus: 11/12, 8/10, 5/8, 3/6, lengths 12 vs 12 -> BP 1.
     refs = [[hyp, "a cat was on a mat"], ["the cat is on the mat", "there is a cat on the mat"]]
-    bleu, _ = train_gpt2.bleu_nist([hyp, hyp], refs)
+    bleu, _ = e2e.bleu_nist([hyp, hyp], refs)
     assert bleu == pytest.approx((11 / 12 * 8 / 10 * 5 / 8 * 3 / 6) ** 0.25, abs=1e-12)
     # brevity: hyp length 3, closest ref 6 -> BP exp(1 - 6/3); p1..p3 = 1; no 4-gram at all: mteval counts p4 = 1
-    bleu, _ = train_gpt2.bleu_nist(["the cat sat"], [["the cat sat on the mat", "the cat sat on a red mat"]])
+    bleu, _ = e2e.bleu_nist(["the cat sat"], [["the cat sat on the mat", "the cat sat on a red mat"]])
     assert bleu == pytest.approx(math.exp(-1.0), abs=1e-12)
     # tie in distance (lengths 2 and 4 around 3): the shorter is taken, so no brevity penalty
-    bleu, _ = train_gpt2.bleu_nist(["a b c"], [["a b", "a b c d"]])
+    bleu, _ = e2e.bleu_nist(["a b c"], [["a b", "a b c d"]])
     assert bleu == pytest.approx(1.0, abs=1e-12)
     # tokenisation: case and punctuation (split off, except inside numbers) do not matter
-    bleu, _ = train_gpt2.bleu_nist(["The Cat, costs 2.50."], [["the cat , costs 2.50 ."]])
+    bleu, _ = e2e.bleu_nist(["The Cat, costs 2.50."], [["the cat , costs 2.50 ."]])
     assert bleu == pytest.approx(1.0, abs=1e-12)
     # a 4-gram precision of 0 is smoothed to 1/(2 * count): MR 2 alone, (5/6 * 3/5 * 1/4 * 1/6)^(1/4)
-    bleu, _ = train_gpt2.bleu_nist([hyp], refs[1:])
+    bleu, _ = e2e.bleu_nist([hyp], refs[1:])
     assert bleu == pytest.approx((5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25, abs=1e-12)
 
 
 def test_gpt2_nist_by_hand():
     # one ref "a b": info(a) = info(b) = log2(2 words / 1) = 1, info(a b) = log2(count(a) / count(a b)) = 0
-    _, nist = train_gpt2.bleu_nist(["a b"], [["a b"]])
+    _, nist = e2e.bleu_nist(["a b"], [["a b"]])
     assert nist == pytest.approx(1.0, abs=1e-12)  # (1 + 1) / 2 unigrams + 0
     beta = -math.log(0.5) / math.log(1.5) ** 2
-    _, nist = train_gpt2.bleu_nist(["a"], [["a b"]])  # 1 / 1, length ratio 1/2
+    _, nist = e2e.bleu_nist(["a"], [["a b"]])  # 1 / 1, length ratio 1/2
     assert nist == pytest.approx(math.exp(-beta * math.log(0.5) ** 2), abs=1e-12)
     # reference words 2 + 6 + 2 = 10 over the most references of an MR (2), as mteval sees the padded sets:
     # ratio 4 / 5; info(a) = info(b) = log2(10 / 3), info(a b) = log2(3 / 3) = 0
-    _, nist = train_gpt2.bleu_nist(["a b", "a b"], [["a b", "a b c d e f"], ["a b"]])
+    _, nist = e2e.bleu_nist(["a b", "a b"], [["a b", "a b c d e f"], ["a b"]])
     assert nist == pytest.approx(math.log2(10 / 3) * math.exp(-beta * math.log(0.8) ** 2), abs=1e-12)
 
 
 def test_gpt2_rouge_meteor_cider_by_hand():
     # LCS("the cat sat on the mat", "the cat on a mat") = "the cat on mat" = 4: P 4/6, R 4/5
     f = lambda p, r: (1 + 1.44) * p * r / (r + 1.44 * p)
-    assert train_gpt2.rouge_l(["the cat sat on the mat"], [["the cat on a mat"]]) == pytest.approx(f(4 / 6, 4 / 5))
+    assert e2e.rouge_l(["the cat sat on the mat"], [["the cat on a mat"]]) == pytest.approx(f(4 / 6, 4 / 5))
     # a second reference "cat" raises the max recall to 1 while the max precision stays 4/6 (taken separately)
-    got = train_gpt2.rouge_l(["the cat sat on the mat"], [["the cat on a mat", "cat"]])
+    got = e2e.rouge_l(["the cat sat on the mat"], [["the cat on a mat", "cat"]])
     assert got == pytest.approx(f(4 / 6, 1.0))
-    assert train_gpt2.rouge_l(["The cat sat."], [["the cat sat"]]) == pytest.approx(1.0)  # punctuation dropped
+    assert e2e.rouge_l(["The cat sat."], [["the cat sat"]]) == pytest.approx(1.0)  # punctuation dropped
 
-    assert train_gpt2.meteor_exact(["the cat sat on the mat"], [["the cat sat on the mat"]]) == pytest.approx(1.0)
+    assert e2e.meteor_exact(["the cat sat on the mat"], [["the cat sat on the mat"]]) == pytest.approx(1.0)
     # P = R = 1, 2 chunks of 4 matches: 1 - 0.6 * (2/4)^0.2
-    assert train_gpt2.meteor_exact(["a b c d"], [["c d a b"]]) == pytest.approx(1 - 0.6 * 0.5 ** 0.2)
+    assert e2e.meteor_exact(["a b c d"], [["c d a b"]]) == pytest.approx(1 - 0.6 * 0.5 ** 0.2)
     # 2 of 3 words, one chunk: Fmean = (4/9) / (2/3) = 2/3, penalty 0.6 * (1/2)^0.2
-    got = train_gpt2.meteor_exact(["the cat sat"], [["the cat ran", "dogs"]])
+    got = e2e.meteor_exact(["the cat sat"], [["the cat ran", "dogs"]])
     assert got == pytest.approx(2 / 3 * (1 - 0.6 * 0.5 ** 0.2))
 
     refs = [["a b c d"], ["e f g h"]]
-    assert train_gpt2.cider_d(["a b c d", "e f g h"], refs) == pytest.approx(10.0)  # identical, 1-4-grams
-    assert train_gpt2.cider_d(["x y z w", "v u t s"], refs) == 0.0
-    assert 0 < train_gpt2.cider_d(["a b c d x", "e f g h"], refs) < 10.0
+    assert e2e.cider_d(["a b c d", "e f g h"], refs) == pytest.approx(10.0)  # identical, 1-4-grams
+    assert e2e.cider_d(["x y z w", "v u t s"], refs) == 0.0
+    assert 0 < e2e.cider_d(["a b c d x", "e f g h"], refs) < 10.0
 
 
-# ---- offline and first run: one probe, one message naming every missing resource and its flag
+# ---- common.py and e2e.py, offline and first run: one probe, one message naming every missing resource and its flag
 
 
 def test_gpt2_offline_names_every_missing_resource_at_once(monkeypatch, tmp_path):
-    import resources
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))  # whatever this machine has cached
     probes = []
-    monkeypatch.setattr(resources, "network_ok", lambda *a, **k: probes.append(1) or False)
+    monkeypatch.setattr(common, "network_ok", lambda *a, **k: probes.append(1) or False)
 
     def fail(*a, **k):
         raise AssertionError("a download was tried although the probe said offline")
@@ -2613,7 +2620,38 @@ def test_gpt2_offline_names_every_missing_resource_at_once(monkeypatch, tmp_path
         assert needed in msg, (needed, msg)
     # a local --bpe_dir is read without a download; a wrong one is named
     with pytest.raises(SystemExit, match="--bpe_dir .*vocab.bpe and encoder.json"):
-        train_gpt2.get_tokenizer(str(tmp_path))
+        e2e.get_tokenizer(str(tmp_path))
+
+
+# tiktoken names a cached file by the sha1 of its URL (tiktoken.load.read_file_cached)
+_TIKTOKEN_GPT2_URLS = ["https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                       "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"]
+
+
+@pytest.mark.parametrize("env", ["TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"])
+def test_gpt2_bpe_in_tiktokens_cache_trains_offline_without_a_probe(monkeypatch, tmp_path, env):
+    """A user who ran once online has the BPE in tiktoken's cache: offline, the run uses it and never probes."""
+    import hashlib
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for url in _TIKTOKEN_GPT2_URLS:
+        (cache / hashlib.sha1(url.encode()).hexdigest()).write_text("x")
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.setenv(env, str(cache))
+    monkeypatch.setattr(common, "network_ok", lambda *a, **k: pytest.fail("the network was probed"))
+    got = []
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: got.append(name) or _gpt2_enc())  # reads the cache
+    _gpt2_write_e2e(tmp_path)
+    argv = _gpt2_argv(tmp_path, tmp_path / "out", "lora", "--max_iters", "1", "--eval_samples", "1")
+    res = train_gpt2.main([str(a) for a in argv])
+    assert got == ["gpt2"] and res["step"] == 1 and len(res["predictions"]) == 1
+    # one file short of the pair: the probe decides, and offline the message names --bpe_dir
+    os.remove(cache / hashlib.sha1(_TIKTOKEN_GPT2_URLS[1].encode()).hexdigest())
+    probes = []
+    monkeypatch.setattr(common, "network_ok", lambda *a, **k: probes.append(1) or False)
+    with pytest.raises(SystemExit, match="(?s)no network .*vocab.bpe, encoder.json.*--bpe_dir"):
+        train_gpt2.main([str(a) for a in argv] + ["--overwrite"])
+    assert probes == [1] and got == ["gpt2"]
 
 
 def test_gpt2_explicit_bpe_dir_is_used_without_a_download(monkeypatch, tmp_path):
@@ -2629,18 +2667,18 @@ def test_gpt2_explicit_bpe_dir_is_used_without_a_download(monkeypatch, tmp_path)
     monkeypatch.setattr(tiktoken.load, "data_gym_to_mergeable_bpe_ranks", ranks)
     for f in ("vocab.bpe", "encoder.json"):
         (tmp_path / f).write_text("x")
-    enc = train_gpt2.get_tokenizer(str(tmp_path))
+    enc = e2e.get_tokenizer(str(tmp_path))
     assert read == [(str(tmp_path / "vocab.bpe"), str(tmp_path / "encoder.json"))]
     assert enc.encode_ordinary("ab") == [97, 98] and enc.eot_token == 50256
 
 
-# ---- the script end to end, every method; its adapter.pt reloads with load_finetuned
+# ---- train_gpt2.py end to end, every method; its adapter.pt reloads with load_finetuned
 
 
 def _gpt2_fresh(method):
     """The smoke run's model rebuilt by hand as main builds it (seed 1), with the same adapter config."""
     torch.manual_seed(1)
-    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=128, vocab_size=257, n_layer=1, n_head=2, n_embd=32))
+    model = model_gpt2.GPT(model_gpt2.GPTConfig(block_size=128, vocab_size=257, n_layer=1, n_head=2, n_embd=32))
     qv = ["q_proj", "v_proj"]
     if method == "lora":
         lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=32, dropout=0.1), qv)
@@ -2679,8 +2717,8 @@ def test_gpt2_smoke_every_method(method, tmp_path, capsys):
     y = torch.zeros_like(x)
     with torch.no_grad():
         before = fresh(x, y)[0]
-        if method in train_gpt2.METHODS:
-            train_gpt2.METHODS[method][3](fresh, sd)
+        if method in common.METHODS:
+            common.METHODS[method][3](fresh, sd)
         else:
             fresh.load_state_dict(sd, strict=False)
         assert_close(fresh(x, y)[0], trained(x, y)[0])
@@ -2688,7 +2726,7 @@ def test_gpt2_smoke_every_method(method, tmp_path, capsys):
         if method != "none":
             assert (before - trained(x, y)[0]).abs().max() > 1e-4  # training moved it; the reload matters
         if method == "full":  # a full fine-tune reloads as a checkpoint with its own n_head (not n_embd / 64 = 0)
-            again = train_gpt2.load_gpt2(str(out / "adapter.pt")).eval()
+            again = model_gpt2.load_gpt2(str(out / "adapter.pt")).eval()
             assert again.config.n_head == 2
             assert_close(again(x, y)[0], trained(x, y)[0])
     mrs = ["name[Blue Spice], food[French]", "name[Blue Spice], food[Italian]"]
@@ -2715,7 +2753,7 @@ def test_gpt2_sample_decodes_one_mr_with_a_saved_adapter(_gpt2_lora_run, capsys)
     assert msg.startswith("error: --sample needs an adapter.pt")
 
 
-# ---- output directories, checkpoints and resume
+# ---- common.py through train_gpt2.py: output directories, checkpoints and resume
 
 
 def test_gpt2_out_dir_with_a_run_is_refused_without_resume_or_overwrite(_gpt2_lora_run, tmp_path):
@@ -2730,9 +2768,9 @@ def test_gpt2_out_dir_with_a_run_is_refused_without_resume_or_overwrite(_gpt2_lo
 
 def test_gpt2_resume_refuses_flags_that_alter_the_run(_gpt2_lora_run, tmp_path):
     argv = _gpt2_copy(_gpt2_lora_run, tmp_path) + ["--resume"]
-    msg = _gpt2_error(argv + ["--lr", "2e-4"])  # today: silently trains on at the saved run's lr
+    msg = _gpt2_error(argv + ["--lr", "2e-4"])  # else it would train on at the saved run's lr
     assert msg.startswith("error: --resume: --lr 0.01 -> 0.0002 would alter the saved run; only --beam")
-    msg = _gpt2_error(argv + ["--seed", "9", "--lora_r", "8"])  # today: a new scratch base from seed 9
+    msg = _gpt2_error(argv + ["--seed", "9", "--lora_r", "8"])  # else a new scratch base from seed 9
     assert "--lora_r 4 -> 8, --seed 1 -> 9 would alter" in msg
     res = _gpt2_main(argv + ["--max_iters", "6", "--eval_samples", "0", "--log_interval", "3"])  # extend: allowed
     assert res["step"] == 6
@@ -2742,26 +2780,26 @@ def test_gpt2_resume_with_other_shapes_is_one_line(_gpt2_lora_run, tmp_path):
     argv = _gpt2_copy(_gpt2_lora_run, tmp_path) + ["--resume"]
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     name = next(k for k in ckpt["trainable"] if k.endswith("lora_A"))
-    ckpt["trainable"][name] = torch.zeros(3, 32)  # today: a RuntimeError traceback from load_state_dict
+    ckpt["trainable"][name] = torch.zeros(3, 32)  # else a RuntimeError traceback from load_state_dict
     torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
     msg = _gpt2_error(argv)
     assert msg.startswith(f"error: --resume: {tmp_path / 'out' / 'ckpt.pt'} does not fit this model: ") and name in msg
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"", "is not a readable checkpoint (truncated or not a torch file): "),
+    (b"", "is an empty file, not a checkpoint"),
     (b"truncated", "is not a readable checkpoint (truncated or not a torch file): "),
-    (None, "is not a ckpt.pt of train_gpt2.py: no step, trainable, optimizer, rng"),
+    (None, "is not a nanopeft ckpt.pt: no step, trainable, optimizer, rng"),
 ])
 def test_gpt2_bad_checkpoint_file_is_one_line(_gpt2_lora_run, tmp_path, content, message):
     argv = _gpt2_copy(_gpt2_lora_run, tmp_path) + ["--resume"]
     path = tmp_path / "out" / "ckpt.pt"
-    if content is None:  # a torch file with the wrong content (today: KeyError)
+    if content is None:  # a torch file with the wrong content
         torch.save({"args": {}}, path)
-    else:  # empty or truncated (today: EOFError / RuntimeError tracebacks)
+    else:  # empty or truncated
         path.write_bytes(path.read_bytes()[:100] if content == b"truncated" else content)
     assert _gpt2_error(argv).startswith(f"error: {path} {message}")
-    with pytest.raises(SystemExit, match=f"error: {path} is not a"):
+    with pytest.raises(SystemExit, match=f"error: {re.escape(str(path))} is (an empty file|not a)"):
         train_gpt2.load_finetuned(str(path))
 
 
@@ -2786,7 +2824,7 @@ def test_gpt2_resume_continues_the_same_run(tmp_path, monkeypatch):
     _gpt2_write_e2e(tmp_path)
     flags = ["--grad_accum", "2", "--warmup_iters", "10", "--eval_samples", "0"]  # 6 batches/epoch: crosses one
     straight = _gpt2_main(_gpt2_argv(tmp_path, tmp_path / "a", "lora", *flags, "--max_iters", "4"))
-    save_atomic = train_gpt2.save_atomic
+    save_atomic = common.save_atomic
 
     def save_then_stop(obj, path):  # the same run killed right after its step-2 checkpoint
         save_atomic(obj, path)
@@ -2858,7 +2896,7 @@ def test_gpt2_torchrun_two_processes_give_the_one_process_adapter(tmp_path):
 
 
 # ================================================================================================
-# train_vit.py
+# ViT: model_vit.py, images.py, train_vit.py
 # ================================================================================================
 # -------------------------------------------------------------------------------------------------
 # helpers: a tiny ViT under Google/HF names, a plain reference forward, tiny data, tiny runs
@@ -2954,14 +2992,14 @@ def _vit_exit(argv):
 
 
 # -------------------------------------------------------------------------------------------------
-# model and pretrained weights
+# model_vit.py: model and pretrained weights
 
 
 @pytest.mark.parametrize("prefix", ["vit.", ""])
 def test_vit_hf_checkpoint_maps_key_for_key(tmp_path, prefix):
     sd = _vit_fake_hf_state(prefix)
     d = _vit_save_hf_dir(tmp_path, sd)
-    model = train_vit.build_model(_vit_args("--init_from", str(d), "--image_size", "16"), _VIT_TINY["classes"])
+    model = model_vit.build_model(_vit_args("--init_from", str(d), "--image_size", "16"), _VIT_TINY["classes"])
     assert model.cfg.n_layer == 2 and model.cfg.n_embd == 32 and model.cfg.patch_size == 4
     assert model.cfg.n_head == 2 and model.cfg.mlp_dim == 64
     x = torch.randn(3, 3, 16, 16)
@@ -2972,7 +3010,7 @@ def test_vit_hf_checkpoint_maps_key_for_key(tmp_path, prefix):
 def test_vit_checkpoint_without_classifier_gets_zero_head_and_other_grid(tmp_path):
     sd = _vit_fake_hf_state(classifier=False)
     d = _vit_save_hf_dir(tmp_path, sd)
-    model = train_vit.build_model(_vit_args("--init_from", str(d), "--image_size", "32"), 7)
+    model = model_vit.build_model(_vit_args("--init_from", str(d), "--image_size", "32"), 7)
     assert model.pos_embed.shape == (1, 8 * 8 + 1, 32)  # 4x4 grid interpolated to 8x8
     assert_close(model.pos_embed[0, 0], sd["vit.embeddings.position_embeddings"][0, 0])
     assert torch.equal(model.head.weight, torch.zeros(7, 32))
@@ -2981,7 +3019,7 @@ def test_vit_checkpoint_without_classifier_gets_zero_head_and_other_grid(tmp_pat
 
 def test_vit_resize_pos_embed_keeps_a_constant_grid():
     pos = torch.cat([torch.full((1, 1, 6), -3.0), torch.full((1, 9, 6), 2.5)], dim=1)  # 3x3 grid
-    out = train_vit.resize_pos_embed(pos, 25)
+    out = model_vit.resize_pos_embed(pos, 25)
     assert out.shape == (1, 26, 6)
     assert_close(out[:, 0], pos[:, 0])
     assert_close(out[:, 1:], torch.full((1, 25, 6), 2.5))
@@ -2992,9 +3030,9 @@ def test_vit_checkpoint_mismatch_lists_every_problem(tmp_path):
     sd["vit.encoder.layer.0.intermediate.dense.weight"] = torch.zeros(65, 32)
     del sd["vit.encoder.layer.1.layernorm_after.bias"]
     sd["vit.encoder.layer.0.extra.weight"] = torch.zeros(1)
-    model = train_vit.ViT(train_vit.ViTConfig(16, 4, 2, 2, 32, 64, 5))
+    model = model_vit.ViT(model_vit.ViTConfig(16, 4, 2, 2, 32, 64, 5))
     with pytest.raises(ValueError) as e:
-        train_vit.load_weights(model, train_vit.hf_to_vit(sd))
+        model_vit.load_weights(model, model_vit.hf_to_vit(sd))
     msg = str(e.value)
     assert "blocks.0.mlp.fc1.weight: checkpoint (65, 32) vs model (64, 32)" in msg
     assert "blocks.1.ln_2.bias" in msg and "encoder.layer.0.extra.weight" in msg
@@ -3002,7 +3040,7 @@ def test_vit_checkpoint_mismatch_lists_every_problem(tmp_path):
 
 def test_vit_every_linear_is_called_as_a_module():
     """No Linear (q/k/v/out, mlp, head) is bypassed through its .weight, so an adapter swapped in is used."""
-    model = train_vit.ViT(train_vit.ViTConfig(16, 4, 2, 2, 32, 64, 5))
+    model = model_vit.ViT(model_vit.ViTConfig(16, 4, 2, 2, 32, 64, 5))
     assert not any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
     called = set()
     for name, m in model.named_modules():
@@ -3029,7 +3067,7 @@ def test_vit_hub_failure_names_the_repo_and_local_flags(monkeypatch):
         raise ConnectionError("no network")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(SystemExit) as e:
-        train_vit.read_checkpoint("vit-large")
+        model_vit.read_checkpoint("vit-large")
     assert "google/vit-large-patch16-224-in21k" in str(e.value) and "--init_from PATH" in str(e.value)
     assert "--init_from scratch" in str(e.value)
 
@@ -3041,7 +3079,7 @@ def test_vit_full_finetune_reloads_with_its_saved_n_head(tmp_path):
     assert model.cfg.n_head == 2
     path = str(tmp_path / "out" / "adapter.pt")
     x = torch.randn(3, 3, 16, 16)
-    rebuilt = train_vit.build_model(_vit_args("--init_from", path, "--image_size", "16"), 4)
+    rebuilt = model_vit.build_model(_vit_args("--init_from", path, "--image_size", "16"), 4)
     rebuilt.head.load_state_dict(model.head.state_dict())
     reloaded = train_vit.load_finetuned(path)
     assert rebuilt.cfg.n_head == 2 and reloaded.cfg.n_head == 2
@@ -3051,26 +3089,26 @@ def test_vit_full_finetune_reloads_with_its_saved_n_head(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------
-# preprocessing
+# images.py: preprocessing
 
 
 def test_vit_eval_preprocess_normalises_to_unit_range():
     x = torch.tensor([0, 255], dtype=torch.uint8).repeat_interleave(3 * 8 * 8).view(2, 3, 8, 8)
-    out = train_vit.preprocess(x, 8, train=False)
+    out = images.preprocess(x, 8, train=False)
     assert out.shape == (2, 3, 8, 8)
     assert torch.equal(out[0], torch.full((3, 8, 8), -1.0)) and torch.equal(out[1], torch.full((3, 8, 8), 1.0))
-    big = train_vit.preprocess(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), 24, train=False)
+    big = images.preprocess(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), 24, train=False)
     assert big.shape == (4, 3, 24, 24) and big.min() >= -1 and big.max() <= 1
 
 
 def test_vit_train_crop_size_range_and_flip():
     x = torch.randint(0, 256, (6, 3, 12, 12), dtype=torch.uint8)
-    out = train_vit.preprocess(x, 20, train=True)
+    out = images.preprocess(x, 20, train=True)
     assert out.shape == (6, 3, 20, 20) and out.min() >= -1 and out.max() <= 1
     img = torch.rand(1, 3, 8, 8).expand(64, -1, -1, -1)
-    same = train_vit.random_resized_crop_flip(img, 8, min_scale=1.0, ratio=(1, 1), flip=False)
+    same = images.random_resized_crop_flip(img, 8, min_scale=1.0, ratio=(1, 1), flip=False)
     assert_close(same, img.contiguous())  # the whole image at its own size: identity
-    out = train_vit.random_resized_crop_flip(img, 8, min_scale=1.0, ratio=(1, 1))
+    out = images.random_resized_crop_flip(img, 8, min_scale=1.0, ratio=(1, 1))
     flipped = [bool(torch.allclose(o, img[0].flip(-1), atol=1e-6)) for o in out]
     kept = [bool(torch.allclose(o, img[0], atol=1e-6)) for o in out]
     assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
@@ -3078,7 +3116,7 @@ def test_vit_train_crop_size_range_and_flip():
 
 def test_vit_train_crop_is_a_subwindow():
     ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(16, 3, 32, 32)  # value = x position
-    out = train_vit.random_resized_crop_flip(ramp, 32, min_scale=0.25, ratio=(1, 1), flip=False)
+    out = images.random_resized_crop_flip(ramp, 32, min_scale=0.25, ratio=(1, 1), flip=False)
     span = out[:, 0, 0, -1] - out[:, 0, 0, 0]  # a box of side s spans about s of the ramp
     assert (span > 0.4).all() and (span < 1.0 + 1e-6).all()
     assert (out[:, :, 1:] - out[:, :, :1]).abs().max() < 1e-6  # no vertical change: rows stay rows
@@ -3086,32 +3124,32 @@ def test_vit_train_crop_is_a_subwindow():
 
 def test_vit_train_crop_is_fixed_by_its_generator():
     x = torch.rand(4, 3, 12, 12)
-    a = train_vit.random_resized_crop_flip(x, 8, generator=torch.Generator().manual_seed(3))
-    b = train_vit.random_resized_crop_flip(x, 8, generator=torch.Generator().manual_seed(3))
+    a = images.random_resized_crop_flip(x, 8, generator=torch.Generator().manual_seed(3))
+    b = images.random_resized_crop_flip(x, 8, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
 
 
 # -------------------------------------------------------------------------------------------------
-# data: loading, and every bad input refused before training
+# images.py: loading, and every bad input refused before training
 
 
 def test_vit_npz_loading(tmp_path):
     p = str(tmp_path / "d.npz")
     _vit_write_npz(p)
     raw = np.load(p)
-    d = train_vit.load_npz(p, 32)  # 16 <= 32: kept at its own size
+    d = images.load_npz(p, 32)  # 16 <= 32: kept at its own size
     assert d["x_train"].shape == (16, 3, 16, 16) and d["x_train"].dtype == torch.uint8
     assert torch.equal(d["x_train"][3], torch.from_numpy(raw["x_train"][3]).permute(2, 0, 1))
     assert d["y_test"].dtype == torch.int64 and d["y_test"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
     assert d["classes"] == ["c0", "c1", "c2", "c3"]
-    small = train_vit.load_npz(p, 8)  # larger than the model input: resized once
+    small = images.load_npz(p, 8)  # larger than the model input: resized once
     assert small["x_test"].shape == (8, 3, 8, 8)
 
 
 def test_vit_npz_without_its_suffix_is_read_by_content(tmp_path):
     _vit_write_npz(str(tmp_path / "d.npz"))
     os.rename(tmp_path / "d.npz", tmp_path / "cifar.data")
-    d = train_vit.load_data(_vit_args("--data", str(tmp_path / "cifar.data"), "--image_size", "16"))
+    d = images.load_data(_vit_args("--data", str(tmp_path / "cifar.data"), "--image_size", "16"))
     assert d["x_train"].shape == (16, 3, 16, 16) and d["classes"] == ["c0", "c1", "c2", "c3"]
 
 
@@ -3132,7 +3170,7 @@ def test_vit_bad_npz_is_one_error_line(tmp_path, case):
     p = str(tmp_path / "bad.npz")
     _vit_write_npz(p, **override)
     with pytest.raises(SystemExit) as e:
-        train_vit.load_data(_vit_args("--data", p, "--image_size", "16"))
+        images.load_data(_vit_args("--data", p, "--image_size", "16"))
     msg = str(e.value)
     assert msg.startswith(f"error: --data {p}: ") and expected in msg and "\n" not in msg, msg
 
@@ -3141,10 +3179,10 @@ def test_vit_data_that_is_no_npz_nor_folder_is_refused_clearly(tmp_path):
     p = tmp_path / "images.csv"
     p.write_text("x,y\n1,2\n")
     with pytest.raises(SystemExit, match=r"neither an \.npz archive nor a folder; expected a \.npz holding x_train"):
-        train_vit.load_data(_vit_args("--data", str(p)))
+        images.load_data(_vit_args("--data", str(p)))
     np.save(tmp_path / "one.npy", np.zeros(3))
     with pytest.raises(SystemExit, match="one array, not an .npz archive"):
-        train_vit.load_npz(str(tmp_path / "one.npy"), 16)
+        images.load_npz(str(tmp_path / "one.npy"), 16)
 
 
 def _vit_image_folder(root, splits=("train", "test"), classes=("cat", "dog")):
@@ -3162,7 +3200,7 @@ def test_vit_image_folder_loading(tmp_path):
             for i, (w, h) in enumerate(sizes):
                 Image.new("RGB", (w, h), rgb).save(tmp_path / split / c / f"{i}.png")
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
-    d = train_vit.load_folder(str(tmp_path), 12)
+    d = images.load_folder(str(tmp_path), 12)
     assert d["classes"] == ["cat", "dog"]
     assert d["x_train"].shape == (6, 3, 12, 12) and d["x_train"].dtype == torch.uint8
     assert d["y_train"].tolist() == [0, 0, 0, 1, 1, 1] and d["y_test"].tolist() == [0, 1]
@@ -3176,7 +3214,7 @@ def test_vit_image_folder_hidden_entries_are_not_classes(tmp_path):
         os.makedirs(tmp_path / split / ".ipynb_checkpoints")
         (tmp_path / split / ".DS_Store").write_text("")
     (tmp_path / "train" / "cat" / ".hidden.png").write_bytes(b"not a png")
-    d = train_vit.load_folder(str(tmp_path), 8)
+    d = images.load_folder(str(tmp_path), 8)
     assert d["classes"] == ["cat", "dog"] and d["y_train"].tolist() == [0, 1]
 
 
@@ -3197,7 +3235,7 @@ def test_vit_image_folder_bad_layout_says_the_expected_one(tmp_path, layout, exp
         _vit_image_folder(tmp_path, splits=("train",))
         os.makedirs(tmp_path / "test" / "cat")
     with pytest.raises(SystemExit) as e:
-        train_vit.load_folder(str(tmp_path), 8)
+        images.load_folder(str(tmp_path), 8)
     msg = str(e.value)
     assert expected in msg and "\n" not in msg, msg
     if layout != "empty_class":
@@ -3211,11 +3249,11 @@ def test_vit_missing_dataset_names_the_local_flag(monkeypatch):
         raise ConnectionError("no network")
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SystemExit) as e:
-        train_vit.load_hub("pets", 224)  # the probe said yes, then the download broke off
+        images.load_hub("pets", 224)  # the probe said yes, then the download broke off
     assert "timm/oxford-iiit-pet" in str(e.value) and "--data PATH" in str(e.value)
     assert "the download broke off: ConnectionError: no network" in str(e.value)
     with pytest.raises(SystemExit, match="the dataset timm/oxford-iiit-pet .*the Hugging Face Hub.*--data PATH"):
-        train_vit.load_hub("pets", 224, online=lambda: False)  # offline: `datasets` is not even asked
+        images.load_hub("pets", 224, online=lambda: False)  # offline: `datasets` is not even asked
 
 
 def test_vit_dataset_error_that_is_not_the_network_says_what_failed(monkeypatch):
@@ -3228,7 +3266,7 @@ def test_vit_dataset_error_that_is_not_the_network_says_what_failed(monkeypatch)
             raise RuntimeError("Dataset scripts are no longer supported, but found FGVC-Aircraft.py") from inner
     monkeypatch.setattr(datasets, "load_dataset", script)
     with pytest.raises(SystemExit) as e:
-        train_vit.load_hub("fgvc", 224)
+        images.load_hub("fgvc", 224)
     msg = str(e.value)
     assert "RuntimeError: Dataset scripts are no longer supported" in msg and "--data PATH" in msg
     assert "broke off" not in msg
@@ -3246,8 +3284,8 @@ def test_vit_hub_dataset_picks_image_and_label_columns(monkeypatch):
     dd = datasets.DatasetDict({"train": split(6, [(40, 30), (50, 50)]), "validation": split(2, [(20, 20)] * 2)})
     asked = []
     monkeypatch.setattr(datasets, "load_dataset", lambda repo, **kw: asked.append((repo, kw)) or dd)
-    d = train_vit.load_hub("fgvc", 24)  # label column "variant", test falls back to the validation split
-    assert asked == [("HuggingFaceM4/FGVC-Aircraft", {"revision": train_vit.DATASETS["fgvc"][2]})]  # parquet, pinned
+    d = images.load_hub("fgvc", 24)  # label column "variant", test falls back to the validation split
+    assert asked == [("HuggingFaceM4/FGVC-Aircraft", {"revision": images.DATASETS["fgvc"][2]})]  # parquet, pinned
     assert d["classes"] == ["a", "b", "c"] and d["y_train"].tolist() == [1, 2, 0, 1, 2, 0]
     assert d["x_train"].shape == (6, 3, 24, 24) and d["x_test"].shape == (2, 3, 20, 20)
     assert d["x_train"][3, 0].eq(30).all() and d["y_test"].tolist() == [1, 2]
@@ -3255,13 +3293,12 @@ def test_vit_hub_dataset_picks_image_and_label_columns(monkeypatch):
 
 def test_vit_offline_run_names_everything_it_could_not_reach(monkeypatch, tmp_path):
     datasets = pytest.importorskip("datasets")  # in requirements.txt; absent only on a bare GPU box
-    import resources
 
     def offline(*a, **k):
         raise ConnectionError("no network")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    monkeypatch.setattr(resources, "network_ok", lambda *a, **k: True)  # the probe passes, the downloads fail
+    monkeypatch.setattr(common, "network_ok", lambda *a, **k: True)  # the probe passes, the downloads fail
     msg = _vit_exit(["--init_from", "vit-base", "--dataset", "cifar10", "--out_dir", str(tmp_path / "out")])
     lines = msg.splitlines()
     assert lines[0] == "error: a download failed; these could not be fetched:" and len(lines) == 3
@@ -3271,15 +3308,15 @@ def test_vit_offline_run_names_everything_it_could_not_reach(monkeypatch, tmp_pa
 
 
 # -------------------------------------------------------------------------------------------------
-# flags: every bad one refused, one line each, before any data is read
+# train_vit.py: flags, every bad one refused, one line each, before any data is read
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--batch_size", "0"], "error: --batch_size 0 must be >= 1"),
-    (["--grad_accum", "0"], "error: --grad_accum 0 must be >= 1"),
+    (["--batch_size", "0"], "error: --batch_size 0: must be >= 1"),
+    (["--grad_accum", "0"], "error: --grad_accum 0: must be >= 1"),
     (["--n_head", "3"], "error: --n_head 3 must divide --n_embd 64"),
-    (["--lr", "-0.001"], "error: --lr -0.001 must be >= 0"),
-    (["--max_iters", "-5"], "error: --max_iters -5 must be >= 0"),
+    (["--lr", "-0.001"], "error: --lr -0.001: must be >= 0"),
+    (["--max_iters", "-5"], "error: --max_iters -5: must be >= 0"),
     (["--patch_size", "5"], "error: --patch_size 5 must divide --image_size 16"),
     (["--resume", "--overwrite"], "error: --resume and --overwrite: pass one"),
     (["--method", "sera", "--sera_r", "6", "--sera_split", "4"], "error: --method sera: SeRA: split=4 must divide r=6"),
@@ -3292,7 +3329,7 @@ def test_vit_bad_flags_fail_before_training(tmp_path, monkeypatch, flags, expect
 
 def test_vit_bad_flags_are_all_named_at_once(tmp_path):
     msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--batch_size", "0", "--n_head", "3"))
-    assert msg.splitlines() == ["error: --batch_size 0 must be >= 1", "error: --n_head 3 must divide --n_embd 64"]
+    assert msg.splitlines() == ["error: --batch_size 0: must be >= 1", "error: --n_head 3 must divide --n_embd 64"]
 
 
 def test_vit_global_batch_larger_than_the_data_is_refused(tmp_path):
@@ -3306,10 +3343,10 @@ def test_vit_bad_method_config_exits_with_the_constraint(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------
-# training runs: every method, the log line, reload
+# train_vit.py: training runs, every method, the log line, reload
 
 
-@pytest.mark.parametrize("method", train_vit.ALL_METHODS)
+@pytest.mark.parametrize("method", list(train_vit.METHOD_DEFAULTS))
 def test_vit_smoke_every_method_trains_saves_and_reloads(tmp_path, capsys, method):
     res = train_vit.main(_vit_smoke_argv(tmp_path, method))
     out = capsys.readouterr().out
@@ -3323,21 +3360,21 @@ def test_vit_smoke_every_method_trains_saves_and_reloads(tmp_path, capsys, metho
     path = tmp_path / "out" / "adapter.pt"
     assert path.exists() and (tmp_path / "out" / "ckpt.pt").exists()
     ck = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
-    assert set(train_vit.CKPT_KEYS) <= set(ck) and "model" not in ck
-    x = train_vit.preprocess(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), 16, train=False)
+    assert set(common.CKPT_KEYS) <= set(ck) and "model" not in ck
+    x = images.preprocess(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), 16, train=False)
     reloaded = train_vit.load_finetuned(str(path))
     with torch.no_grad():
         assert_close(reloaded(x), model(x))
         # the adapter matters: the same backbone with only the trained head gives other logits
         torch.manual_seed(0)
-        bare = train_vit.build_model(train_vit.get_args(_vit_smoke_argv(tmp_path, "head")), 4)
+        bare = model_vit.build_model(train_vit.get_args(_vit_smoke_argv(tmp_path, "head")), 4)
         bare.head.load_state_dict(model.head.state_dict())
         differs = not torch.allclose(bare.eval()(x), model(x), atol=1e-6)
     assert differs == (method not in ("none", "head"))
 
 
 def test_vit_hms():
-    assert [train_vit.hms(s) for s in (0, 59.9, 61, 3600 * 27 + 62)] == ["0:00:00", "0:00:59", "0:01:01", "27:01:02"]
+    assert [common.hms(s) for s in (0, 59.9, 61, 3600 * 27 + 62)] == ["0:00:00", "0:00:59", "0:01:01", "27:01:02"]
 
 
 def _vit_torchrun(argv, nproc):
@@ -3370,7 +3407,7 @@ def test_vit_torchrun_two_processes_match_one(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------
-# checkpoints: resume, overwrite, bad files, atomic saves
+# common.py through train_vit.py: resume, overwrite, bad files, atomic saves
 
 
 def test_vit_resume_continues_from_the_checkpoint(tmp_path, capsys):
@@ -3383,7 +3420,7 @@ def test_vit_resume_continues_from_the_checkpoint(tmp_path, capsys):
     ck = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ck["step"] == 3
     msg = _vit_exit(_vit_smoke_argv(tmp_path, "sera", "--resume"))
-    assert "--method lora (now sera)" in msg
+    assert "--method lora -> sera" in msg
 
 
 class _VitStop(Exception):
@@ -3394,7 +3431,7 @@ def test_vit_resume_after_an_interruption_matches_a_straight_run(tmp_path, monke
     # 16 images / batch 4: epoch 1 ends (and saves) at step 4 of 8; dropout draws from the global RNG
     argv = ["--max_iters", "8", "--min_crop", "0.3", "--lora_dropout", "0.2"]
     straight = train_vit.main(_vit_smoke_argv(tmp_path, "lora", *argv, "--out_dir", str(tmp_path / "a")))
-    save_atomic, saved = train_vit.save_atomic, []
+    save_atomic, saved = common.save_atomic, []
 
     def save_then_stop(obj, path):  # a run killed right after its first checkpoint
         save_atomic(obj, path)
@@ -3420,13 +3457,13 @@ def test_vit_resume_refuses_changed_flags_and_names_them(tmp_path):
     # a new seed would rebuild the scratch backbone from it: another model, silently
     msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--seed", "9", "--lr", "2e-2", "--resume"))
     assert msg.startswith("error: --resume: ") and "\n" not in msg
-    assert "--lr 0.01 (now 0.02)" in msg and "--seed 0 (now 9)" in msg and "--max_iters, --epochs" in msg
+    assert "--lr 0.01 -> 0.02" in msg and "--seed 0 -> 9" in msg and "--max_iters" in msg and "--epochs" in msg
     msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--targets", "q_proj", "--resume"))
-    assert "--targets q_proj,v_proj (now q_proj)" in msg
+    assert "--targets q_proj,v_proj -> q_proj" in msg
     msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--weight_decay", "0", "--resume"))
-    assert "--weight_decay 0.0001 (now 0.0)" in msg
+    assert "--weight_decay 0.0001 -> 0.0" in msg
     msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--n_head", "4", "--sera_split", "2", "--resume"))
-    assert "--n_head 2 (now 4)" in msg and "--sera_split None (now 2)" in msg
+    assert "--n_head 2 -> 4" in msg and "--sera_split None -> 2" in msg
 
 
 def test_vit_resume_with_other_tensors_in_the_checkpoint_is_one_line(tmp_path):
@@ -3470,7 +3507,7 @@ def _vit_bad_file(path, kind):
 @pytest.mark.parametrize("kind, expected", [("empty", "is an empty file, not a checkpoint"),
                                             ("text", "is not a readable checkpoint (truncated or not a torch file)"),
                                             ("truncated", "is not a readable checkpoint (truncated or not a torch file)"),
-                                            ("no_keys", "is not a checkpoint of train_vit.py: no args, step, trainable")])
+                                            ("no_keys", "is not a nanopeft ckpt.pt: no args, step, trainable")])
 def test_vit_bad_checkpoint_file_is_one_line(tmp_path, kind, expected):
     os.makedirs(tmp_path / "out")
     path = tmp_path / "out" / "ckpt.pt"
@@ -3479,7 +3516,7 @@ def test_vit_bad_checkpoint_file_is_one_line(tmp_path, kind, expected):
     assert msg.startswith(f"error: {path} {expected}") and "\n" not in msg, msg
     adapter = tmp_path / "adapter.pt"
     _vit_bad_file(adapter, kind)
-    with pytest.raises(SystemExit, match=f"error: .*adapter.pt {re.escape(expected.split(': no')[0])}"):
+    with pytest.raises(SystemExit, match=f"error: .*adapter.pt {re.escape(expected.split(': no')[0].replace('ckpt.pt', 'adapter.pt'))}"):
         train_vit.load_finetuned(str(adapter))
 
 
@@ -3493,7 +3530,6 @@ def test_vit_bad_init_from_file_is_one_line(tmp_path):
 # ================================================================================================
 # Beside the ecosystem: a user's clone (no workshop folder), no triton, transformers, another `kernels`
 # ================================================================================================
-# Issue 18. Each test below fails on 62db354.
 ROOT = os.path.dirname(os.path.abspath(__file__))
 METHOD_FILES = ("lora.py", "sera.py", "siva.py", "bone.py", "vblora.py")
 NO_TRITON = ("import sys\n"  # what a Mac sees: `import triton` raises ImportError
@@ -3584,9 +3620,8 @@ def test_a_method_file_copied_beside_another_kernels_module_runs_its_own_formula
 
 
 def test_vit_offline_fails_within_seconds_with_one_message(monkeypatch, tmp_path):
-    import resources
     probes = []
-    monkeypatch.setattr(resources, "network_ok", lambda *a, **k: probes.append(1) or False)
+    monkeypatch.setattr(common, "network_ok", lambda *a, **k: probes.append(1) or False)
 
     def download(repo, filename, local_files_only=False, **k):
         assert local_files_only, "a download was tried although the probe said offline"
@@ -3619,7 +3654,7 @@ def test_bench_peft_rows_from_the_repository_root_without_triton():
 
 @pytest.mark.parametrize("mr", ["", "   ", " | ", ", "])
 def test_gpt2_empty_sample_is_refused_before_any_file_is_read(monkeypatch, mr):
-    monkeypatch.setattr(train_gpt2, "fetch_resources", lambda *a, **k: pytest.fail("a file was read"))
+    monkeypatch.setattr(train_gpt2, "fetch_all", lambda *a, **k: pytest.fail("a file was read"))
     with pytest.raises(SystemExit) as e:
         train_gpt2.main(["--sample", mr, "--adapter", "nowhere/adapter.pt"])
     assert str(e.value.code) == f'error: --sample {mr!r} is an empty MR; give one such as "name[The Eagle] | food[French]"'
@@ -3649,20 +3684,20 @@ def test_lm_text_blocks_cover_the_text_and_every_next_token_is_a_target(tmp_path
     (tmp_path / "a.txt").write_text("abcdefghij" * 7)
     (tmp_path / "b.txt").write_text("xyz" * 9)
     enc = _repro_bytes_enc()
-    train, dev = train_gpt2.encode_lm_text([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], enc, 4)
+    train, dev = e2e.encode_lm_text([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], enc, 4)
     tokens = list(b"abcdefghij" * 7) + [256] + list(b"xyz" * 9) + [256]  # 99 tokens: 24 blocks, 3 left over
     blocks = [tokens[i:i + 4] for i in range(0, 96, 4)]
     assert [t for t, _ in train] == [b for i, b in enumerate(blocks) if i % 20 != 19]
     assert [t for t, _ in dev] == [blocks[19]]  # every 20th block is held out
-    x, y = train_gpt2.collate(train[:3], enc.eot_token)
-    assert (y != train_gpt2.IGNORE).all() and torch.equal(y[:, :-1], x[:, 1:])  # a target at every position
+    x, y = e2e.collate(train[:3], enc.eot_token)
+    assert (y != model_gpt2.IGNORE).all() and torch.equal(y[:, :-1], x[:, 1:])  # a target at every position
     assert y[:, -1].tolist() == [t[-1] for t, _ in train[:3]]
 
 
 def test_lm_text_bad_input_is_one_line(tmp_path):
     (tmp_path / "short.txt").write_text("abc")
     with pytest.raises(SystemExit, match=r"^error: --lm_text: 4 tokens make 1 block\(s\) of 4; need 2"):
-        train_gpt2.encode_lm_text([str(tmp_path / "short.txt")], _repro_bytes_enc(), 4)
+        e2e.encode_lm_text([str(tmp_path / "short.txt")], _repro_bytes_enc(), 4)
     with pytest.raises(SystemExit, match=r"^error: --lm_text .*nope.txt' is not a non-empty file$"):
         train_gpt2.check_args(train_gpt2.get_args(["--lm_text", f"{tmp_path / 'short.txt'},{tmp_path / 'nope.txt'}"]))
 
@@ -3689,15 +3724,15 @@ def test_lm_pretraining_then_fine_tuning_from_its_adapter(tmp_path):
 
 
 def test_vit_classes_subset_is_relabelled_in_the_order_given():
-    assert train_vit.parse_classes("5-7,2") == [5, 6, 7, 2]
+    assert images.parse_classes("5-7,2") == [5, 6, 7, 2]
     data = {"classes": ["a", "b", "c", "d"], "x_train": torch.arange(8).view(8, 1), "y_train": torch.tensor([0, 1, 2, 3] * 2),
             "x_test": torch.arange(4).view(4, 1), "y_test": torch.tensor([3, 2, 1, 0])}
-    out = train_vit.select_classes(data, [3, 1], "test data")
+    out = images.select_classes(data, [3, 1], "test data")
     assert out["classes"] == ["d", "b"]
     assert out["y_train"].tolist() == [1, 0, 1, 0] and out["x_train"].view(-1).tolist() == [1, 3, 5, 7]
     assert out["y_test"].tolist() == [0, 1] and out["x_test"].view(-1).tolist() == [0, 2]
     with pytest.raises(SystemExit, match=r"^error: --classes: test data has 4 classes \(0..3\), not 4$"):
-        train_vit.select_classes(data, [0, 4], "test data")
+        images.select_classes(data, [0, 4], "test data")
     for bad, why in (("3-1", "not an index or a range"), ("a", "not an index or a range"), ("1,0-2", "listed twice")):
         with pytest.raises(SystemExit, match=rf"^error: --classes {bad}: .*{why}"):
             train_vit.get_args(["--classes", bad])
@@ -3745,9 +3780,8 @@ def test_reproduce_cache_reuses_a_finished_run_and_redoes_a_changed_one(tmp_path
 
 
 def test_reproduce_offline_without_data_names_everything_and_the_data_flag(monkeypatch, tmp_path):
-    import resources
     probes = []
-    monkeypatch.setattr(resources, "network_ok", lambda *a, **k: probes.append(1) or False)
+    monkeypatch.setattr(common, "network_ok", lambda *a, **k: probes.append(1) or False)
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
         load_dataset=lambda *a, **k: pytest.fail("a download was tried although the probe said offline")))
     monkeypatch.setattr(tiktoken, "get_encoding", lambda *a: pytest.fail("tiktoken asked to download"))
@@ -3796,14 +3830,14 @@ def test_reproduce_prepares_a_seeded_test_sample_across_the_file_and_a_held_out_
              y_test=y_test, class_names=np.array([f"c{i}" for i in range(10)]))
     args = reproduce.p.parse_args(["--data", str(d), "--cifar", str(d / "cifar.npz"), "--out_dir", str(tmp_path / "o")])
     paths = reproduce.prepare_data(args, ["gpt2", "vit"])
-    test = train_gpt2.read_e2e_csv(os.path.join(paths["e2e"], "testset_w_refs.csv"))
+    test = e2e.read_e2e_csv(os.path.join(paths["e2e"], "testset_w_refs.csv"))
     mrs = list(dict.fromkeys(mr for mr, _ in test))
     assert len(mrs) == reproduce.N_TEST and len(test) == 3 * reproduce.N_TEST  # every reference of each MR kept
     idx = sorted(int(re.match(r"name\[R(\d+)\]", mr)[1]) for mr in mrs)
     assert idx == [int(re.match(r"name\[R(\d+)\]", mr)[1]) for mr in mrs]  # file order
     assert idx[0] < 20 and idx[-1] > 80  # drawn across the file, not its head
     assert mrs == list(dict.fromkeys(mr for mr, _ in reproduce.sample_test_mrs(rows, reproduce.N_TEST)))  # seeded
-    assert train_gpt2.read_e2e_csv(os.path.join(paths["e2e"], "trainset.csv")) == rows
+    assert e2e.read_e2e_csv(os.path.join(paths["e2e"], "trainset.csv")) == rows
     assert open(paths["refs"]).read().splitlines() == [ref for _, ref in rows]  # references alone, no MR
     vit, val = np.load(paths["vit"]), np.load(paths["vit_val"])
     assert np.array_equal(vit["x_train"], val["x_train"]) and np.bincount(vit["y_train"]).tolist() == [450] * 10

@@ -78,7 +78,7 @@ class VBLoRAConfig:
             raise ValueError(f"VB-LoRA: init_bank_bound={bound!r} must be a finite number > 0")
 
 
-def vblora_compose_reference(logits, bank, k):
+def topk_admixture(logits, bank, k):
     """(S, h) logits, (h, b) bank -> (S, b): softmax over each row's top-k logits, mix those bank rows."""
     top, idx = logits.topk(k, dim=-1)  # (S, k)
     w = top.softmax(dim=-1)  # (S, k)
@@ -109,7 +109,7 @@ class VBLoRABank(nn.Module):
             if _kernels is not None and _kernels.applies(flat, vec):
                 subs = _kernels.vblora_compose(flat, vec, cfg.k)  # (S_total, b)
             else:
-                subs = vblora_compose_reference(flat, vec, cfg.k)  # (S_total, b)
+                subs = topk_admixture(flat, vec, cfg.k)  # (S_total, b)
         pieces = subs.split([t.numel() // cfg.h for t in logits])
         out = []
         for l, pa, pb in zip(layers, pieces[0::2], pieces[1::2]):
