@@ -17,16 +17,20 @@
 """
 import argparse
 import inspect
+import json
 import os
 import re
 import socket
 from contextlib import nullcontext
 
+import safetensors
+import safetensors.torch
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bone
+import interop
 import lora
 import sera
 import siva
@@ -142,6 +146,10 @@ def add_method_args(p, defaults, default_method):
     """--method and the method flags, each unset by default; the epilog lists what each method fills in."""
     g = p.add_argument_group("method (an unset flag takes the method's default, listed below)")
     g.add_argument("--method", default=default_method, choices=list(defaults), help="fine-tuning method")
+    g.add_argument("--export", nargs=2, metavar=("peft|lora", "DIR"), default=None,
+                   help="after training, also write the adapter for the Hugging Face model: PEFT's folder format "
+                        "(LoRA, VB-LoRA, Bone-col) or any method's ΔW as plain LoRA (exact at the method's rank, else "
+                        "SVD-truncated with the error printed)")
     for flag, (type_, help_) in METHOD_FLAGS.items():
         choices = ["col", "row"] if flag == "bone_grouping" else None
         g.add_argument(f"--{flag}", type=type_, default=None, choices=choices, help=help_ + " (per method)")
@@ -158,23 +166,78 @@ def fill_method_defaults(args, defaults):
     for k in ("lr", "vblora_bank_lr", "vblora_logits_lr"):
         if getattr(args, k) is not None and getattr(args, k) < 0:
             raise SystemExit(f"error: --{k} {getattr(args, k)}: must be >= 0")
-    if args.method in METHODS:
+    if args.method in METHODS and interop.peft_config(args.init_from) is None:
         try:
             METHODS[args.method][0](args)
         except ValueError as e:  # a constraint of the method's config, named with its values
             raise SystemExit(f"error: --method {args.method}: {e}")
+    check_export(args)
     return args
 
 
-def attach_method(model, args):
-    """Freeze the model (all of it trains for --method full), attach the method on --targets."""
+def base_checkpoint(init_from):
+    """Where the base weights come from: a PEFT folder's base_model_name_or_path, else --init_from itself."""
+    cfg = interop.peft_config(init_from)
+    if cfg is None:
+        return init_from
+    if not cfg.get("base_model_name_or_path"):
+        raise SystemExit(f"error: --init_from {init_from}: its adapter_config.json names no base_model_name_or_path, "
+                         f"so the base model is unknown")
+    return cfg["base_model_name_or_path"]
+
+
+def attach_method(model, args, layout=None):
+    """Freeze the model (all of it trains for --method full), attach the method on --targets; or, when
+    --init_from is a PEFT folder, its adapter (its own shapes and tensors), mapped by `layout`."""
     model.requires_grad_(args.method == "full")
-    if args.method in METHODS:
+    cfg = interop.peft_config(args.init_from)
+    if cfg is not None:
+        method = interop.PEFT_METHODS.get(cfg.get("peft_type"))
+        if method != args.method:
+            hint = f"pass --method {method}" if method else f"nanopeft reads {', '.join(interop.PEFT_METHODS)}"
+            raise SystemExit(f"error: --init_from {args.init_from} holds a PEFT {cfg.get('peft_type')} adapter: {hint}")
+        try:
+            interop.load_peft(model, args.init_from, layout)
+        except ValueError as e:
+            raise SystemExit(f"error: --init_from {args.init_from}: {e}")
+    elif args.method in METHODS:
         config, apply, _, _ = METHODS[args.method]
         try:
             apply(model, config(args), args.targets.split(","))
         except ValueError as e:  # a target that matches nothing, a width the method cannot divide
             raise SystemExit(f"error: --method {args.method}: {e}")
+
+
+def check_export(args, model=None, layout=None):
+    """--export peft|lora DIR, refused before any work: another kind, a method that trains no adapter, a DIR that
+    holds an adapter (unless --overwrite); with the model, an adapter that PEFT cannot hold (then lora can)."""
+    if args.export is None:
+        return
+    kind, path = args.export
+    if model is None:
+        if kind not in ("peft", "lora"):
+            raise SystemExit(f"error: --export {kind} {path}: the kind is peft (PEFT's own format: LoRA, VB-LoRA, "
+                             f"Bone-col) or lora (any method's ΔW as plain LoRA)")
+        if args.method not in METHODS:
+            raise SystemExit(f"error: --export: --method {args.method} trains no adapter to export")
+        if os.path.exists(os.path.join(path, "adapter_config.json")) and not args.overwrite:
+            raise SystemExit(f"error: --export {kind} {path}: that folder holds an adapter; pass --overwrite to "
+                             f"replace it")
+    elif kind == "peft":
+        why_not = interop.why_not_peft(model, layout)
+        if why_not:
+            raise SystemExit(f"error: --export peft: PEFT cannot hold this adapter on this model: {why_not}; use "
+                             f"--export lora {path}")
+
+
+def export_adapter(args, model, layout, base, modules_to_save=None, log=print):
+    """Write the trained adapter for the Hugging Face model `layout` maps onto: PEFT's format, or plain LoRA."""
+    kind, path = args.export
+    if kind == "peft":
+        interop.save_peft(model, path, layout, modules_to_save, base)
+    else:
+        interop.save_lora(model, path, layout=layout, modules_to_save=modules_to_save, base_model_name_or_path=base)
+    log(f"exported the adapter as {'a PEFT' if kind == 'peft' else 'a plain LoRA'} folder: {path}")
 
 
 def adapter_state_dict(model, method):
@@ -216,7 +279,7 @@ CKPT_KEYS = ("args", "step", "trainable", "optimizer", "rng")
 # goes, what it prints, where it runs and what it decodes or evaluates afterwards
 RESUME_MAY_CHANGE = {"max_iters", "epochs", "log_interval", "eval_interval", "eval_iters", "eval_batch_size",
                      "device", "compile", "resume", "overwrite", "out_dir", "beam", "eval_samples", "decode_batch",
-                     "length_penalty", "no_repeat_ngram", "max_new_tokens", "sample", "adapter"}
+                     "length_penalty", "no_repeat_ngram", "max_new_tokens", "sample", "adapter", "export"}
 
 
 def hms(seconds):
@@ -232,10 +295,10 @@ def progress_line(step, total, loss, lr, rate, unit, t_start, start_step, now):
 
 
 def save_atomic(obj, path):
-    """Write path + ".tmp", fsync it, rename it over path, fsync the folder: a crash leaves the old or the
-    new file, never a torn one."""
+    """Write obj (bytes as they are, else torch.save) to path + ".tmp", fsync it, rename it over path, fsync the
+    folder: a crash leaves the old or the new file, never a torn one."""
     with open(path + ".tmp", "wb") as f:
-        torch.save(obj, f)
+        f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
@@ -244,6 +307,35 @@ def save_atomic(obj, path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def adapter_bytes(meta, tensors):
+    """An adapter.safetensors file: the tensors, and in the file's own header `meta` (the run's flags, method,
+    model config...) as JSON under "nanopeft", so the tensors and what they need to be used never part."""
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    return safetensors.torch.save(tensors, metadata={"nanopeft": json.dumps(meta)})
+
+
+def load_adapter(path, keys):
+    """{meta..., "adapter": tensors, "head": the "head."-prefixed ones} from an adapter.safetensors, or from an
+    adapter.pt (a torch file with the same keys, as earlier versions wrote). Any fault is one line naming path."""
+    if path.endswith(".pt"):
+        return load_checkpoint(path, keys, "adapter.pt")
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise SystemExit(f"error: {path} is {'an empty file' if os.path.isfile(path) else 'not a file'}, not an "
+                         f"adapter.safetensors")
+    try:
+        with safetensors.safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("nanopeft", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # truncated, not a safetensors file
+        raise SystemExit(f"error: {path} is not a readable adapter.safetensors (truncated or another format): "
+                         f"{why(e)}")
+    missing = [k for k in keys if not isinstance(meta, dict) or k not in meta and k not in ("adapter", "head")]
+    if missing:
+        raise SystemExit(f"error: {path} is not a nanopeft adapter.safetensors: no {', '.join(missing)} in its header")
+    return dict(meta, adapter={k: v for k, v in tensors.items() if not k.startswith("head.")},
+                head={k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
 
 
 def load_checkpoint(path, keys=CKPT_KEYS, what="ckpt.pt"):
@@ -266,12 +358,12 @@ def check_resume(saved_args, args):
     changed = [f"--{k} {saved_args.get(k)} -> {new.get(k)}" for k in sorted(set(saved_args) | set(new))
                if k not in RESUME_MAY_CHANGE and saved_args.get(k) != new.get(k)]
     if changed:
-        free = sorted(k for k in RESUME_MAY_CHANGE - {"resume", "overwrite", "sample", "adapter"} if k in new)
+        free = sorted(k for k in RESUME_MAY_CHANGE - {"resume", "overwrite", "sample", "adapter", "export"} if k in new)
         raise SystemExit(f"error: --resume: {', '.join(changed)} would alter the saved run; only "
                          f"{', '.join('--' + k for k in free)} may change (or start over with --overwrite)")
 
 
-def open_run(args, world_size, files=("ckpt.pt", "adapter.pt")):
+def open_run(args, world_size, files=("ckpt.pt", "adapter.safetensors", "adapter.pt")):
     """The --out_dir guard. -> the checkpoint to resume (--resume), or None for a new run; a folder that
     holds a run is refused unless --resume or --overwrite."""
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")

@@ -142,7 +142,7 @@ GPT2_HEADS = {"gpt2": 12, "gpt2-medium": 16, "gpt2-large": 20, "gpt2-xl": 25}  #
 def convert_hf_state_dict(sd):
     """HF GPT-2 tensors -> ours: the fused Conv1D c_attn (in, 3C) becomes q_proj/k_proj/v_proj weights
     (C, C); every Conv1D weight is transposed to nn.Linear's (out, in); the causal-mask buffers go; lm_head
-    is wte. A state dict already in our layout (e.g. a full fine-tune's adapter.pt) passes through."""
+    is wte. A state dict already in our layout (e.g. a full fine-tune's adapter) passes through."""
     if any(".q_proj." in k for k in sd):
         out = dict(sd)
     else:
@@ -168,9 +168,9 @@ def convert_hf_state_dict(sd):
 
 def load_gpt2(path, dropout=0.0, n_head=None):
     """Our GPT from a local GPT-2 checkpoint: a model.safetensors / pytorch_model.bin (HF layout), the
-    folder holding one, or a full fine-tune's adapter.pt. n_head is not in the weights: the argument, else
-    a config.json beside the file, else the model config saved in adapter.pt, else n_embd / 64 (every
-    GPT-2 size has 64-dim heads)."""
+    folder holding one, or a full fine-tune's adapter.safetensors (or adapter.pt). n_head is not in the weights:
+    the argument, else a config.json beside the file, else the model config saved with a full fine-tune, else
+    n_embd / 64 (every GPT-2 size has 64-dim heads)."""
     if os.path.isdir(path):
         names = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, f))]
         if not names:
@@ -184,8 +184,11 @@ def load_gpt2(path, dropout=0.0, n_head=None):
         with open(config_json) as f:
             n_head = json.load(f).get("n_head")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path)
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:  # a full fine-tune's adapter.safetensors keeps its config in the header
+            header = json.loads((f.metadata() or {}).get("nanopeft", "{}"))
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        n_head = n_head or header.get("config", {}).get("n_head")
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
         if "adapter" in sd and "args" in sd:  # a full fine-tune's adapter.pt: its tensors and its model config
@@ -206,6 +209,7 @@ WEIGHTS_FLAG = "--init_from PATH (a model.safetensors or pytorch_model.bin, or i
 
 def gpt2_weights(init_from, online):
     """A local file or folder for --init_from: itself, or the Hub checkpoint (cache first, then download)."""
+    init_from = init_from.removeprefix("openai-community/")  # the Hub's name, as a PEFT folder writes it
     if init_from not in GPT2_HEADS:
         return init_from
     from huggingface_hub import hf_hub_download

@@ -196,16 +196,23 @@ def load_weights(model, sd):
 
 
 def _read_tensors(path):
+    """A state dict, or a fine-tune's saved adapter as {"args", "method", ..., "adapter", "head"}."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            header = (f.metadata() or {}).get("nanopeft")  # a run's adapter.safetensors: its flags and config
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        if header is None:
+            return sd
+        return dict(json.loads(header), adapter={k: v for k, v in sd.items() if not k.startswith("head.")},
+                    head={k[5:]: v for k, v in sd.items() if k.startswith("head.")})
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _from_finetune(blob, path):
-    """A full fine-tune's adapter.pt as a checkpoint: its backbone and head, and its own n_head."""
+    """A full fine-tune's saved adapter as a checkpoint: its backbone and head, and its own n_head."""
     if blob.get("method") != "full":
-        raise SystemExit(f"error: --init_from {path}: the adapter.pt of a --method {blob.get('method')} run holds "
+        raise SystemExit(f"error: --init_from {path}: the adapter of a --method {blob.get('method')} run holds "
                          f"no backbone; rebuild it with load_finetuned({path!r}), or start from a full fine-tune")
     cfg = blob.get("config") or blob.get("model_cfg") or {"n_head": blob["args"].get("n_head"), "ln_eps": 1e-12}
     sd = {**blob["adapter"], **{f"head.{k}": v for k, v in blob.get("head", {}).items()}}

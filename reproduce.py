@@ -285,7 +285,7 @@ ANALYSE = {"siva": siva_line, "vblora": vblora_line, "bone": bone_line}
 def sera_similarity(script, outs):
     """Mean over adapted layers of phi(dW_seed_a, dW_seed_b, r, r) (SeRA Eq. 4) between the first two seeds."""
     with contextlib.redirect_stdout(None):  # load_finetuned's "loaded ..." lines
-        ms = [script.load_finetuned(os.path.join(o, "adapter.pt")) for o in outs[:2]]
+        ms = [script.load_finetuned(os.path.join(o, "adapter.safetensors")) for o in outs[:2]]
     layers = [[(n, l) for n, l in m.named_modules() if isinstance(l, sera.SeRALinear)] for m in ms]
     phi = [sera.subspace_similarity(a.delta_weight(), b.delta_weight(), a.cfg.r, b.cfg.r)
            for (_, a), (_, b) in zip(*layers)]
@@ -374,7 +374,7 @@ def gpt2_side(args, paths, seeds, q, dev):
     base = cached_run(train_gpt2.main, base_argv, os.path.join(args.out_dir, "gpt2", "base"),
                       deps=[os.path.getsize(paths["refs"])])
     print(f"GPT-2 base: dev LM loss {base['dev_loss']:.3f}, {base['tokens_per_s']:,.0f} tok/s ({time.time() - t0:.0f}s)")
-    base_pt = os.path.join(args.out_dir, "gpt2", "base", "adapter.pt")
+    base_pt = os.path.join(args.out_dir, "gpt2", "base", "adapter.safetensors")
     rows = [("zero-shot", "none", []), ("full", "full", []), ("LoRA", "lora", []), ("SeRA", "sera", []),
             ("SiVA", "siva", []), ("Bone-col", "bone", ["--bone_grouping", "col"]),
             ("Bone-row", "bone", ["--bone_grouping", "row"]), ("VB-LoRA", "vblora", [])]
@@ -422,7 +422,7 @@ def vit_side(args, paths, seeds, q, dev):
     base = cached_run(train_vit.main, base_argv, os.path.join(args.out_dir, "vit", "base"),
                       deps=[os.path.getsize(paths["vit"])])
     print(f"ViT base: classes 0-4 test accuracy {100 * base['test_acc']:.1f}% ({time.time() - t0:.0f}s)")
-    base_pt = os.path.join(args.out_dir, "vit", "base", "adapter.pt")
+    base_pt = os.path.join(args.out_dir, "vit", "base", "adapter.safetensors")
     rows = [("linear probe", "head", []), ("full", "full", []), ("LoRA", "lora", []), ("SeRA", "sera", []),
             ("SiVA", "siva", []), ("Bone-col", "bone", ["--bone_grouping", "col"]),
             ("Bone-row", "bone", ["--bone_grouping", "row"]), ("VB-LoRA", "vblora", [])]

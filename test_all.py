@@ -37,20 +37,23 @@ from types import SimpleNamespace
 
 import huggingface_hub
 import numpy as np
+import peft
 import pytest
 import tiktoken
 import tiktoken.load
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bone
 import common
 import e2e
 import images
+import interop
 import kernels
 import lora
 import model_gpt2
@@ -2267,6 +2270,16 @@ def test_dispatch_methods_run_their_kernels_and_match_formula(method, monkeypatc
 # ================================================================================================
 # GPT-2 on E2E: model_gpt2.py, e2e.py, train_gpt2.py (and what it takes from common.py)
 # ================================================================================================
+def _read_adapter(path):
+    """A run's adapter.safetensors read with safetensors alone: its header's JSON and its tensors ("head." ones apart)."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        blob, tensors = json.loads(f.metadata()["nanopeft"]), {k: f.get_tensor(k) for k in f.keys()}
+    blob["adapter"] = {k: v for k, v in tensors.items() if not k.startswith("head.")}
+    blob["head"] = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
+    return blob
+
+
 def _gpt2_enc():
     """A byte-level tiktoken encoding (no merges, no files): ids 0..255 = bytes, 256 = <|endoftext|>."""
     return tiktoken.Encoding(name="nanopeft_test_bytes", pat_str=r"\S+|\s+",
@@ -2465,7 +2478,7 @@ def test_gpt2_bad_flags_fail_before_training(tmp_path, flags, message):
     _gpt2_write_e2e(tmp_path)
     msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", *flags))
     assert msg.startswith(message), msg
-    assert not (tmp_path / "out" / "adapter.pt").exists()
+    assert not (tmp_path / "out" / "adapter.safetensors").exists()
 
 
 def test_gpt2_method_config_error_is_one_line(tmp_path):
@@ -2672,7 +2685,7 @@ def test_gpt2_explicit_bpe_dir_is_used_without_a_download(monkeypatch, tmp_path)
     assert enc.encode_ordinary("ab") == [97, 98] and enc.eot_token == 50256
 
 
-# ---- train_gpt2.py end to end, every method; its adapter.pt reloads with load_finetuned
+# ---- train_gpt2.py end to end, every method; its adapter.safetensors reloads with load_finetuned
 
 
 def _gpt2_fresh(method):
@@ -2708,11 +2721,11 @@ def test_gpt2_smoke_every_method(method, tmp_path, capsys):
     assert (out / "predictions.txt").read_text(encoding="utf-8").count("\n") == 2
     assert (out / "references.txt").read_text(encoding="utf-8").split("\n\n")[0].count("\n") == 1  # 2 refs, MR 1
 
-    blob = torch.load(out / "adapter.pt", weights_only=True)
+    blob = _read_adapter(out / "adapter.safetensors")
     assert blob["method"] == blob["args"]["method"] == method and blob["args"]["n_embd"] == 32
     sd = blob["adapter"]
     fresh, trained = _gpt2_fresh(method), res["model"].eval()
-    reloaded = train_gpt2.load_finetuned(str(out / "adapter.pt"))  # one call instead of the lines below
+    reloaded = train_gpt2.load_finetuned(str(out / "adapter.safetensors"))  # one call instead of the lines below
     x = torch.randint(0, 257, (2, 9))
     y = torch.zeros_like(x)
     with torch.no_grad():
@@ -2726,7 +2739,7 @@ def test_gpt2_smoke_every_method(method, tmp_path, capsys):
         if method != "none":
             assert (before - trained(x, y)[0]).abs().max() > 1e-4  # training moved it; the reload matters
         if method == "full":  # a full fine-tune reloads as a checkpoint with its own n_head (not n_embd / 64 = 0)
-            again = model_gpt2.load_gpt2(str(out / "adapter.pt")).eval()
+            again = model_gpt2.load_gpt2(str(out / "adapter.safetensors")).eval()
             assert again.config.n_head == 2
             assert_close(again(x, y)[0], trained(x, y)[0])
     mrs = ["name[Blue Spice], food[French]", "name[Blue Spice], food[Italian]"]
@@ -2750,7 +2763,7 @@ def test_gpt2_sample_decodes_one_mr_with_a_saved_adapter(_gpt2_lora_run, capsys)
     assert capsys.readouterr().out.splitlines()[-1] == res["sample"]
     assert [res["sample"]] == _gpt2_decode(run.res["model"], _gpt2_enc(), ["name[Blue Spice], food[French]"])
     msg = _gpt2_error(["--sample", "name[A]", "--adapter", run.folder / "nope.pt"])
-    assert msg.startswith("error: --sample needs an adapter.pt")
+    assert msg.startswith("error: --sample needs an adapter: no ")
 
 
 # ---- common.py through train_gpt2.py: output directories, checkpoints and resume
@@ -3077,7 +3090,7 @@ def test_vit_full_finetune_reloads_with_its_saved_n_head(tmp_path):
     res = train_vit.main(_vit_smoke_argv(tmp_path, "full", "--init_from", "scratch"))
     model = res["model"].eval()
     assert model.cfg.n_head == 2
-    path = str(tmp_path / "out" / "adapter.pt")
+    path = str(tmp_path / "out" / "adapter.safetensors")
     x = torch.randn(3, 3, 16, 16)
     rebuilt = model_vit.build_model(_vit_args("--init_from", path, "--image_size", "16"), 4)
     rebuilt.head.load_state_dict(model.head.state_dict())
@@ -3357,7 +3370,7 @@ def test_vit_smoke_every_method_trains_saves_and_reloads(tmp_path, capsys, metho
         assert re.search(r"^step 3/3 \| loss \d+\.\d{4} \| lr \d\.\d\de[-+]\d\d \| [\d,]+ img/s \| "
                          r"elapsed \d+:\d\d:\d\d \| eta \d+:\d\d:\d\d$", out, re.M), out
     model = res["model"].eval()
-    path = tmp_path / "out" / "adapter.pt"
+    path = tmp_path / "out" / "adapter.safetensors"
     assert path.exists() and (tmp_path / "out" / "ckpt.pt").exists()
     ck = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert set(common.CKPT_KEYS) <= set(ck) and "model" not in ck
@@ -3400,8 +3413,8 @@ def test_vit_torchrun_two_processes_match_one(tmp_path):
     assert one["trainable"].keys() == two["trainable"].keys() and "vblora_bank.vectors" in one["trainable"]
     for k in one["trainable"]:
         assert_close(two["trainable"][k], one["trainable"][k])
-    a1 = torch.load(tmp_path / "one" / "adapter.pt", weights_only=True)
-    a2 = torch.load(tmp_path / "two" / "adapter.pt", weights_only=True)
+    a1 = _read_adapter(tmp_path / "one" / "adapter.safetensors")
+    a2 = _read_adapter(tmp_path / "two" / "adapter.safetensors")
     for k in a1["adapter"]:
         assert_close(a2["adapter"][k].double(), a1["adapter"][k].double(), torch.float32)
 
@@ -3486,8 +3499,8 @@ def test_vit_existing_run_is_not_replaced_without_a_flag(tmp_path):
     assert msg == (f"error: {tmp_path / 'out' / 'ckpt.pt'} exists; pass --resume to continue that run or "
                    f"--overwrite to start over")
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 1  # untouched
-    os.remove(tmp_path / "out" / "ckpt.pt")  # adapter.pt alone is a finished run too
-    assert "adapter.pt exists" in _vit_exit(_vit_smoke_argv(tmp_path, "lora"))
+    os.remove(tmp_path / "out" / "ckpt.pt")  # the adapter alone is a finished run too
+    assert "adapter.safetensors exists" in _vit_exit(_vit_smoke_argv(tmp_path, "lora"))
     res = train_vit.main(_vit_smoke_argv(tmp_path, "lora", "--overwrite"))
     assert res["step"] == 3 and first["step"] == 1
 
@@ -3525,6 +3538,481 @@ def test_vit_bad_init_from_file_is_one_line(tmp_path):
     path.write_bytes(b"\x00" * 10)
     msg = _vit_exit(_vit_smoke_argv(tmp_path, "lora", "--init_from", str(path)))
     assert msg.startswith(f"error: --init_from {path}: not a readable checkpoint") and "\n" not in msg
+
+
+# ================================================================================================
+# interop.py: PEFT's folder format in and out, a plain-LoRA export; against Hugging Face PEFT itself
+# ================================================================================================
+# Every test compares logits (fp32, atol 1e-5), never "it loaded": PEFT loads some broken files without a word (LoRA
+# keys without .weight, a VB-LoRA bank under another key).
+IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                   vocab_size=100, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits
+
+
+def _fill(model, keys=lora.ADAPTER_PREFIXES, std=0.05, seed=1):
+    """Random non-zero values in every adapter tensor (names containing a part starting with `keys`)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(part.startswith(keys) for part in n.split(".")):
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "logits" in n else std))
+
+
+def _peft(base, folder):
+    return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+
+
+def _snapshot(model):
+    return [type(m) for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, snap):
+    types, sd = _snapshot(model)
+    return types == snap[0] and sd.keys() == snap[1].keys() and all(torch.equal(sd[k], snap[1][k]) for k in sd)
+
+
+OURS = {  # nanopeft methods on the tiny Llama's nn.Linears; b = 16 divides 64 and 128
+    "lora": lambda m: lora.apply_lora(m, lora.LoRAConfig(r=4, alpha=8), ["q_proj", "v_proj"]),
+    "lora_ranks": lambda m: (lora.apply_lora(m, lora.LoRAConfig(r=4, alpha=8), ["q_proj"]),
+                             lora.apply_lora(m, lora.LoRAConfig(r=2, alpha=5), ["up_proj"])),
+    "sera": lambda m: sera.apply_sera(m, sera.SeRAConfig(r=8, split=4, alpha=16), ["q_proj", "up_proj"]),
+    "siva": lambda m: siva.apply_siva(m, siva.SiVAConfig(perc=0.9), ["q_proj", "v_proj"]),
+    "vblora": lambda m: vblora.apply_vblora(m, vblora.VBLoRAConfig(r=4, b=16, h=32, k=2), ["q_proj", "down_proj"]),
+    "bone_col": lambda m: bone.apply_bone(m, bone.BoneConfig(b=16), ["q_proj", "up_proj"]),
+    "bone_unconstrained": lambda m: bone.apply_bone(m, bone.BoneConfig(b=16, variant="unconstrained"),
+                                                    ["q_proj", "up_proj"]),
+    "bone_row": lambda m: bone.apply_bone(m, bone.BoneConfig(b=16, grouping="row"), ["q_proj", "up_proj"]),
+    "bone_hadamard": lambda m: bone.apply_bone(m, bone.BoneConfig(b=16, variant="hadamard"), ["q_proj"]),
+}
+
+
+def _ours(base, method, seed=1):
+    model = copy.deepcopy(base)
+    OURS[method](model)
+    _fill(model, seed=seed)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_ranks", "vblora", "bone_col", "bone_unconstrained"])
+def test_save_peft_loads_in_peft(llama, tmp_path, method):
+    ours = _ours(llama, method)
+    head = {"weight": torch.randn(100, 64, generator=torch.Generator().manual_seed(2)) * 0.1}
+    with torch.no_grad():
+        ours.lm_head.weight.copy_(head["weight"])  # a retrained head, shipped as modules_to_save
+    interop.save_peft(ours, tmp_path, modules_to_save={"lm_head": head})
+    want = _logits(ours)
+    torch.testing.assert_close(_logits(_peft(llama, tmp_path)), want, atol=ATOL, rtol=0)
+    plain = copy.deepcopy(llama)
+    names = interop.load_peft(plain, tmp_path)  # and back: the same adapters and the same head
+    assert names == [n for n, _ in interop._adapters(ours)]
+    torch.testing.assert_close(_logits(plain), want, atol=ATOL, rtol=0)
+
+
+PEFT_CONFIGS = {  # adapters made by PEFT itself
+    "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "lora_rslora": lambda: peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "up_proj"]),
+    "lora_patterns": lambda: peft.LoraConfig(r=4, lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 3},
+                                             target_modules=["q_proj", "v_proj"]),
+    "vblora": lambda: peft.VBLoRAConfig(r=4, num_vectors=32, vector_length=16, topk=2,
+                                        target_modules=["q_proj", "down_proj"]),
+    "vblora_topk": lambda: peft.VBLoRAConfig(r=4, num_vectors=256, vector_length=16, topk=2,
+                                             save_only_topk_weights=True, target_modules=["q_proj", "down_proj"]),
+    "miss_bat": lambda: peft.MissConfig(r=16, init_weights="bat", target_modules=["q_proj", "up_proj"]),
+    "miss": lambda: peft.MissConfig(r=16, target_modules=["q_proj", "up_proj"]),
+}
+
+
+def _peft_made(base, kind, folder, seed=3):
+    model = peft.get_peft_model(copy.deepcopy(base), PEFT_CONFIGS[kind]())
+    _fill(model, keys=("lora_", "vblora_", "miss_"), seed=seed)
+    model.save_pretrained(str(folder))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", list(PEFT_CONFIGS))
+def test_load_peft_matches_peft(llama, tmp_path, kind):
+    ref = _peft_made(llama, kind, tmp_path)
+    if kind == "vblora_topk":  # PEFT's h = 256 files store int16 indices and k - 1 = 1 weight per sub-vector
+        sd = load_file(tmp_path / "adapter_model.safetensors")
+        assert {t.dtype for k, t in sd.items() if k.endswith("_topk_indices")} == {torch.int16}
+        assert {t.shape[-1] for k, t in sd.items() if k.endswith("_topk_weights")} == {1}
+    ours = copy.deepcopy(llama)
+    names = interop.load_peft(ours, tmp_path)
+    assert len(names) == 4 and all(n.startswith("model.layers.") for n in names)
+    torch.testing.assert_close(_logits(ours), _logits(ref), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_ranks", "sera", "siva", "vblora", "bone_col", "bone_row"])
+def test_save_lora_loads_in_peft(llama, tmp_path, method, capsys):
+    ours = _ours(llama, method)
+    inexact = method.startswith("bone")
+    errors = interop.save_lora(ours, tmp_path, rank=64 if inexact else None)  # Bone at full rank: exact
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["lora_alpha"] == cfg["r"] and not cfg["use_rslora"]
+    assert all(cfg["alpha_pattern"][k] == r for k, r in cfg["rank_pattern"].items())  # scale 1 everywhere
+    assert ("by SVD" in capsys.readouterr().out) == inexact
+    assert max(errors.values()) < 1e-6
+    torch.testing.assert_close(_logits(_peft(llama, tmp_path)), _logits(ours), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method, rank", [("bone_col", None), ("bone_row", None), ("lora", 2), ("sera", 3)])
+def test_save_lora_svd_error_is_the_true_error(llama, tmp_path, method, rank, capsys):
+    ours = _ours(llama, method)
+    errors = interop.save_lora(ours, tmp_path, rank=rank)
+    line = capsys.readouterr().out
+    m = re.fullmatch(r"save_lora: (\S+) ΔW truncated to rank (\d+) by SVD: relative error up to (\S+) \((\S+)\)\n",
+                     line)
+    assert m, line
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    true = {}
+    for name, layer in interop._adapters(ours):
+        A, B = sd[f"base_model.model.{name}.lora_A.weight"], sd[f"base_model.model.{name}.lora_B.weight"]
+        dW = layer.delta_weight().detach()
+        assert A.shape[0] == (rank or 16)
+        true[name] = ((B @ A - dW).norm() / dW.norm()).item()
+        assert abs(errors[name] - true[name]) < 1e-4
+    worst = max(true, key=true.get)
+    assert m[4] == worst and int(m[2]) == (rank or 16) and 0.01 < true[worst] < 1
+    assert float(m[3]) == pytest.approx(true[worst], rel=5e-3)
+
+
+def _gpt2_pair():
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100,
+                                                              n_positions=32)).eval()
+    return hf, lambda: _our_gpt(hf)
+
+
+def _our_gpt(hf):
+    ours = model_gpt2.GPT(model_gpt2.GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=4, n_embd=64, dropout=0.0))
+    ours.load_state_dict(model_gpt2.convert_hf_state_dict(hf.state_dict()))
+    return ours.eval()
+
+
+def _gpt_logits(model):
+    with torch.no_grad():
+        if isinstance(model, model_gpt2.GPT):
+            return model.eval()(IDS)[0][:, -1]  # our GPT gives the last position only
+        return model.eval()(input_ids=IDS).logits[:, -1]
+
+
+def test_fused_gpt2_lora(tmp_path):
+    hf, fresh = _gpt2_pair()
+    ours = fresh()
+    torch.testing.assert_close(_gpt_logits(ours), _gpt_logits(hf), atol=ATOL, rtol=0)  # the same base model
+    lora.apply_lora(ours, lora.LoRAConfig(r=4, alpha=8), ["q_proj", "v_proj", "mlp.c_fc"])
+    _fill(ours)
+    proj = ours.transformer.h[1].attn.c_proj
+    with torch.no_grad():
+        proj.weight.normal_(0, 0.1)  # a module trained whole; HF's Conv1D holds its weight as (in, out)
+    conv1d = {"transformer.h.1.attn.c_proj": {"weight": proj.weight.T, "bias": proj.bias}}
+    want = _gpt_logits(ours)
+    for save in (interop.save_peft, interop.save_lora):
+        folder = tmp_path / save.__name__
+        save(ours, folder, layout=interop.gpt2_layout, modules_to_save=conv1d)
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        assert cfg["fan_in_fan_out"] and cfg["target_modules"] == sorted(
+            f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc"))
+        assert cfg["r"] == 8 and cfg["rank_pattern"] == {re.escape(f"transformer.h.{i}.mlp.c_fc"): 4 for i in range(2)}
+        torch.testing.assert_close(_gpt_logits(_peft(hf, folder)), want, atol=ATOL, rtol=0)
+        back = fresh()
+        names = interop.load_peft(back, folder, layout=interop.gpt2_layout)
+        assert names == [n for n, _ in interop._adapters(ours)]  # k_proj's zero part is skipped
+        assert all(m.r == 4 for _, m in interop._adapters(back))  # each part keeps its own columns
+        torch.testing.assert_close(_gpt_logits(back), want, atol=ATOL, rtol=0)
+
+
+def test_fused_gpt2_refusals_and_the_way_out(tmp_path):
+    hf, fresh = _gpt2_pair()
+    for apply, why in ((lambda m: vblora.apply_vblora(m, vblora.VBLoRAConfig(r=4, b=16, h=32), ["q_proj", "v_proj"]),
+                        "zero sub-vectors"),
+                       (lambda m: bone.apply_bone(m, bone.BoneConfig(b=16), ["mlp.c_fc"]), "fan_in_fan_out")):
+        ours = fresh()
+        apply(ours)
+        _fill(ours)
+        with pytest.raises(ValueError, match=f"{why}.*save_lora"):
+            interop.save_peft(ours, tmp_path / "refused", layout=interop.gpt2_layout)
+        assert not (tmp_path / "refused").exists()
+        interop.save_lora(ours, tmp_path / "lora", rank=256, layout=interop.gpt2_layout)  # exact at these ranks
+        torch.testing.assert_close(_gpt_logits(_peft(hf, tmp_path / "lora")), _gpt_logits(ours), atol=ATOL, rtol=0)
+
+
+def test_load_peft_fused_vblora_gpt2(tmp_path):
+    hf, fresh = _gpt2_pair()
+    cfg = peft.VBLoRAConfig(r=4, num_vectors=32, vector_length=16, topk=2, target_modules=["c_attn"],
+                            fan_in_fan_out=True)
+    ref = peft.get_peft_model(copy.deepcopy(hf), cfg)
+    _fill(ref, keys=("vblora_",), seed=4)
+    ref.save_pretrained(str(tmp_path))
+    ours = fresh()
+    names = interop.load_peft(ours, tmp_path, layout=interop.gpt2_layout)
+    assert len(names) == 6  # q, k and v of both layers: one logits_A, logits_B split in three
+    torch.testing.assert_close(_gpt_logits(ours), _gpt_logits(ref), atol=ATOL, rtol=0)
+
+
+def _vit_weights(hf, n_layer=2):
+    """HF ViT weights (transformers >= 5 names) -> ours: renamed to the transformers 4 names by vit_layout's two
+    forms, then hf_to_vit; so a wrong name in either form breaks the load (strict) or PEFT's (target not found)."""
+    linears = [f"blocks.{i}.{m}" for i in range(n_layer) for m in interop._VIT]
+    rename = {interop.vit_layout(n)[0]: interop.vit_layout(n, transformers4=True)[0] for n in linears}
+    v4 = {}
+    for k, v in hf.state_dict().items():
+        module, _, param = k.rpartition(".")
+        module = rename.get(module, re.sub(r"^vit\.layers\.", "vit.encoder.layer.", module))
+        v4[f"{module}.{param}"] = v
+    return model_vit.hf_to_vit(v4)
+
+
+def test_vit_layout_and_modules_to_save(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+        patch_size=8, num_labels=5)).eval()
+
+    def fresh():
+        m = model_vit.ViT(model_vit.ViTConfig(image_size=32, patch_size=8, n_layer=2, n_head=4, n_embd=64, mlp_dim=128, num_classes=5))
+        m.load_state_dict(_vit_weights(hf))
+        with torch.no_grad():
+            m.head.weight.zero_()  # a new task's head, as fine-tuning starts it
+            m.head.bias.zero_()
+        return m.eval()
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ours = fresh()
+    lora.apply_lora(ours, lora.LoRAConfig(r=4, alpha=8), ["q_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    _fill(ours)
+    ours.eval()  # new LoRALinears start in training mode, their dropout on
+    with torch.no_grad():
+        ours.head.weight.normal_(0, 0.1)  # the trained head
+        ours.head.bias.normal_(0, 0.1)
+        want = ours(x)
+    interop.save_lora(ours, tmp_path, layout=interop.vit_layout,
+                      modules_to_save={"classifier": {"weight": ours.head.weight, "bias": ours.head.bias}})
+    with torch.no_grad():
+        got = _peft(hf, tmp_path)(pixel_values=x).logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    back = fresh()
+    assert len(interop.load_peft(back, tmp_path, layout=interop.vit_layout)) == 10
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), want, atol=ATOL, rtol=0)  # the head came back too
+
+
+@pytest.mark.parametrize("method, why", [("sera", "PEFT has no such method"), ("siva", "PEFT has no such method"),
+                                         ("bone_row", "Bone-row"), ("bone_hadamard", "hadamard"),
+                                         ("mixed", "mixes"), ("none", "no nanopeft adapter")])
+def test_save_peft_refuses(llama, tmp_path, method, why):
+    if method == "mixed":
+        model = _ours(llama, "lora")
+        bone.apply_bone(model, bone.BoneConfig(b=16), ["up_proj"])
+    else:
+        model = copy.deepcopy(llama) if method == "none" else _ours(llama, method)
+    with pytest.raises(ValueError, match=why) as e:
+        interop.save_peft(model, tmp_path / "out")
+    assert method == "none" or "save_lora" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _lora_key(layer=0, proj="q_proj", t="A"):
+    return f"base_model.model.model.layers.{layer}.self_attn.{proj}.lora_{t}.weight"
+
+
+BAD = {  # a change to a good LoRA folder -> the error it must raise
+    "unknown_type": (lambda c, sd: c.update(peft_type="IA3"), "peft_type 'IA3'"),
+    "missing_key": (lambda c, sd: sd.pop(_lora_key(1, "v_proj", "B")),
+                    re.escape(f"missing ['{_lora_key(1, 'v_proj', 'B')}']")),
+    "extra_key": (lambda c, sd: sd.update({_lora_key(0, "k_proj", "C"): torch.zeros(4, 64)}),
+                  "unexpected .*k_proj.lora_C"),
+    "no_weight_suffix": (lambda c, sd: sd.update({_lora_key()[:-7]: sd.pop(_lora_key())}),
+                         r"unexpected .*q_proj.lora_A'"),
+    "wrong_shape": (lambda c, sd: sd.update({_lora_key(): torch.zeros(4, 32)}),
+                    r"shape \(4, 32\), the model needs \(4, 64\)"),
+    "wrong_rank": (lambda c, sd: c.update(r=8), r"shape \(4, 64\), the model needs \(8, 64\)"),
+    "wrong_dtype": (lambda c, sd: sd.update({_lora_key(): torch.ones(4, 64, dtype=torch.int32)}), "torch.int32"),
+    "dora": (lambda c, sd: c.update(use_dora=True), "use_dora"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_load_peft_refuses_bad_folder(llama, tmp_path, case):
+    interop.save_peft(_ours(llama, "lora"), tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    change, why = BAD[case]
+    change(cfg, sd)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(sd, tmp_path / "adapter_model.safetensors")
+    model = copy.deepcopy(llama)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=why):
+        interop.load_peft(model, tmp_path)
+    assert _unchanged(model, snap)
+
+
+@pytest.mark.parametrize("config, why", [
+    (lambda: peft.MissConfig(r=16, init_weights="mini", mini_r=16, target_modules=["q_proj"]), "mini"),
+    (lambda: peft.MissConfig(r=48, target_modules=["q_proj"]), r"r=48 does not divide .*pads"),
+], ids=["mini", "padding"])
+def test_load_peft_refuses_miss_forms(llama, tmp_path, config, why):
+    peft.get_peft_model(copy.deepcopy(llama), config()).save_pretrained(str(tmp_path))
+    model = copy.deepcopy(llama)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=why):
+        interop.load_peft(model, tmp_path)
+    assert _unchanged(model, snap)
+
+
+# ---- the scripts speak it: --export for Hugging Face's GPT2LMHeadModel and ViTForImageClassification, a PEFT
+# folder as --init_from / --adapter, the adapter.safetensors they write and the adapter.pt of earlier versions
+
+
+def _hf_gpt2(folder):
+    """A tiny random GPT2LMHeadModel (vocab 257: the byte-level test encoding), saved where --init_from reads it."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=257, n_positions=128, n_embd=32, n_layer=1, n_head=2, bos_token_id=256,
+                                  eos_token_id=256)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(str(folder))
+    return hf
+
+
+_GPT2_X = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
+def _last_logits(model):
+    """The last position's logits (B, V): our GPT returns only those without targets; HF returns every position."""
+    with torch.no_grad():
+        if isinstance(model, model_gpt2.GPT):
+            return model.eval()(_GPT2_X)[0][:, -1]
+        return model.eval()(input_ids=_GPT2_X).logits[:, -1]
+
+
+@pytest.mark.parametrize("method, kind", [("lora", "peft"), ("lora", "lora"), ("sera", "lora"), ("siva", "lora"),
+                                          ("bone", "lora"), ("vblora", "lora")])
+def test_gpt2_export_loads_in_gpt2lmheadmodel_with_our_logits(tmp_path, method, kind):
+    _gpt2_write_e2e(tmp_path)
+    hf = _hf_gpt2(tmp_path / "hf")
+    exp = tmp_path / "exp"
+    # --bone_b 32: one block of the 32-wide q and v, so ΔW's rank fits the LoRA (rank b) and the export is exact
+    res = _gpt2_main(_gpt2_argv(tmp_path, tmp_path / "out", method, "--init_from", tmp_path / "hf", "--max_iters", "3",
+                                "--eval_samples", "0", "--bone_b", "32", "--export", kind, exp))
+    ours = _last_logits(res["model"])
+    assert (ours - _last_logits(hf)).abs().max() > 1e-4  # training moved it: a silently ignored adapter would fail
+    cfg = json.loads((exp / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["fan_in_fan_out"] and cfg["base_model_name_or_path"] == str(tmp_path / "hf")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(exp))
+    assert_close(_last_logits(theirs), ours)
+
+
+def test_gpt2_export_peft_refused_before_training_where_peft_cannot_hold_it(tmp_path):
+    _gpt2_write_e2e(tmp_path)
+    for method, why in (("vblora", "zero sub-vectors"), ("bone", "MiSS takes only nn.Linear"),
+                        ("sera", "PEFT has no such method")):
+        msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", method, "--export", "peft", tmp_path / "exp"))
+        assert msg.startswith("error: --export peft: ") and why in msg and f"use --export lora {tmp_path / 'exp'}" in msg
+        assert not (tmp_path / "out").exists() and not (tmp_path / "exp").exists()  # nothing trained or written
+    assert "the kind is peft" in _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--export", "onnx", "x"))
+    assert "trains no adapter" in _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "full", "--export", "lora", "x"))
+
+
+def test_gpt2_peft_folder_as_adapter_and_as_init_from(tmp_path, monkeypatch):
+    _gpt2_write_e2e(tmp_path)
+    _hf_gpt2(tmp_path / "hf")
+    exp = tmp_path / "exp"
+    res = _gpt2_main(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", tmp_path / "hf", "--max_iters", "3",
+                                "--eval_samples", "0", "--export", "peft", exp))
+    trained = _last_logits(res["model"])
+    assert_close(_last_logits(train_gpt2.load_finetuned(str(exp))), trained)  # its base: base_model_name_or_path
+    monkeypatch.setattr(train_gpt2, "get_tokenizer", lambda bpe_dir=None, online=None: _gpt2_enc())
+    mr = "name[Blue Spice] | food[French]"
+    got = train_gpt2.main(["--sample", mr, "--adapter", str(exp), "--beam", "2", "--max_new_tokens", "8"])
+    assert got["sample"] == _gpt2_decode(res["model"].eval(), _gpt2_enc(), [mr.replace(" |", ",")])[0]
+    # --init_from a PEFT folder: its base, then its adapter, trained on (0 steps: exactly the folder's model)
+    again = _gpt2_main(_gpt2_argv(tmp_path, tmp_path / "again", "lora", "--init_from", exp, "--max_iters", "0",
+                                  "--eval_samples", "0"))
+    assert_close(_last_logits(again["model"]), trained)
+    msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "bad", "vblora", "--init_from", exp))
+    assert msg == f"error: --init_from {exp} holds a PEFT LORA adapter: pass --method lora"
+
+
+def test_gpt2_adapter_pt_of_earlier_versions_still_loads(_gpt2_lora_run, tmp_path):
+    blob = _read_adapter(_gpt2_lora_run.out / "adapter.safetensors")
+    old = tmp_path / "adapter.pt"
+    torch.save({k: blob[k] for k in ("args", "method", "config", "adapter")}, old)  # the former layout
+    new = train_gpt2.load_finetuned(str(_gpt2_lora_run.out / "adapter.safetensors"))
+    assert_close(_last_logits(train_gpt2.load_finetuned(str(old))), _last_logits(new))
+    assert_close(_last_logits(train_gpt2.load_finetuned(str(_gpt2_lora_run.out))), _last_logits(new))  # the folder
+
+
+@pytest.mark.parametrize("kind, expected", [("empty", "is an empty file, not an adapter.safetensors"),
+                                            ("truncated", "is not a readable adapter.safetensors"),
+                                            ("no_header", "is not a nanopeft adapter.safetensors: no args")])
+def test_bad_adapter_safetensors_is_one_line(_gpt2_lora_run, tmp_path, kind, expected):
+    path = tmp_path / "adapter.safetensors"
+    good = (_gpt2_lora_run.out / "adapter.safetensors").read_bytes()
+    if kind == "no_header":
+        save_file({"x": torch.zeros(2)}, str(path))
+    else:
+        path.write_bytes(b"" if kind == "empty" else good[:len(good) // 2])
+    for load in (train_gpt2.load_finetuned, train_vit.load_finetuned):
+        with pytest.raises(SystemExit) as e:
+            load(str(path))
+        assert str(e.value.code).startswith(f"error: {path} {expected}") and "\n" not in str(e.value.code)
+
+
+def _hf_vit(folder):
+    """A tiny random ViTForImageClassification (4 labels) in the layout of Google's checkpoints."""
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=256,
+                                 image_size=16, patch_size=4, num_labels=4)
+    hf = transformers.ViTForImageClassification(cfg).eval()
+    hf.save_pretrained(str(folder))
+    return hf
+
+
+_VIT_X = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+
+
+def _vit_logits(model):
+    with torch.no_grad():
+        return model.eval()(_VIT_X) if isinstance(model, model_vit.ViT) else model.eval()(pixel_values=_VIT_X).logits
+
+
+@pytest.mark.parametrize("method, kind", [("lora", "peft"), ("vblora", "peft"), ("bone", "peft"), ("sera", "lora"),
+                                          ("siva", "lora"), ("bone", "lora")])
+def test_vit_export_loads_in_vitforimageclassification_with_our_logits(tmp_path, method, kind):
+    hf = _hf_vit(tmp_path / "hf")
+    exp = tmp_path / "exp"
+    res = train_vit.main(_vit_smoke_argv(tmp_path, method, "--init_from", str(tmp_path / "hf"), "--export", kind,
+                                         str(exp)))
+    ours = _vit_logits(res["model"])
+    assert (ours - _vit_logits(hf)).abs().max() > 1e-4  # trained: head and adapter moved
+    cfg = json.loads((exp / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["classifier"]
+    assert_close(_vit_logits(peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(exp))), ours)
+    if kind == "peft":  # and back: a PEFT folder as --init_from (0 steps: exactly that model)
+        again = train_vit.main(_vit_smoke_argv(tmp_path, method, "--init_from", str(exp), "--max_iters", "0",
+                                               "--out_dir", str(tmp_path / "again")))
+        assert_close(_vit_logits(again["model"]), ours)
+
+
+def test_vit_export_peft_of_siva_is_refused_before_training(tmp_path):
+    msg = _vit_exit(_vit_smoke_argv(tmp_path, "siva", "--export", "peft", str(tmp_path / "exp")))
+    assert msg.startswith("error: --export peft: ") and "PEFT has no such method" in msg and "--export lora" in msg
+    assert not (tmp_path / "out").exists()
+
 
 
 # ================================================================================================
@@ -3664,7 +4152,7 @@ def test_gpt2_empty_sample_is_refused_before_any_file_is_read(monkeypatch, mr):
 # ================================================================================================
 # reproduce.py
 # ================================================================================================
-# The flags it needs from the training scripts (plain-LM pretraining, init from a full run's adapter.pt,
+# The flags it needs from the training scripts (plain-LM pretraining, init from a full run's adapter,
 # class subsets with a fresh head) and its cache of finished runs. Its --quick mode runs end to end in .ci/run.
 
 
@@ -3716,7 +4204,7 @@ def test_lm_pretraining_then_fine_tuning_from_its_adapter(tmp_path):
         f.write("mr,ref\r\n" + "".join(f'"name[C{i}], food[French]","C{i} serves French food."\r\n' for i in range(6)))
     for split in ("devset.csv", "testset_w_refs.csv"):
         (tmp_path / split).write_text((tmp_path / "trainset.csv").read_text())
-    ft = _repro_gpt2_main(["--method", "none", "--init_from", tmp_path / "base" / "adapter.pt", "--data_dir", tmp_path,
+    ft = _repro_gpt2_main(["--method", "none", "--init_from", tmp_path / "base" / "adapter.safetensors", "--data_dir", tmp_path,
                            "--eval_samples", "0", "--eval_iters", "1", "--device", "cpu", "--out_dir", tmp_path / "ft"])
     pre, got = res["model"].state_dict(), ft["model"].state_dict()
     assert got.keys() == pre.keys() and all(torch.equal(got[k], pre[k]) for k in pre)  # the pretrained base
@@ -3749,7 +4237,7 @@ def test_vit_init_from_a_full_run_keeps_its_head_only_for_the_same_classes(tmp_p
                            "2", "--patch_size", "4", "--classes", "0-1", "--max_iters", "2", "--lr", "1e-2",
                            "--out_dir", str(tmp_path / "base"), *common])
     assert base["model"].head.weight.abs().sum() > 0 and base["model"].head.out_features == 2
-    pt = str(tmp_path / "base" / "adapter.pt")
+    pt = str(tmp_path / "base" / "adapter.safetensors")
     for classes, keeps_head in (("2,3", False), ("0,1", True)):
         r = train_vit.main(["--method", "none", "--init_from", pt, "--classes", classes,
                             "--out_dir", str(tmp_path / classes), *common])

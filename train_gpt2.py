@@ -8,7 +8,8 @@
     python train_gpt2.py --sample "name[The Eagle], food[French]" --out_dir out-e2e   # use the adapter
     python train_gpt2.py --lm_text input.txt --method full --init_from scratch \\
         --n_layer 4 --n_head 4 --n_embd 128 --block_size 128 --label_smoothing 0 --out_dir out-lm  # pretrain
-    python train_gpt2.py --method lora --init_from out-lm/adapter.pt   # then E2E
+    python train_gpt2.py --method lora --init_from out-lm/adapter.safetensors   # then E2E
+    python train_gpt2.py --method lora --export peft out-peft   # also for PEFT + transformers' GPT2LMHeadModel
 
 The loop a reader forks; the model is in model_gpt2.py, the task (data, BPE, metrics) in e2e.py, and what
 this script shares with train_vit.py (fetching, methods, checkpoints, resume, DDP) in common.py.
@@ -29,17 +30,19 @@ Choices where the papers are silent:
   rewrite the embedding too.
 - --lm_text FILE[,FILE]: plain language modelling instead of E2E (to pretrain a small base): blocks of
   min(--max_len, block_size) tokens, the loss on every next token, every 20th block held out as dev;
-  nothing is decoded. A full run's adapter.pt is then an --init_from.
+  nothing is decoded. A full run's adapter.safetensors is then an --init_from.
 
 Multi-GPU: under torchrun one optimizer step takes --grad_accum micro-batches of --batch_size on each of
 the N processes; process r takes micro-batches r, r+N, r+2N, ... of the same global order, so N processes
 with --grad_accum G see exactly what one process sees with --grad_accum N*G. Only process 0 logs,
 evaluates, saves and decodes.
 
---out_dir: ckpt.pt (to resume: the run's flags, step, trainable tensors, optimizer, RNG) and adapter.pt
-(to use: {"args", "method", "config", "adapter"}: the flags and model config rebuild the model; the
-adapter is the method's state dict, VB-LoRA's compact top-k form, full: the trained tensors;
-load_finetuned() does it in one call). predictions.txt (one per MR) and references.txt (blank-line
+--out_dir: ckpt.pt (to resume: the run's flags, step, trainable tensors, optimizer, RNG) and adapter.safetensors
+(to use: the method's state dict, VB-LoRA's compact top-k form, full: the trained tensors; its header holds
+{"args", "method", "config"}, the flags and model config that rebuild the model; load_finetuned() does it in
+one call, and reads an adapter.pt of earlier versions too). --export peft|lora DIR writes the adapter for
+Hugging Face's GPT2LMHeadModel (q, k, v fused in its Conv1D c_attn): PEFT's format, or plain LoRA (interop.py).
+--init_from and --adapter take a PEFT folder too (its base_model_name_or_path is the base). predictions.txt (one per MR) and references.txt (blank-line
 separated) are the official e2e-metrics input format; metrics.json holds our scores.
 """
 import argparse
@@ -55,9 +58,11 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from common import (HelpFormatter, Missing, Online, add_method_args, adapter_state_dict, attach_method, autocast,
-                    checkpoint, fetch_all, fill_method_defaults, grad_sync, hms, load_adapter_state_dict,
-                    load_checkpoint, open_run, param_counts, progress_line, restore, save_atomic, setup_ddp, wrap_ddp)
+from common import (HelpFormatter, Missing, Online, adapter_bytes, add_method_args, adapter_state_dict,
+                    attach_method, autocast, base_checkpoint, check_export, checkpoint, export_adapter, fetch_all,
+                    fill_method_defaults, grad_sync, hms, load_adapter, load_adapter_state_dict, open_run,
+                    param_counts, progress_line, restore, save_atomic, setup_ddp, wrap_ddp)
+from interop import PEFT_METHODS, gpt2_layout, peft_config
 from e2e import (collate, e2e_scores, encode_e2e, encode_lm_text, get_tokenizer, load_e2e, make_batches)
 from model_gpt2 import GPT, GPT2_HEADS, GPTConfig, beam_search, gpt2_weights, load_gpt2
 
@@ -85,8 +90,8 @@ ADAPTER_KEYS = ("args", "method", "adapter", "config")
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--init_from", default="gpt2-medium", help=f"{' | '.join(GPT2_HEADS)} (from the Hub), scratch, or a "
-      "local checkpoint file (.safetensors, .bin/.pt) or folder")
+    a("--init_from", default="gpt2-medium", help=f"{' | '.join(GPT2_HEADS)} (from the Hub), scratch, a local "
+      "checkpoint file (.safetensors, .bin/.pt) or folder, or a PEFT adapter folder (its base, then its adapter)")
     a("--n_layer", type=int, default=12, help="scratch model only")
     a("--n_head", type=int, default=12, help="scratch model only")
     a("--n_embd", type=int, default=768, help="scratch model only")
@@ -114,7 +119,7 @@ def get_args(argv=None):
     a("--log_interval", type=int, default=100, help="steps between log lines")
     a("--eval_interval", type=int, default=2000, help="steps between dev-loss estimates and checkpoints")
     a("--eval_iters", type=int, default=100, help="dev batches per dev-loss estimate")
-    a("--out_dir", default="out-e2e", help="adapter.pt, ckpt.pt, predictions, references, metrics.json")
+    a("--out_dir", default="out-e2e", help="adapter.safetensors, ckpt.pt, predictions, references, metrics.json")
     a("--resume", action="store_true", help="continue the run in --out_dir/ckpt.pt; only --max_iters, --epochs, "
       "logging, eval and decoding flags may differ from that run's")
     a("--overwrite", action="store_true", help="start over in an --out_dir that holds a run")
@@ -125,8 +130,9 @@ def get_args(argv=None):
     a("--decode_batch", type=int, default=16, help="test MRs decoded together (times beam rows)")
     a("--eval_samples", type=int, default=None, help="decode only the first N test MRs, 0 = none (default: all)")
     a("--sample", default=None, help='decode this one MR, e.g. "name[The Eagle], food[French]" (a | between '
-      "fields reads as a comma), with --adapter or --out_dir/adapter.pt; no training")
-    a("--adapter", default=None, help="adapter.pt for --sample (default: --out_dir/adapter.pt)")
+      "fields reads as a comma), with --adapter or --out_dir's adapter; no training")
+    a("--adapter", default=None, help="for --sample: a run's adapter.safetensors (or adapter.pt) or a PEFT folder "
+      "(default: --out_dir/adapter.safetensors)")
     args = p.parse_args(argv)
     check_args(args)
     return fill_method_defaults(args, METHOD_DEFAULTS)
@@ -169,7 +175,7 @@ def build_model(args, vocab_size, weights=None, config=None):
     from the local file `weights`. Seeds first, so a scratch base is the same model on every rebuild."""
     torch.manual_seed(args.seed)
     if args.init_from != "scratch":
-        return load_gpt2(weights or args.init_from, args.dropout)
+        return load_gpt2(weights or base_checkpoint(args.init_from), args.dropout)
     config = config or dict(block_size=args.block_size, vocab_size=vocab_size, n_layer=args.n_layer,
                             n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
     return GPT(GPTConfig(**config))
@@ -200,20 +206,35 @@ def lr_factor(step, warmup, total):
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def hub_name(init_from):
+    """The base model's name as a PEFT folder records it: the Hub's id, or the local path."""
+    return None if init_from == "scratch" else "openai-community/" + init_from if init_from in GPT2_HEADS else \
+        base_checkpoint(init_from)
+
+
 def load_finetuned(path, device="cpu"):
-    """The fine-tuned model of an adapter.pt, ready to decode: the base model rebuilt from the run's flags
-    (--init_from, or --seed and the saved config for scratch), the method applied, the adapter loaded."""
-    blob = load_checkpoint(path, ADAPTER_KEYS, "adapter.pt")
+    """The fine-tuned model of a run's adapter.safetensors (or its folder, or an adapter.pt), or of a PEFT folder,
+    ready to decode: the base model rebuilt from the run's flags (--init_from, or --seed and the saved config for
+    scratch; a PEFT folder: its base_model_name_or_path), the method applied, the adapter loaded."""
+    if os.path.isdir(path) and peft_config(path) is None:
+        path = os.path.join(path, "adapter.safetensors")
+    cfg = peft_config(path)
+    if cfg is not None:  # a PEFT folder is the adapter and names its base
+        blob = dict(args=vars(get_args(["--init_from", path, "--method", PEFT_METHODS.get(cfg.get("peft_type"), "?")])),
+                    config={"vocab_size": None}, adapter=None)
+    else:
+        blob = load_adapter(path, ADAPTER_KEYS)
     args = argparse.Namespace(**blob["args"])
     weights = None
     if args.init_from != "scratch":
         try:
-            weights = gpt2_weights(args.init_from, Online())
+            weights = gpt2_weights(base_checkpoint(args.init_from), Online())
         except Missing as e:
             raise SystemExit(f"error: {path} was trained on {e.code}")
     model = build_model(args, blob["config"]["vocab_size"], weights, blob["config"])
-    attach_method(model, args)
-    load_adapter_state_dict(model, args.method, blob["adapter"])
+    attach_method(model, args, gpt2_layout)
+    if blob["adapter"] is not None:
+        load_adapter_state_dict(model, args.method, blob["adapter"])
     return model.to(device).eval()
 
 
@@ -249,9 +270,12 @@ def decode(model, prompts, eos, args, ctx, log=print):
 
 def sample(args, device):
     """--sample: decode one MR with a saved adapter and print the text."""
-    path = args.adapter or os.path.join(args.out_dir, "adapter.pt")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --sample needs an adapter.pt: no {path} (pass --adapter PATH or --out_dir DIR)")
+    path = args.adapter or os.path.join(args.out_dir, "adapter.safetensors")
+    if not args.adapter and not os.path.exists(path) and os.path.isfile(os.path.join(args.out_dir, "adapter.pt")):
+        path = os.path.join(args.out_dir, "adapter.pt")  # the file an earlier version wrote
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --sample needs an adapter: no {path} (pass --adapter PATH, a run's "
+                         f"adapter.safetensors or a PEFT folder, or --out_dir DIR)")
     enc = fetch_all({"bpe": lambda online: get_tokenizer(args.bpe_dir, online)})["bpe"]
     model = load_finetuned(path, device)
     mr = re.sub(r"\s*\|\s*", ", ", args.sample.strip())  # "name[X] | food[Y]" -> E2E's "name[X], food[Y]"
@@ -283,14 +307,15 @@ def load_data(args, log):
     before any missing one is reported."""
     t0 = time.time()
     jobs = dict(bpe=lambda online: get_tokenizer(args.bpe_dir, online),
-                weights=lambda online: None if args.init_from == "scratch" else gpt2_weights(args.init_from, online))
+                weights=lambda online: None if args.init_from == "scratch" else
+                gpt2_weights(base_checkpoint(args.init_from), online))
     if not args.lm_text:
         jobs["e2e"] = lambda online: load_e2e(args.data_dir, online)
     got = fetch_all(jobs)
     enc, weights = got["bpe"], got["weights"]
     block_size = args.block_size if args.init_from == "scratch" else None  # a checkpoint's: known once loaded
     if block_size is None and args.lm_text:  # the blocks must fit the checkpoint's positions
-        block_size = load_gpt2(weights or args.init_from).config.block_size
+        block_size = load_gpt2(weights).config.block_size
     max_len = min(args.max_len, block_size or args.max_len)
     if args.lm_text:
         (train, dev), rows = encode_lm_text(args.lm_text.split(","), enc, max_len), []
@@ -346,7 +371,7 @@ def main(argv=None):
     ctx = autocast(device)
     if args.sample is not None:
         return sample(args, device)
-    ckpt_path, adapter_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "adapter.pt")
+    ckpt_path, adapter_path = (os.path.join(args.out_dir, f) for f in ("ckpt.pt", "adapter.safetensors"))
     ckpt = open_run(args, world_size)
 
     # ---- data
@@ -359,7 +384,8 @@ def main(argv=None):
     if mrs:  # before training: the longest MR to decode and its output must fit the positions
         longest = max(len(enc.encode_ordinary(mr)) + 1 for mr in mrs)
         check_fits(model.config.block_size, longest, args, "the longest test MR")
-    attach_method(model.to(device), args)
+    attach_method(model.to(device), args, gpt2_layout)
+    check_export(args, model, gpt2_layout)  # before training: an adapter PEFT cannot hold is refused now
     groups = param_groups(model, args)
     n_train, n_stored, n_base = param_counts(model, args.method)
     log(f"method {args.method}: {n_train:,} trainable params, {n_stored:,} stored (base model {n_base:,})")
@@ -443,9 +469,11 @@ def main(argv=None):
     if total == 0 and dev:
         result["dev_loss"] = dev_loss()
         log(f"dev loss {result['dev_loss']:.4f}")
-    save_atomic(dict(args=vars(args), method=args.method, config=asdict(model.config),
-                     adapter=adapter_state_dict(model, args.method)), adapter_path)
+    save_atomic(adapter_bytes(dict(args=vars(args), method=args.method, config=asdict(model.config)),
+                              adapter_state_dict(model, args.method)), adapter_path)
     log(f"saved {adapter_path}")
+    if args.export:  # for Hugging Face's GPT2LMHeadModel: its fused c_attn, its Conv1D layout
+        export_adapter(args, model, gpt2_layout, hub_name(args.init_from), log=log)
     model.eval()
     if mrs:
         result["predictions"], result["scores"] = score(model, enc, mrs, test_refs, step, args, ctx, log)

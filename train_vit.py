@@ -15,7 +15,7 @@ Choices made where the papers are silent:
 - The head is new, zero-initialised (as in the ViT paper's fine-tuning) and always trained, at its own
   --head_lr. `--method head` is the papers' linear probe (LP); `--method none` trains nothing and
   only evaluates --init_from (useful when its classifier fits the classes); to evaluate a fine-tuned
-  run, rebuild it with load_finetuned(path to its adapter.pt).
+  run, rebuild it with load_finetuned(path to its adapter.safetensors).
 - Per-method defaults for ViT (listed by --help). From the papers' text: targets q_proj, v_proj (siva §4.1,
   sera §4.1); LoRA r=16 and SiVA perc=0.95 (siva §4.1, ViT-B/L); SeRA r=16 with split = r (sera §4.1,
   ViT-L "easy" mode); Bone b=64 (its paper's default). Ours: LoRA and SeRA alpha=16 (scale 1); VB-LoRA
@@ -29,10 +29,12 @@ Choices made where the papers are silent:
 - Multi-GPU (torchrun): one optimizer step takes --grad_accum micro-batches of --batch_size on each of the
   N processes; micro-batch i of a step goes to process i % N, so N processes with --grad_accum G give the
   same steps as one with --grad_accum G*N. Only rank 0 logs, evaluates and saves.
-- adapter.pt holds {"args", "method", "config", "adapter", "head", "classes", "test_acc"}: the method's
-  adapter state dict (the backbone for `full`, compact top-k for VB-LoRA), the head, the model's config and
-  the run's flags; load_finetuned(path) rebuilds the model from it (a scratch backbone from --seed).
-  ckpt.pt holds what --resume needs. Both are written atomically.
+- adapter.safetensors holds the method's adapter state dict (the backbone for `full`, compact top-k for
+  VB-LoRA) and the head ("head."), and in its header {"args", "method", "config", "classes", "test_acc"};
+  load_finetuned(path) rebuilds the model from it (a scratch backbone from --seed; an adapter.pt of earlier
+  versions too). ckpt.pt holds what --resume needs. Both are written atomically. --export peft|lora DIR
+  writes the adapter and head for Hugging Face's ViTForImageClassification (transformers >= 5 module names;
+  interop.vit_layout has the older ones); --init_from takes a PEFT folder too.
 """
 import argparse
 import math
@@ -44,11 +46,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (HelpFormatter, add_method_args, adapter_state_dict, attach_method, autocast, checkpoint,
-                    fetch_all, fill_method_defaults, grad_sync, load_adapter_state_dict, load_checkpoint, open_run,
-                    param_counts, progress_line, restore, save_atomic, setup_ddp, wrap_ddp)
+from common import (HelpFormatter, adapter_bytes, add_method_args, adapter_state_dict, attach_method, autocast,
+                    base_checkpoint, check_export, checkpoint, export_adapter, fetch_all, fill_method_defaults,
+                    grad_sync, load_adapter, load_adapter_state_dict, open_run, param_counts, progress_line, restore,
+                    save_atomic, setup_ddp, wrap_ddp)
 from images import DATA_LAYOUT, DATASETS, load_data, parse_classes, preprocess
-from model_vit import ViT, ViTConfig, build_model, read_checkpoint
+from interop import vit_layout
+from model_vit import HUB_MODELS, ViT, ViTConfig, build_model, read_checkpoint
 
 QV = "q_proj,v_proj"  # both papers adapt q and v on the ViT
 METHOD_DEFAULTS = {
@@ -73,7 +77,7 @@ def get_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--init_from", default="vit-base",
                    help="vit-base | vit-large (Google in21k on the Hub) | a Hub repo id | a local .safetensors/.bin/"
-                        ".pt or folder | a full fine-tune's adapter.pt | scratch")
+                        ".pt or folder | a full fine-tune's adapter.safetensors | a PEFT folder | scratch")
     g.add_argument("--image_size", type=int, default=224, help="model input side; pos-embeds interpolated if needed")
     g.add_argument("--n_layer", type=int, default=12, help="scratch only: blocks")
     g.add_argument("--n_head", type=int, default=12, help="scratch only: attention heads; must divide --n_embd")
@@ -105,7 +109,7 @@ def get_args(argv=None):
     g.add_argument("--log_interval", type=int, default=20, help="steps between log lines")
     g.add_argument("--eval_interval", type=int, default=0,
                    help="steps between test evaluations (and saves); 0: at each epoch's end. Always at the end")
-    g.add_argument("--out_dir", default="out-vit", help="adapter.pt and ckpt.pt go here")
+    g.add_argument("--out_dir", default="out-vit", help="adapter.safetensors and ckpt.pt go here")
     g.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt; only --max_iters, "
                    "--epochs, logging, eval and device flags may differ from its run")
     g.add_argument("--overwrite", action="store_true", help="start over even if out_dir holds a run")
@@ -181,7 +185,7 @@ def load_finetuned(path, device="cpu"):
     """Rebuild a fine-tuned model from adapter.pt: a full fine-tune from its saved config and tensors;
     else the backbone from its --init_from (or --seed for scratch) with its saved n_head, the method
     applied as in training, then the adapter and the head loaded."""
-    blob = load_checkpoint(path, ADAPTER_KEYS, "adapter.pt")
+    blob = load_adapter(path, ADAPTER_KEYS)
     args = argparse.Namespace(**blob["args"])
     saved_cfg = blob.get("config") or blob.get("model_cfg")  # model_cfg: the key's former name
     torch.manual_seed(args.seed)
@@ -189,8 +193,9 @@ def load_finetuned(path, device="cpu"):
         model = ViT(ViTConfig(**saved_cfg))
         model.load_state_dict({**blob["adapter"], **{f"head.{k}": v for k, v in blob["head"].items()}})
         return model.to(device).eval()
-    model = build_model(args, len(blob["classes"]), n_head=saved_cfg and saved_cfg["n_head"])
-    attach_method(model, args)
+    weights = None if args.init_from == "scratch" else read_checkpoint(base_checkpoint(args.init_from))
+    model = build_model(args, len(blob["classes"]), weights, n_head=saved_cfg and saved_cfg["n_head"])
+    attach_method(model, args, vit_layout)
     load_adapter_state_dict(model, args.method, blob["adapter"])
     model.head.load_state_dict(blob["head"])
     return model.to(device).eval()
@@ -203,7 +208,7 @@ def load_inputs(args, ddp, master, device, log):
     if ddp and not master:
         dist.barrier()
     got = fetch_all({"weights": lambda online: None if args.init_from == "scratch" else
-                     read_checkpoint(args.init_from, online),
+                     read_checkpoint(base_checkpoint(args.init_from), online),
                      "data": lambda online: load_data(args, online)})
     if ddp and master:
         dist.barrier()
@@ -214,12 +219,12 @@ def load_inputs(args, ddp, master, device, log):
 
 
 def save_run(args, step, world_size, model, opt, device, classes, acc):
-    """ckpt.pt (to resume) and adapter.pt (to use), each written atomically."""
+    """ckpt.pt (to resume) and adapter.safetensors (to use), each written atomically."""
     save_atomic(checkpoint(args, step, world_size, model, opt, device, test_acc=acc),
                 os.path.join(args.out_dir, "ckpt.pt"))
-    save_atomic(dict(args=vars(args), method=args.method, config=asdict(model.cfg),
-                     adapter=adapter_state_dict(model, args.method), head=model.head.state_dict(), classes=classes,
-                     test_acc=acc), os.path.join(args.out_dir, "adapter.pt"))
+    tensors = {**adapter_state_dict(model, args.method), **{f"head.{k}": v for k, v in model.head.state_dict().items()}}
+    meta = dict(args=vars(args), method=args.method, config=asdict(model.cfg), classes=classes, test_acc=acc)
+    save_atomic(adapter_bytes(meta, tensors), os.path.join(args.out_dir, "adapter.safetensors"))
 
 
 # -----------------------------------------------------------------------------
@@ -261,14 +266,15 @@ def train(args, ckpt, ddp, rank, world_size, device):
     # ---- model and method; the same seed on every rank, so all start identical
     torch.manual_seed(args.seed)  # before build_model: a scratch backbone is rebuilt from the seed on reload
     model = build_model(args, len(classes), weights, classes=classes).to(device)
-    attach_method(model, args)
+    attach_method(model, args, vit_layout)
+    check_export(args, model, vit_layout)  # before training: an adapter PEFT cannot hold is refused now
     model.head.requires_grad_(args.method != "none")
     groups = param_groups(model, args)
     torch.manual_seed(args.seed + rank)  # dropout differs across ranks
     n_head = sum(p.numel() for p in model.head.parameters() if p.requires_grad)
     n_train, n_stored, _ = param_counts(model, args.method)
     log(f"method {args.method}: {n_train - n_head:,} trainable parameters without the head (as the papers "
-        f"count), {n_train:,} with it; {n_stored:,.0f} stored in adapter.pt; "
+        f"count), {n_train:,} with it; {n_stored:,.0f} stored in adapter.safetensors; "
         f"model {sum(p.numel() for p in model.parameters()):,}")
 
     # ---- optimizer and schedule
@@ -339,7 +345,11 @@ def train(args, ckpt, ddp, rank, world_size, device):
     # ---- save
     if master and acc is None:  # nothing trained in this call: method none, or a finished run resumed
         acc = evaluate_and_save("no training step")
-    log(f"saved {args.out_dir}/adapter.pt and ckpt.pt")
+    log(f"saved {args.out_dir}/adapter.safetensors and ckpt.pt")
+    if master and args.export:  # for Hugging Face's ViTForImageClassification: the head is its classifier
+        export_adapter(args, model, vit_layout, None if args.init_from == "scratch" else
+                       HUB_MODELS.get(args.init_from, base_checkpoint(args.init_from)),
+                       modules_to_save={"classifier": model.head.state_dict()}, log=log)
     if ddp:
         dist.barrier()  # the other ranks wait for rank 0's last evaluation and save
     return {"model": model, "test_acc": acc, "step": step, "n_trainable": n_train - n_head, "n_head": n_head,
