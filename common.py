@@ -159,14 +159,22 @@ def add_method_args(p, defaults, default_method):
 
 
 def fill_method_defaults(args, defaults):
-    """Every method flag left unset takes its method's default; then the method's config checks them."""
+    """Every method flag left unset takes its method's default; then the method's config checks them (or, for
+    a PEFT folder as --init_from, its type is checked against --method)."""
     for k, v in defaults[args.method].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     for k in ("lr", "vblora_bank_lr", "vblora_logits_lr"):
         if getattr(args, k) is not None and getattr(args, k) < 0:
             raise SystemExit(f"error: --{k} {getattr(args, k)}: must be >= 0")
-    if args.method in METHODS and interop.peft_config(args.init_from) is None:
+    peft = interop.peft_config(args.init_from)
+    if peft is not None:  # the folder's adapter decides the method and its shapes
+        method = interop.PEFT_METHODS.get(peft.get("peft_type"))
+        if method != args.method:
+            hint = f"pass --method {method}" if method else f"nanopeft reads {', '.join(interop.PEFT_METHODS)}"
+            raise SystemExit(f"error: --init_from {args.init_from} holds a PEFT {peft.get('peft_type')} adapter: "
+                             f"{hint}")
+    elif args.method in METHODS:
         try:
             METHODS[args.method][0](args)
         except ValueError as e:  # a constraint of the method's config, named with its values
@@ -190,12 +198,7 @@ def attach_method(model, args, layout=None):
     """Freeze the model (all of it trains for --method full), attach the method on --targets; or, when
     --init_from is a PEFT folder, its adapter (its own shapes and tensors), mapped by `layout`."""
     model.requires_grad_(args.method == "full")
-    cfg = interop.peft_config(args.init_from)
-    if cfg is not None:
-        method = interop.PEFT_METHODS.get(cfg.get("peft_type"))
-        if method != args.method:
-            hint = f"pass --method {method}" if method else f"nanopeft reads {', '.join(interop.PEFT_METHODS)}"
-            raise SystemExit(f"error: --init_from {args.init_from} holds a PEFT {cfg.get('peft_type')} adapter: {hint}")
+    if interop.peft_config(args.init_from) is not None:  # its method was checked with the flags
         try:
             interop.load_peft(model, args.init_from, layout)
         except ValueError as e:

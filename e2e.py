@@ -33,6 +33,7 @@ e2e-metrics input format, for scoring with the official scripts.
 """
 import csv
 import io
+import json
 import math
 import os
 import re
@@ -363,6 +364,30 @@ def cider_d(hyps, refs, n=4, sigma=6.0):
                 total += val * math.exp(-(lh - lr) ** 2 / (2 * sigma ** 2))
         scores.append(10.0 * total / n / len(rs))
     return sum(scores) / len(scores)
+
+
+@torch.no_grad()
+def estimate_dev_loss(model, dev, batches, eos, device, ctx):
+    """Mean plain cross-entropy (no label smoothing) over these dev batches."""
+    model.eval()
+    losses = []
+    for b in batches:
+        x, y = collate([dev[i] for i in b], eos)
+        with ctx:
+            losses.append(model(x.to(device), y.to(device))[1].item())
+    model.train()
+    return sum(losses) / max(len(losses), 1)
+
+
+def write_outputs(out_dir, preds, refs, metrics):
+    """predictions.txt (one per MR) and references.txt (an MR's references, then a blank line), the input of
+    the official e2e-metrics scripts; metrics.json, our scores."""
+    with open(os.path.join(out_dir, "predictions.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(p + "\n" for p in preds))
+    with open(os.path.join(out_dir, "references.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join("".join(" ".join(r.split()) + "\n" for r in rs) for rs in refs))
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
 
 
 def e2e_scores(hyps, refs):

@@ -11,43 +11,33 @@
     python train_gpt2.py --method lora --init_from out-lm/adapter.safetensors   # then E2E
     python train_gpt2.py --method lora --export peft out-peft   # also for PEFT + transformers' GPT2LMHeadModel
 
-The loop a reader forks; the model is in model_gpt2.py, the task (data, BPE, metrics) in e2e.py, and what
-this script shares with train_vit.py (fetching, methods, checkpoints, resume, DDP) in common.py.
+The loop a reader forks; the model is in model_gpt2.py, the task (data, BPE, metrics) in e2e.py, what this
+script shares with train_vit.py (fetching, methods, checkpoints, resume, DDP) in common.py.
 
 Recipe (the LoRA paper's GPT-2 E2E setup, which VB-LoRA's Table 8 and SiVA §4.3 follow): AdamW, weight
 decay 0.01, batch 8, 5 epochs, 500 linear warm-up steps then linear decay to 0, label smoothing 0.1,
 examples up to 512 tokens, loss on the reference and its final EOS only. Decoding as in the LoRA code's
 E2E command: beam 10, length penalty 0.8, no-repeat-ngram 4, at most 64 new tokens. Per-method defaults
-(targets, shapes, lr) are listed by `--help`; where a paper gives no GPT-2 E2E value the choice is ours.
-
-Choices where the papers are silent:
-- `--max_iters` caps the run and the linear decay ends there; warm-up lr is (step+1)/warmup * lr, with
-  warmup = min(--warmup_iters, the run's steps), so a run shorter than the warm-up still reaches --lr.
+are listed by `--help`; where a paper gives no GPT-2 E2E value the choice is ours. Where they are silent:
+- `--max_iters` caps the run and the decay ends there; warm-up lasts min(--warmup_iters, the run's steps).
 - Dev loss is plain cross-entropy (no smoothing) on the first --eval_iters of a fixed shuffle of dev.
-- Scratch models come from --seed (checkpoints hold only trainable tensors); --dropout defaults to 0
-  (the LoRA code's GPT-2 has no dropout besides the adapter's).
-- Adapters are never merged: lm_head shares its weight with wte, so merging an adapter on lm_head would
-  rewrite the embedding too.
-- --lm_text FILE[,FILE]: plain language modelling instead of E2E (to pretrain a small base): blocks of
-  min(--max_len, block_size) tokens, the loss on every next token, every 20th block held out as dev;
-  nothing is decoded. A full run's adapter.safetensors is then an --init_from.
+- Scratch models come from --seed (checkpoints hold only trainable tensors); --dropout defaults to 0.
+- Adapters are never merged: lm_head shares its weight with wte, so a merge there would rewrite both.
+- --lm_text FILE[,FILE]: plain language modelling (to pretrain a small base): blocks of min(--max_len,
+  block_size) tokens, loss on every next token, every 20th block for dev, no decoding.
 
-Multi-GPU: under torchrun one optimizer step takes --grad_accum micro-batches of --batch_size on each of
-the N processes; process r takes micro-batches r, r+N, r+2N, ... of the same global order, so N processes
-with --grad_accum G see exactly what one process sees with --grad_accum N*G. Only process 0 logs,
-evaluates, saves and decodes.
+Multi-GPU: process r of N takes micro-batches r, r+N, ... of one global order, so N processes with
+--grad_accum G see exactly what one sees with --grad_accum N*G. Only process 0 logs, evaluates, saves, decodes.
 
---out_dir: ckpt.pt (to resume: the run's flags, step, trainable tensors, optimizer, RNG) and adapter.safetensors
-(to use: the method's state dict, VB-LoRA's compact top-k form, full: the trained tensors; its header holds
-{"args", "method", "config"}, the flags and model config that rebuild the model; load_finetuned() does it in
-one call, and reads an adapter.pt of earlier versions too). --export peft|lora DIR writes the adapter for
-Hugging Face's GPT2LMHeadModel (q, k, v fused in its Conv1D c_attn): PEFT's format, or plain LoRA (interop.py).
---init_from and --adapter take a PEFT folder too (its base_model_name_or_path is the base). predictions.txt (one per MR) and references.txt (blank-line
-separated) are the official e2e-metrics input format; metrics.json holds our scores.
+--out_dir: ckpt.pt (to resume) and adapter.safetensors (to use: the method's state dict, VB-LoRA's top-k
+form, full: the trained tensors; its header holds the flags and model config that rebuild the model, as
+load_finetuned() does, which reads the adapter.pt of earlier versions too); predictions.txt and
+references.txt (the official e2e-metrics input), metrics.json. --export peft|lora DIR writes the adapter
+for Hugging Face's GPT2LMHeadModel (q, k, v fused in its Conv1D c_attn); --init_from and --adapter take a
+PEFT folder (its base_model_name_or_path is the base).
 """
 import argparse
 import functools
-import json
 import math
 import os
 import re
@@ -63,7 +53,8 @@ from common import (HelpFormatter, Missing, Online, adapter_bytes, add_method_ar
                     fill_method_defaults, grad_sync, hms, load_adapter, load_adapter_state_dict, open_run,
                     param_counts, progress_line, restore, save_atomic, setup_ddp, wrap_ddp)
 from interop import PEFT_METHODS, gpt2_layout, peft_config
-from e2e import (collate, e2e_scores, encode_e2e, encode_lm_text, get_tokenizer, load_e2e, make_batches)
+from e2e import (collate, e2e_scores, encode_e2e, encode_lm_text, estimate_dev_loss, get_tokenizer, load_e2e,
+                 make_batches, write_outputs)
 from model_gpt2 import GPT, GPT2_HEADS, GPTConfig, beam_search, gpt2_weights, load_gpt2
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,attn.c_proj,c_fc,mlp.c_proj"
@@ -207,9 +198,10 @@ def lr_factor(step, warmup, total):
 
 
 def hub_name(init_from):
-    """The base model's name as a PEFT folder records it: the Hub's id, or the local path."""
-    return None if init_from == "scratch" else "openai-community/" + init_from if init_from in GPT2_HEADS else \
-        base_checkpoint(init_from)
+    """The base model's name as a PEFT folder records it: the Hub's id, or the local path (None: scratch)."""
+    if init_from == "scratch":
+        return None
+    return "openai-community/" + init_from if init_from in GPT2_HEADS else base_checkpoint(init_from)
 
 
 def load_finetuned(path, device="cpu"):
@@ -220,8 +212,11 @@ def load_finetuned(path, device="cpu"):
         path = os.path.join(path, "adapter.safetensors")
     cfg = peft_config(path)
     if cfg is not None:  # a PEFT folder is the adapter and names its base
-        blob = dict(args=vars(get_args(["--init_from", path, "--method", PEFT_METHODS.get(cfg.get("peft_type"), "?")])),
-                    config={"vocab_size": None}, adapter=None)
+        if cfg.get("peft_type") not in PEFT_METHODS:
+            raise SystemExit(f"error: {path}: a PEFT {cfg.get('peft_type')} adapter; nanopeft reads "
+                             f"{', '.join(PEFT_METHODS)}")
+        args = get_args(["--init_from", path, "--method", PEFT_METHODS[cfg["peft_type"]]])
+        blob = dict(args=vars(args), config={"vocab_size": None}, adapter=None)
     else:
         blob = load_adapter(path, ADAPTER_KEYS)
     args = argparse.Namespace(**blob["args"])
@@ -289,19 +284,6 @@ def sample(args, device):
     return dict(model=model, sample=text)
 
 
-@torch.no_grad()
-def estimate_dev_loss(model, dev, batches, eos, device, ctx):
-    """Mean plain cross-entropy (no label smoothing) over these dev batches."""
-    model.eval()
-    losses = []
-    for b in batches:
-        x, y = collate([dev[i] for i in b], eos)
-        with ctx:
-            losses.append(model(x.to(device), y.to(device))[1].item())
-    model.train()
-    return sum(losses) / max(len(losses), 1)
-
-
 def load_data(args, log):
     """(tokenizer, train, dev, test MRs -> references, GPT-2 weights path or None), every download tried
     before any missing one is reported."""
@@ -347,12 +329,7 @@ def score(model, enc, mrs, test_refs, step, args, ctx, log):
     log(f"test ({len(mrs)} MRs): BLEU {100 * scores['BLEU']:.2f} | NIST {scores['NIST']:.4f} | "
         f"METEOR(exact) {100 * scores['METEOR']:.2f} | ROUGE-L {100 * scores['ROUGE_L']:.2f} | "
         f"CIDEr {scores['CIDEr']:.4f}")
-    with open(os.path.join(args.out_dir, "predictions.txt"), "w", encoding="utf-8") as f:
-        f.write("".join(p + "\n" for p in preds))
-    with open(os.path.join(args.out_dir, "references.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join("".join(" ".join(r.split()) + "\n" for r in rs) for rs in refs))
-    with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
-        json.dump(dict(scores, method=args.method, step=step, n_mrs=len(mrs)), f, indent=1)
+    write_outputs(args.out_dir, preds, refs, dict(scores, method=args.method, step=step, n_mrs=len(mrs)))
     return preds, scores
 
 
