@@ -4326,7 +4326,12 @@ def test_reproduce_prepares_a_seeded_test_sample_across_the_file_and_a_held_out_
     assert idx[0] < 20 and idx[-1] > 80  # drawn across the file, not its head
     assert mrs == list(dict.fromkeys(mr for mr, _ in reproduce.sample_test_mrs(rows, reproduce.N_TEST)))  # seeded
     assert e2e.read_e2e_csv(os.path.join(paths["e2e"], "trainset.csv")) == rows
-    assert open(paths["refs"]).read().splitlines() == [ref for _, ref in rows]  # references alone, no MR
+    lines = open(paths["refs"]).read().splitlines()  # the references alone, no MR, grouped by MR
+    assert sorted(lines) == sorted(ref for _, ref in rows) and not any("[" in line for line in lines)
+    groups = [int(re.match(r"R(\d+) ", line)[1]) for line in lines]
+    assert all(groups[i] == groups[i + 1] == groups[i + 2] for i in range(0, 300, 3))  # one MR's three together
+    assert groups[::3] != sorted(groups[::3])  # the groups in a shuffled order, not the file's
+    assert reproduce.references_by_mr(rows) == open(paths["refs"]).read()  # seeded: the same text every time
     vit, val = np.load(paths["vit"]), np.load(paths["vit_val"])
     assert np.array_equal(vit["x_train"], val["x_train"]) and np.bincount(vit["y_train"]).tolist() == [450] * 10
     assert np.bincount(val["y_test"]).tolist() == [50] * 10 and np.bincount(vit["y_test"]).tolist() == [100] * 10
@@ -4336,6 +4341,26 @@ def test_reproduce_prepares_a_seeded_test_sample_across_the_file_and_a_held_out_
     assert ids(vit["x_train"]) == set(range(5000)) - ids(val["x_test"])
     src = np.load(d / "cifar.npz")  # every test image, grouped by class
     assert np.array_equal(vit["x_test"], src["x_test"][np.argsort(src["y_test"], kind="stable")])
+
+
+def test_reproduce_sweep_grows_by_x5_until_the_best_is_bracketed():
+    assert [reproduce.scale_lr(x, f) for x, f in (("1e-3", 5), ("2e-4", 5), ("5e-2", 0.2), ("1", 2.5))] == \
+        ["5e-3", "1e-3", "1e-2", "2.5e0"]
+    assert reproduce.scale_lr(("5e-3", "5e-2"), 5) == ("2.5e-2", "2.5e-1")  # VB-LoRA's pair moves together
+    calls = []
+
+    def score(lr):  # a valley at 2.5e-2, by hand: |log(lr / 2.5e-2)|
+        calls.append(lr)
+        return abs(math.log(float(lr) / 2.5e-2))
+    grid, ok = reproduce.bracket(["2e-4", "1e-3"], score)
+    assert ok and [lr for lr, _ in grid] == ["2e-4", "1e-3", "5e-3", "2.5e-2", "1.25e-1"] and calls == [lr for lr, _ in grid]
+    grid, ok = reproduce.bracket(["1", "5"], score)  # downwards: 1 is the best end, then 0.2, 0.04, 0.008
+    assert ok and [lr for lr, _ in grid] == ["8e-3", "4e-2", "2e-1", "1", "5"]
+    grid, ok = reproduce.bracket(["1", "5"], lambda lr: -float(lr))  # better without end: stops at the limit, flagged
+    assert not ok and grid[-1][0] == "5" and len(grid) == 2
+    valley = {"1e-3": 2.0, "5e-3": 1.0, "2.5e-2": 1.0, "1.25e-1": 3.0}  # the best ties the upper end: one more step
+    grid, ok = reproduce.bracket(["1e-3", "5e-3", "2.5e-2"], valley.__getitem__)
+    assert ok and [lr for lr, _ in grid] == ["1e-3", "5e-3", "2.5e-2", "1.25e-1"]
 
 
 def test_reproduce_slot_accuracy_counts_verbatim_values_case_aside():
