@@ -4008,6 +4008,15 @@ def test_vit_export_loads_in_vitforimageclassification_with_our_logits(tmp_path,
         assert_close(_vit_logits(again["model"]), ours)
 
 
+def test_vit_adapter_pt_of_earlier_versions_still_loads(tmp_path):
+    res = train_vit.main(_vit_smoke_argv(tmp_path, "lora"))
+    blob = _read_adapter(tmp_path / "out" / "adapter.safetensors")
+    old = tmp_path / "adapter.pt"  # the former layout: a torch file, the model config under "model_cfg"
+    torch.save({"args": blob["args"], "method": blob["method"], "adapter": blob["adapter"], "head": blob["head"],
+                "classes": blob["classes"], "model_cfg": blob["config"]}, old)
+    assert_close(_vit_logits(train_vit.load_finetuned(str(old))), _vit_logits(res["model"]))
+
+
 def test_vit_export_peft_of_siva_is_refused_before_training(tmp_path):
     msg = _vit_exit(_vit_smoke_argv(tmp_path, "siva", "--export", "peft", str(tmp_path / "exp")))
     assert msg.startswith("error: --export peft: ") and "PEFT has no such method" in msg and "--export lora" in msg
