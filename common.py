@@ -319,6 +319,13 @@ def adapter_bytes(meta, tensors):
     return safetensors.torch.save(tensors, metadata={"nanopeft": json.dumps(meta)})
 
 
+def read_safetensors(path):
+    """(the "nanopeft" header as a dict, or None for a plain weights file; the tensors)."""
+    with safetensors.safe_open(path, "pt") as f:
+        header = (f.metadata() or {}).get("nanopeft")
+        return (None if header is None else json.loads(header)), {k: f.get_tensor(k) for k in f.keys()}
+
+
 def load_adapter(path, keys):
     """{meta..., "adapter": tensors, "head": the "head."-prefixed ones} from an adapter.safetensors, or from an
     adapter.pt (a torch file with the same keys, as earlier versions wrote). Any fault is one line naming path."""
@@ -328,9 +335,7 @@ def load_adapter(path, keys):
         raise SystemExit(f"error: {path} is {'an empty file' if os.path.isfile(path) else 'not a file'}, not an "
                          f"adapter.safetensors")
     try:
-        with safetensors.safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("nanopeft", "null"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = read_safetensors(path)
     except Exception as e:  # truncated, not a safetensors file
         raise SystemExit(f"error: {path} is not a readable adapter.safetensors (truncated or another format): "
                          f"{why(e)}")

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import Missing
+from common import Missing, read_safetensors
 
 IGNORE = -100  # target id the loss skips (MR tokens, padding)
 
@@ -184,11 +184,8 @@ def load_gpt2(path, dropout=0.0, n_head=None):
         with open(config_json) as f:
             n_head = json.load(f).get("n_head")
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(path, "pt") as f:  # a full fine-tune's adapter.safetensors keeps its config in the header
-            header = json.loads((f.metadata() or {}).get("nanopeft", "{}"))
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-        n_head = n_head or header.get("config", {}).get("n_head")
+        header, sd = read_safetensors(path)  # a full fine-tune's adapter.safetensors keeps its config in the header
+        n_head = n_head or (header or {}).get("config", {}).get("n_head")
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
         if "adapter" in sd and "args" in sd:  # a full fine-tune's adapter.pt: its tensors and its model config

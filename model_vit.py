@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import Missing, unreachable, why
+from common import Missing, read_safetensors, unreachable, why
 
 # -----------------------------------------------------------------------------
 # model
@@ -198,13 +198,10 @@ def load_weights(model, sd):
 def _read_tensors(path):
     """A state dict, or a fine-tune's saved adapter as {"args", "method", ..., "adapter", "head"}."""
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(path, "pt") as f:
-            header = (f.metadata() or {}).get("nanopeft")  # a run's adapter.safetensors: its flags and config
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+        header, sd = read_safetensors(path)  # a run's adapter.safetensors has its flags and config in the header
         if header is None:
             return sd
-        return dict(json.loads(header), adapter={k: v for k, v in sd.items() if not k.startswith("head.")},
+        return dict(header, adapter={k: v for k, v in sd.items() if not k.startswith("head.")},
                     head={k[5:]: v for k, v in sd.items() if k.startswith("head.")})
     return torch.load(path, map_location="cpu", weights_only=True)
 
