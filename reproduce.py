@@ -430,7 +430,9 @@ def gpt2_side(args, paths, seeds, q, dev):
         def run(lr, seed):
             argv = ["--method", method, "--init_from", base_pt, "--data_dir", paths["e2e"], *bpe, *extra, *sizes,
                     *(lr_flags(lr) if lr else []), "--max_iters", str(G["ft_iters"]), "--warmup_iters", "30",
-                    "--eval_iters", str(G["dev"]), "--eval_interval", "100000", "--log_interval", "10",
+                    "--eval_iters", str(G["dev"]), "--log_interval", "10",
+                    # the documented run: dev loss every third of the run, to show whether 300 steps were enough
+                    "--eval_interval", "100000" if args.sweep else str(max(G["ft_iters"] // 3, 1)),
                     *(["--eval_samples", "0"] if args.sweep else []), "--beam", str(G["beam"]),
                     "--max_new_tokens", str(G["new"]), "--seed", str(seed), *dev]
             tag = f"{name}-lr{lr if isinstance(lr, str) else '-'.join(lr)}" if args.sweep else name
@@ -570,6 +572,12 @@ def main():
             panels["GPT-2 base: pretraining"] = {"train": base["curve"], "dev": base.get("dev_curve", [])}
             panels["GPT-2 on E2E: train loss (mean over seeds)"] = {
                 n: mean_curve([r["curve"] for r in rs]) for n, rs in res.items() if n != "zero-shot"}
+            dev_curves = {n: mean_curve([r["dev_curve"] for r in rs]) for n, rs in res.items() if n != "zero-shot"}
+            panels["GPT-2 on E2E: dev loss (mean over seeds)"] = dev_curves
+            md += ["", "Dev loss during fine-tuning (mean over seeds), and its change over the last interval:",
+                   ""] + [f"- {n}: " + ", ".join(f"step {s} {v:.3f}" for s, v in c) +
+                          (f"; last {c[-1][0] - c[-2][0]} steps {c[-1][1] - c[-2][1]:+.3f}" if len(c) > 1 else "")
+                          for n, c in dev_curves.items()]
             md.append("")
 
     if "vit" in sides:
