@@ -4276,6 +4276,17 @@ def test_reproduce_cache_reuses_a_finished_run_and_redoes_a_changed_one(tmp_path
     assert reproduce.cached_run(main, ["--a", "2"], out, deps=["base2"])["score"] == 4
 
 
+def test_reproduce_refuses_a_run_that_stopped_before_its_max_iters(tmp_path):
+    # the scripts also stop at --epochs: a base that ran 350 of its 1,200 steps must not be cached as done
+    main = lambda argv: {"model": None, "step": 350}
+    main.__module__ = "stub"
+    out = str(tmp_path / "base")
+    with pytest.raises(RuntimeError, match=r"stopped at step 350, not --max_iters 1200; raise its --epochs"):
+        reproduce.cached_run(main, ["--max_iters", "1200"], out)
+    assert not os.path.exists(os.path.join(out, "result.json"))
+    assert reproduce.cached_run(main, ["--max_iters", "350"], out)["step"] == 350
+
+
 def test_reproduce_offline_without_data_names_everything_and_the_data_flag(monkeypatch, tmp_path):
     probes = []
     monkeypatch.setattr(common, "network_ok", lambda *a, **k: probes.append(1) or False)
