@@ -158,7 +158,8 @@ def cached_run(main, argv, out, deps=(), analyse=None):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "log.txt"), "w", buffering=1) as log, contextlib.redirect_stdout(log):
         res = main(argv + ["--out_dir", out, "--overwrite"])  # --overwrite: a stale or half-done run
-    if "--max_iters" in argv and res.get("step") != int(argv[argv.index("--max_iters") + 1]):
+    trains = "--max_iters" in argv and argv[argv.index("--method") + 1] != "none"  # zero-shot takes no step
+    if trains and res.get("step") != int(argv[argv.index("--max_iters") + 1]):
         # the scripts stop at --epochs too: a base or row that ran short would be reported as if it had not
         raise RuntimeError(f"{out}: stopped at step {res.get('step')}, not --max_iters "
                            f"{argv[argv.index('--max_iters') + 1]}; raise its --epochs")

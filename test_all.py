@@ -4282,9 +4282,12 @@ def test_reproduce_refuses_a_run_that_stopped_before_its_max_iters(tmp_path):
     main.__module__ = "stub"
     out = str(tmp_path / "base")
     with pytest.raises(RuntimeError, match=r"stopped at step 350, not --max_iters 1200; raise its --epochs"):
-        reproduce.cached_run(main, ["--max_iters", "1200"], out)
+        reproduce.cached_run(main, ["--method", "full", "--max_iters", "1200"], out)
     assert not os.path.exists(os.path.join(out, "result.json"))
-    assert reproduce.cached_run(main, ["--max_iters", "350"], out)["step"] == 350
+    assert reproduce.cached_run(main, ["--method", "full", "--max_iters", "350"], out)["step"] == 350
+    zero_shot = lambda argv: {"model": None, "step": 0}  # method none: no step is its whole run
+    zero_shot.__module__ = "stub"
+    assert reproduce.cached_run(zero_shot, ["--method", "none", "--max_iters", "300"], str(tmp_path / "zs"))["step"] == 0
 
 
 def test_reproduce_offline_without_data_names_everything_and_the_data_flag(monkeypatch, tmp_path):
