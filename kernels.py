@@ -1324,3 +1324,52 @@ def bone_col_linear(x, W, B, bias=None):
         raise ValueError("bone_col_linear: W must be frozen (requires_grad=False); its gradient is not computed")
     _check_applies("bone_col_linear", x, W, B, bias)
     return BoneColLinearFunction.apply(x.to(_compute_dtype(x)), W, B, bias)
+
+
+# -----------------------------------------------------------------------------------------------------
+# A good neighbour to Hugging Face's `kernels` package
+#
+# Hugging Face ships a package called `kernels`, and transformers (5.25 and newer) requires and imports it.
+# Run from this folder, Python finds this file first under that name, so `from kernels import get_kernel`
+# would fail inside transformers. When their package is installed (and is not this file), this module
+# answers for it too:
+# - `__path__` points at their folder, so their submodules (`kernels._internals...`, the compiled
+#   `kernels._rust`) import from there;
+# - a name this file does not define is looked up in their package: on the first such lookup their
+#   `__init__.py` runs once, in a namespace of its own, so it never replaces a name of ours.
+# The method files see only what is above (they check NANOPEFT_KERNELS). Without their package nothing
+# here runs; where theirs was imported first, the method files fall back to their formulas.
+
+
+def _their_init():
+    """The path of Hugging Face's kernels/__init__.py when that distribution is installed, else None."""
+    import importlib.metadata
+    try:
+        init = os.path.abspath(str(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    mine = os.path.dirname(os.path.abspath(__file__))
+    return init if os.path.isfile(init) and os.path.dirname(init) != mine else None
+
+
+_THEIR_INIT = _their_init()
+_theirs = None  # their package's names, once loaded
+
+if _THEIR_INIT is not None:
+    __path__ = [os.path.dirname(_THEIR_INIT)]
+
+    def __getattr__(name):
+        global _theirs
+        if _theirs is None:
+            ns = {"__name__": __name__, "__package__": __name__, "__path__": __path__, "__file__": _THEIR_INIT}
+            _theirs = ns  # set first: their own submodules import names from `kernels` while it runs
+            try:
+                with open(_THEIR_INIT) as f:
+                    exec(compile(f.read(), _THEIR_INIT, "exec"), ns)
+            except BaseException:
+                _theirs = None  # a failed load is retried (and fails again) rather than half-kept
+                raise
+        if name in _theirs:
+            return _theirs[name]
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r} (neither this kernels.py nor "
+                             f"Hugging Face's kernels package defines it)")

@@ -37,16 +37,42 @@ from types import SimpleNamespace
 
 import huggingface_hub
 import numpy as np
-import peft
 import pytest
 import tiktoken
 import tiktoken.load
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
+
+
+class _Unusable:
+    """Stands in for a package that cannot be used here: touching any of its names skips the test, with why."""
+
+    def __init__(self, why):
+        self.why = why
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name == "pytestmark":  # what pytest's collection asks of module globals
+            raise AttributeError(name)
+        pytest.skip(self.why)
+
+
+try:  # the references interop is tested against; requirements.txt installs both
+    import transformers
+    if not transformers.is_torch_available():  # it refuses a torch older than it needs
+        raise ImportError(f"transformers {transformers.__version__} does not use torch {torch.__version__}")
+    import peft
+    HF_UNUSABLE = None
+except Exception as e:  # absent, or refused by this torch (the newest transformers needs a newer one)
+    HF_UNUSABLE = f"transformers and PEFT are not usable here ({type(e).__name__}: {str(e)[:100]})"
+    peft = transformers = _Unusable(HF_UNUSABLE)
+
+
+def _needs_hf():
+    if HF_UNUSABLE:
+        pytest.skip(HF_UNUSABLE)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bone
@@ -88,9 +114,24 @@ def _seed():
     torch.manual_seed(0)
 
 
+# The kernels are tested under the interpreter of this triton and newer; older interpreters (triton 3.0, which
+# torch 2.4's CUDA build pins) fail on plain loops over runtime sizes. Compiled, on a GPU, no such floor applies.
+INTERPRETER_TESTED = (3, 9)
+
+
+def _triton_version():
+    import triton
+    return tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
+
+
 @pytest.fixture
 def kernel_device():
     """Tensors a kernel test creates land on KERNEL_DEVICE."""
+    if not kernels.HAS_TRITON:
+        pytest.skip("triton is not installed (Linux only): the kernels cannot run here")
+    if KERNEL_DEVICE == "cpu" and _triton_version() < INTERPRETER_TESTED:
+        pytest.skip(f"triton {'.'.join(map(str, _triton_version()))}'s interpreter is older than the one the kernels "
+                    f"are tested under ({'.'.join(map(str, INTERPRETER_TESTED))}); on a GPU: NANOPEFT_TEST_DEVICE=cuda")
     torch.set_default_device(KERNEL_DEVICE)
     yield KERNEL_DEVICE
     torch.set_default_device("cpu")
@@ -2171,6 +2212,8 @@ def _aot_compile_all(repo, shard=0, n_shards=1):
 
 def test_aot_every_kernel_compiles_for_h100():
     """The distinct launches split over 2 processes compiling side by side (each compile is one-threaded)."""
+    if not kernels.HAS_TRITON or _triton_version() < INTERPRETER_TESTED:  # it drives triton's internal compile API
+        pytest.skip(f"the ahead-of-time compile uses triton's internals as of {INTERPRETER_TESTED}")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NANOPEFT_NO_TRITON")}
     repo = os.path.dirname(os.path.abspath(kernels.__file__))
     src = textwrap.dedent(inspect.getsource(_aot_compile_all))
@@ -4068,7 +4111,7 @@ def test_kernels_imports_without_triton_says_no_and_its_ops_raise():
 
 
 def test_transformers_and_lora_work_from_the_repository_root_without_triton():
-    pytest.importorskip("transformers")  # .ci/run installs it: a user's machine usually has it
+    _needs_hf()
     out = _python(NO_TRITON + textwrap.dedent("""
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -4085,6 +4128,69 @@ def test_transformers_and_lora_work_from_the_repository_root_without_triton():
         print(len(names), torch.equal(before, after), len(grads), all("lora_" in n for n in grads))
         """), ROOT)
     assert out.split() == ["4", "True", "8", "True"]  # 2 layers x q, v; B = 0: the same logits; A, B get gradients
+
+
+def _hf_kernels_installed():
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels package is not installed (transformers >= 5.25 requires it)")
+
+
+def test_hugging_face_kernels_transformers_and_peft_work_beside_ours_from_the_repository_root():
+    _needs_hf()
+    _hf_kernels_installed()
+    out = _python(textwrap.dedent("""
+        import importlib.metadata, os
+        import torch, peft
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from kernels import CUDAProperties, Mode, get_kernel
+        import kernels, lora, vblora
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4))
+        pm = peft.get_peft_model(m, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        ids = torch.randint(0, 50, (2, 6))
+        loss = pm(ids, labels=ids).loss
+        loss.backward()
+        print(os.path.samefile(kernels.__file__, "kernels.py"), lora._kernels is kernels, vblora._kernels is kernels,
+              callable(get_kernel), kernels.__version__ == importlib.metadata.version("kernels"),
+              bool(torch.isfinite(loss)), sum(p.grad is not None for p in pm.parameters()))
+        """), ROOT)
+    assert out.split() == ["True"] * 6 + ["8"], out  # ours for the method files, theirs for transformers
+
+
+def test_kernels_answers_for_a_hugging_face_package_without_replacing_a_name_of_ours(tmp_path):
+    site = tmp_path / "site"  # a stand-in distribution named `kernels`, found before any real one
+    (site / "kernels" / "_internals").mkdir(parents=True)
+    (site / "kernels" / "_internals" / "__init__.py").write_text("")
+    (site / "kernels" / "_internals" / "load.py").write_text("def get_kernel(name):\n    return 'hub:' + name\n")
+    (site / "kernels" / "__init__.py").write_text(
+        "from kernels._internals.load import get_kernel\napplies = 'theirs'\n__version__ = '9.9'\n")
+    (site / "kernels-9.9.dist-info").mkdir()
+    (site / "kernels-9.9.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 9.9\n")
+    out = _python(textwrap.dedent("""
+        import kernels
+        from kernels import get_kernel
+        import lora
+        print(get_kernel("x"), kernels.__version__, kernels.applies.__module__, lora._kernels is kernels)
+        try:
+            kernels.no_such_name
+        except AttributeError as e:
+            print("AttributeError")
+        """), ROOT, env={"PYTHONPATH": str(site)})
+    assert out.split() == ["hub:x", "9.9", "kernels", "True", "AttributeError"], out
+    # without their distribution this file is a plain module: no package path, no fallback lookup
+    out = _python(textwrap.dedent("""
+        import importlib.metadata as md
+        def _absent(name):
+            raise md.PackageNotFoundError(name)
+        md.distribution = _absent
+        import kernels
+        print(hasattr(kernels, "__path__"), "__getattr__" in vars(kernels))
+        """), ROOT)
+    assert out.split() == ["False", "False"], out
 
 
 @pytest.mark.parametrize("method_file", METHOD_FILES)
@@ -4144,7 +4250,7 @@ def test_bench_without_peft_says_why_its_rows_are_missing(monkeypatch, capsys):
 
 
 def test_bench_peft_rows_from_the_repository_root_without_triton():
-    pytest.importorskip("peft")  # .ci/run installs it
+    _needs_hf()
     out = _python(NO_TRITON + "import bench\nprint([n for n, _ in bench.methods()])\n", ROOT)
     assert "'peft-lora'" in out and "'peft-vblora'" in out and "note:" not in out, out
 
