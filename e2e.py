@@ -8,7 +8,8 @@
 An example is tokens(mr) + EOS + tokens(' ' + ref) + EOS and the loss is on the reference and its final
 EOS only (collate). Batches are bucketed (make_batches: shuffle, sort by length within windows of 50
 batches, shuffle the batches) and right-padded to the longest example; causal attention never lets a real
-token see a later pad. For plain language modelling, encode_lm_text cuts text files into blocks.
+token see a later pad. For plain language modelling, encode_lm_text cuts text files into blocks (the
+literal `<|endoftext|>` in a file is EOS, between documents).
 
 Metrics (on the test set, references grouped per MR; printed in the papers' units: BLEU, METEOR,
 ROUGE-L x100). What the official e2e-metrics scripts do and how this file differs:
@@ -167,11 +168,12 @@ def encode_e2e(rows, enc, max_len):
 def encode_lm_text(paths, enc, block):
     """(train, dev) lists of (tokens, 1): the files encoded and joined by EOS, cut into consecutive blocks of
     `block` tokens (the tail that fills no block is dropped); n_prompt 1, so the loss is on every next token.
-    Every 20th block goes to dev."""
+    Every 20th block goes to dev. The literal `<|endoftext|>` in a file is the EOS token, GPT-2's mark between
+    documents (so a model learns where a text ends); a file without it is one document."""
     tokens = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            tokens += enc.encode_ordinary(f.read()) + [enc.eot_token]
+        with open(path, encoding="utf-8") as f:  # any other special token's spelling stays plain text
+            tokens += enc.encode(f.read(), allowed_special={"<|endoftext|>"}, disallowed_special=()) + [enc.eot_token]
     blocks = [(tokens[i:i + block], 1) for i in range(0, len(tokens) - block + 1, block)]
     if len(blocks) < 2:
         raise SystemExit(f"error: --lm_text: {len(tokens)} tokens make {len(blocks)} block(s) of {block}; need 2 "

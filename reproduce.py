@@ -191,15 +191,17 @@ def sample_test_mrs(rows, n, seed=0):
 
 
 def references_by_mr(rows, seed=0):
-    """The training references without their MRs, one a line, grouped: every reference of one MR together, the
-    groups in a seeded random order. A pretraining block then holds several descriptions of one restaurant, so
-    copying a name from earlier in the context pays, as it does in web text; the MR itself is never seen."""
+    """The training references without their MRs, one a line, each ending in `<|endoftext|>` (GPT-2's mark
+    between documents, read as EOS by --lm_text, so the base learns where a description ends), grouped: every
+    reference of one MR together, the groups in a seeded random order. A pretraining block then holds several
+    descriptions of one restaurant, so copying a name from earlier in the context pays, as it does in web text;
+    the MR itself is never seen."""
     groups = {}
     for mr, ref in rows:
         groups.setdefault(mr, []).append(" ".join(ref.split()))
     order = list(groups)
     random.Random(seed).shuffle(order)
-    return "".join(ref + "\n" for mr in order for ref in groups[mr])
+    return "".join(ref + "<|endoftext|>\n" for mr in order for ref in groups[mr])
 
 
 def cifar_subset(data):
@@ -224,7 +226,7 @@ def prepare_data(args, sides):
     """-> {e2e, bpe, refs, vit, vit_val}: local paths the rows read. Fetched (or read from --data) once;
     a rerun finds them prepared. Offline with no --data: one message naming everything and --data."""
     d = os.path.join(args.out_dir, "data")
-    paths = dict(e2e=os.path.join(d, "e2e"), refs=os.path.join(d, "e2e_train_refs_by_mr.txt"),
+    paths = dict(e2e=os.path.join(d, "e2e"), refs=os.path.join(d, "e2e_train_documents.txt"),
                  bpe=os.path.join(args.data, "gpt2") if args.data else None,
                  vit=os.path.join(d, "cifar10.npz"), vit_val=os.path.join(d, "cifar10_val.npz"))
     need_gpt2 = "gpt2" in sides and not os.path.isfile(paths["refs"])
@@ -425,7 +427,9 @@ def gpt2_side(args, paths, seeds, q, dev):
             ("SiVA", "siva", []), ("Bone-col", "bone", ["--bone_grouping", "col"]),
             ("Bone-row", "bone", ["--bone_grouping", "row"]), ("VB-LoRA", "vblora", [])]
     with open(os.path.join(paths["e2e"], E2E_FILES["test"]), encoding="utf-8") as f:
-        test_mrs = list(dict.fromkeys(row["mr"] for row in csv.DictReader(f)))  # the decode order
+        test = list(csv.DictReader(f))
+    test_mrs = list(dict.fromkeys(row["mr"] for row in test))  # the decode order
+    ref_words = mean(len(row["ref"].split()) for row in test)  # what an output's length is measured against
     res, sweep = {}, []
     for name, method, extra in rows:
         if args.sweep and method == "none":
@@ -455,10 +459,11 @@ def gpt2_side(args, paths, seeds, q, dev):
         for seed in seeds[:1] if method == "none" else seeds:  # zero-shot has no randomness
             r = run(None if q else GPT2_LR.get(name, GPT2_LR.get(method)), seed)
             r["slots"] = slot_accuracy(test_mrs, r["predictions"]) if r["predictions"] else {}
+            r["words"] = mean(len(p.split()) for p in r["predictions"]) if r["predictions"] else None
             res.setdefault(name, []).append(r)
             print(f"GPT-2 {name} seed {seed}: dev loss {r['dev_loss']:.3f}, BLEU {100 * r['scores'].get('BLEU', 0):.2f}, "
                   f"name {fmt(r['slots'].get('name'), '.0%')} ({r['seconds']:.0f}s)")
-    return G, base, res, sweep, len(test_mrs)
+    return G, base, res, sweep, len(test_mrs), ref_words
 
 
 def vit_side(args, paths, seeds, q, dev):
@@ -541,7 +546,7 @@ def main():
 
     if "gpt2" in sides:
         t0 = time.time()
-        G, base, res, gpt2_sweep, n_mrs = gpt2_side(args, paths, seeds, q, dev)
+        G, base, res, gpt2_sweep, n_mrs, ref_words = gpt2_side(args, paths, seeds, q, dev)
         times["GPT-2"] = time.time() - t0
         if not args.sweep:
             zs, full = mean(r["dev_loss"] for r in res["zero-shot"]), mean(r["dev_loss"] for r in res["full"])
@@ -553,9 +558,10 @@ def main():
                    f"{8 * G['dev']} dev examples; gap closed: the share of the zero-shot -> full fine-tuning dev-loss "
                    f"gap. BLEU, ROUGE-L (x100) and slot accuracy (% of outputs stating the MR's name, and its near "
                    f"where it has one, verbatim): beam {G['beam']} on {n_mrs} test MRs drawn at random from the "
-                   f"whole test set. Time: training only, per seed.", "",
-                   "| method | trainable | stored | dev loss | gap closed | BLEU | ROUGE-L | name | near | "
-                   "time (s) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                   f"whole test set. Words: mean words per output (the references: {fmt(ref_words, '.1f')}). "
+                   f"Time: training only, per seed.", "",
+                   "| method | trainable | stored | dev loss | gap closed | BLEU | ROUGE-L | name | near | words | "
+                   "time (s) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
             for name, rs in res.items():
                 dl = mean(r["dev_loss"] for r in rs)
                 s = {k: mean(r["slots"].get(k) for r in rs) for k in ("name", "near")}
@@ -563,7 +569,7 @@ def main():
                           f"{fmt(gap_closed(dl, zs, full) if zs != full else None, '.0%')} | "
                           f"{fmt(mean(r['scores'].get('BLEU') for r in rs), '.2f', 100)} | "
                           f"{fmt(mean(r['scores'].get('ROUGE_L') for r in rs), '.2f', 100)} | "
-                          f"{fmt(s['name'], '.0%')} | {fmt(s['near'], '.0%')} | "
+                          f"{fmt(s['name'], '.0%')} | {fmt(s['near'], '.0%')} | {fmt(mean(r['words'] for r in rs), '.1f')} | "
                           f"{fmt(mean(r['train_time'] for r in rs), '.0f')} |")
                 analysis += [f"GPT-2 {name} seed {sd}: {r['analysis']}" for sd, r in zip(seeds, rs) if r["analysis"]]
                 if name != "zero-shot":

@@ -4297,6 +4297,17 @@ def test_lm_text_blocks_cover_the_text_and_every_next_token_is_a_target(tmp_path
     assert y[:, -1].tolist() == [t[-1] for t, _ in train[:3]]
 
 
+def test_lm_text_reads_the_endoftext_marker_as_one_eos_token(tmp_path):
+    (tmp_path / "docs.txt").write_text("ab<|endoftext|>\ncd<|endoftext|>\n<|fim|>")
+    (tmp_path / "plain.txt").write_text("ab <|endoftext" * 3)  # no whole marker: plain text, as before
+    enc = _repro_bytes_enc()
+    train, dev = e2e.encode_lm_text([str(tmp_path / "docs.txt")], enc, 2)
+    tokens = [97, 98, 256, 10, 99, 100, 256, 10] + list(b"<|fim|>") + [256]  # another <|...|> stays plain text
+    assert [t for t, _ in train] == [tokens[i:i + 2] for i in range(0, 16, 2)]
+    train, _ = e2e.encode_lm_text([str(tmp_path / "plain.txt")], enc, 4)
+    assert sum((t for t, _ in train), []) == (list(b"ab <|endoftext") * 3 + [256])[:40]
+
+
 def test_lm_text_bad_input_is_one_line(tmp_path):
     (tmp_path / "short.txt").write_text("abc")
     with pytest.raises(SystemExit, match=r"^error: --lm_text: 4 tokens make 1 block\(s\) of 4; need 2"):
@@ -4456,6 +4467,8 @@ def test_reproduce_prepares_a_seeded_test_sample_across_the_file_and_a_held_out_
     assert mrs == list(dict.fromkeys(mr for mr, _ in reproduce.sample_test_mrs(rows, reproduce.N_TEST)))  # seeded
     assert e2e.read_e2e_csv(os.path.join(paths["e2e"], "trainset.csv")) == rows
     lines = open(paths["refs"]).read().splitlines()  # the references alone, no MR, grouped by MR
+    assert all(line.endswith("<|endoftext|>") for line in lines)  # each one a document: EOS after it
+    lines = [line[:-len("<|endoftext|>")] for line in lines]
     assert sorted(lines) == sorted(ref for _, ref in rows) and not any("[" in line for line in lines)
     groups = [int(re.match(r"R(\d+) ", line)[1]) for line in lines]
     assert all(groups[i] == groups[i + 1] == groups[i + 2] for i in range(0, 300, 3))  # one MR's three together

@@ -24,7 +24,8 @@ are listed by `--help`; where a paper gives no GPT-2 E2E value the choice is our
 - Scratch models come from --seed (checkpoints hold only trainable tensors); --dropout defaults to 0.
 - Adapters are never merged: lm_head shares its weight with wte, so a merge there would rewrite both.
 - --lm_text FILE[,FILE]: plain language modelling (to pretrain a small base): blocks of min(--max_len,
-  block_size) tokens, loss on every next token, every 20th block for dev, no decoding.
+  block_size) tokens, loss on every next token, every 20th block for dev, no decoding; the literal
+  `<|endoftext|>` in a file is EOS, GPT-2's mark between documents.
 
 Multi-GPU: process r of N takes micro-batches r, r+N, ... of one global order, so N processes with
 --grad_accum G see exactly what one sees with --grad_accum N*G. Only process 0 logs, evaluates, saves, decodes.
@@ -94,7 +95,8 @@ def get_args(argv=None):
       "cache or download")
     a("--max_len", type=int, default=512, help="longest training example, in tokens (--lm_text: the block length)")
     a("--lm_text", default=None, help="FILE[,FILE]: plain language modelling on these UTF-8 text files instead of "
-      "E2E (blocks of --max_len tokens, loss on every token, every 20th block for dev, no decoding)")
+      "E2E (blocks of --max_len tokens, loss on every token, every 20th block for dev, no decoding); the literal "
+      "<|endoftext|> in a file is EOS, between documents")
     add_method_args(p, METHOD_DEFAULTS, default_method="vblora")
     a("--weight_decay", type=float, default=0.01, help="AdamW weight decay (none on VB-LoRA's bank and logits)")
     a("--warmup_iters", type=int, default=500, help="linear warm-up steps, cut to the run's steps when longer")
