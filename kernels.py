@@ -1360,6 +1360,8 @@ if _THEIR_INIT is not None:
 
     def __getattr__(name):
         global _theirs
+        if name.startswith("__") and name not in ("__version__", "__all__"):  # tools probing a module's dunders
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         if _theirs is None:
             ns = {"__name__": __name__, "__package__": __name__, "__path__": __path__, "__file__": _THEIR_INIT}
             _theirs = ns  # set first: their own submodules import names from `kernels` while it runs
