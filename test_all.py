@@ -3917,6 +3917,164 @@ def test_load_peft_refuses_miss_forms(llama, tmp_path, config, why):
     assert _unchanged(model, snap)
 
 
+def _edit_config(folder, **fields):
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.update(fields)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def test_load_peft_tied_head_in_modules_to_save_matches_peft(tmp_path):
+    """GPT-2's lm_head is its wte: PEFT trains a copy of the head, so the input embedding keeps the base's."""
+    hf, fresh = _gpt2_pair()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, modules_to_save=["lm_head"])
+    ref = peft.get_peft_model(copy.deepcopy(hf), cfg)
+    _fill(ref, keys=("lora_", "modules_to_save"), std=0.1, seed=3)
+    ref.save_pretrained(str(tmp_path))
+    ours = fresh()
+    interop.load_peft(ours, tmp_path, layout=interop.gpt2_layout)
+    torch.testing.assert_close(_gpt_logits(ours), _gpt_logits(_peft(hf, tmp_path)), atol=ATOL, rtol=0)
+    assert torch.equal(ours.transformer.wte.weight, hf.transformer.wte.weight)
+
+
+SELECT = {  # an edit of a PEFT-made folder's config that selects fewer modules than the file holds tensors for
+    "target_modules": dict(target_modules=["q_proj"]),
+    "target_regex": dict(target_modules=r".*\.layers\.1\.self_attn\.[qv]_proj"),
+    "layers_to_transform": dict(layers_to_transform=[1]),
+    "layers_pattern": dict(layers_to_transform=0, layers_pattern="layers"),
+    "exclude_modules": dict(exclude_modules=["up_proj", "model.layers.0.self_attn.v_proj"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SELECT))
+def test_load_peft_applies_only_the_modules_peft_selects(llama, tmp_path, case):
+    model = peft.get_peft_model(copy.deepcopy(llama), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                      target_modules=["q_proj", "v_proj", "up_proj"]))
+    _fill(model, keys=("lora_",), seed=3)
+    model.save_pretrained(str(tmp_path))
+    _edit_config(tmp_path, **SELECT[case])
+    want = _logits(_peft(llama, tmp_path))
+    assert (want - _logits(model)).abs().max() > 1e-3  # the edit leaves out modules that matter
+    ours = copy.deepcopy(llama)
+    interop.load_peft(ours, tmp_path)
+    torch.testing.assert_close(_logits(ours), want, atol=ATOL, rtol=0)
+
+
+def _huge_header(path):
+    header = json.dumps({"x": {"dtype": "F32", "shape": [10 ** 12], "data_offsets": [0, 4 * 10 ** 12]}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 16)
+
+
+def _retyped(dtype):
+    def change(folder):
+        sd = load_file(folder / "adapter_model.safetensors")
+        sd[_lora_key()] = sd[_lora_key()].to(dtype)
+        save_file(sd, folder / "adapter_model.safetensors")
+    return change
+
+
+FOLDER_FAULTS = {  # a fault in a PEFT-made folder -> (the file it names, what the one line must say)
+    "config_not_json": (lambda f: (f / "adapter_config.json").write_text("{r: 4"), "adapter_config.json", "not JSON"),
+    "config_a_list": (lambda f: (f / "adapter_config.json").write_text("[4, 8]"), "adapter_config.json",
+                      "holds a JSON list; expected"),
+    "alpha_string": (lambda f: _edit_config(f, lora_alpha="8"), "adapter_config.json", "lora_alpha='8': expected"),
+    "alpha_null": (lambda f: _edit_config(f, lora_alpha=None), "adapter_config.json", "lora_alpha=None: expected"),
+    "r_zero": (lambda f: _edit_config(f, r=0), "adapter_config.json", "r=0: expected an int >= 1"),
+    "rank_pattern_regex": (lambda f: _edit_config(f, rank_pattern={"q_proj[": 2}), "adapter_config.json",
+                           "rank_pattern 'q_proj[': 2: expected a valid regex"),
+    "bias_all": (lambda f: _edit_config(f, bias="all"), "adapter_config.json", "bias='all': expected 'none'"),
+    "unknown_field": (lambda f: _edit_config(f, use_magic=True), "adapter_config.json", "['use_magic']: not fields"),
+    "pissa": (lambda f: _edit_config(f, init_lora_weights="pissa"), "adapter_config.json", "init_lora_weights='pissa'"),
+    "untargeted_module": (lambda f: _edit_config(f, target_modules=["q_proj", "v_proj", "k_proj"]),
+                          "adapter_model.safetensors", "holds no tensors for ['model.layers.0.self_attn.k_proj'"),
+    "weights_missing": (lambda f: (f / "adapter_model.safetensors").unlink(), "adapter_model.safetensors",
+                        "no such file"),
+    "weights_empty": (lambda f: (f / "adapter_model.safetensors").write_bytes(b""), "adapter_model.safetensors",
+                      "an empty file"),
+    "weights_truncated": (lambda f: (f / "adapter_model.safetensors").write_bytes(
+        (f / "adapter_model.safetensors").read_bytes()[:300]), "adapter_model.safetensors", "not a readable safetensors"),
+    "weights_huge_header": (lambda f: _huge_header(f / "adapter_model.safetensors"), "adapter_model.safetensors",
+                            "not a readable safetensors"),
+    "bool_tensor": (_retyped(torch.bool), "adapter_model.safetensors", "holds torch.bool; expected a floating-point"),
+    "complex_tensor": (_retyped(torch.complex64), "adapter_model.safetensors",
+                       "holds torch.complex64; expected a floating-point"),
+    "no_config": (lambda f: (f / "adapter_config.json").unlink(), "adapter_model.safetensors",
+                  "but no adapter_config.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLDER_FAULTS))
+def test_load_peft_fault_is_one_line_naming_file_and_field(llama, tmp_path, case):
+    _peft_made(llama, "lora", tmp_path)
+    change, file, why = FOLDER_FAULTS[case]
+    change(tmp_path)
+    model = copy.deepcopy(llama)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError) as e:
+        interop.load_peft(model, tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and file in msg and why in msg, msg
+    assert _unchanged(model, snap)
+
+
+def test_load_peft_miss_r_zero_is_one_line(llama, tmp_path):
+    _peft_made(llama, "miss", tmp_path)
+    _edit_config(tmp_path, r=0)
+    model = copy.deepcopy(llama)
+    with pytest.raises(ValueError, match=r"adapter_config.json: r=0: expected an int >= 1$"):
+        interop.load_peft(model, tmp_path)
+    assert not interop._adapters(model)
+
+
+@pytest.mark.parametrize("fault", ["weight_above_1", "repeated_index"])
+def test_load_peft_topk_file_checked_before_the_model_changes_and_a_retry_works(llama, tmp_path, fault):
+    ref = _peft_made(llama, "vblora_topk", tmp_path / "good")
+    shutil.copytree(tmp_path / "good", tmp_path / "bad")
+    sd = load_file(tmp_path / "bad" / "adapter_model.safetensors")
+    key = next(k for k in sd if k.endswith("_topk_weights" if fault == "weight_above_1" else "_topk_indices"))
+    if fault == "weight_above_1":
+        sd[key] = sd[key] + 1.5
+    else:
+        sd[key][..., 1] = sd[key][..., 0]
+    save_file(sd, tmp_path / "bad" / "adapter_model.safetensors")
+    model = copy.deepcopy(llama)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(key)):
+        interop.load_peft(model, tmp_path / "bad")
+    assert _unchanged(model, snap)
+    interop.load_peft(model, tmp_path / "good")  # the same model takes a good folder after a refusal
+    torch.testing.assert_close(_logits(model), _logits(ref), atol=ATOL, rtol=0)
+
+
+def test_load_peft_new_layers_take_the_models_eval_mode(llama, tmp_path):
+    model = peft.get_peft_model(copy.deepcopy(llama), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
+                                                                      target_modules=["q_proj", "v_proj"]))
+    _fill(model, keys=("lora_",), seed=3)
+    model.save_pretrained(str(tmp_path))
+    ours = copy.deepcopy(llama).eval()
+    interop.load_peft(ours, tmp_path)
+    assert not any(m.training for m in ours.modules())
+    with torch.no_grad():  # no .eval() here: the load left the model as it was
+        first, second = ours(input_ids=IDS).logits, ours(input_ids=IDS).logits
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    torch.testing.assert_close(first, _logits(model), atol=ATOL, rtol=0)
+    trained = copy.deepcopy(llama).train()
+    interop.load_peft(trained, tmp_path)
+    assert all(m.training for m in trained.modules())
+
+
+def test_reexport_of_an_imported_fused_lora_keeps_its_rank(tmp_path):
+    hf, fresh = _gpt2_pair()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    ref = peft.get_peft_model(copy.deepcopy(hf), cfg)
+    _fill(ref, keys=("lora_",), seed=3)
+    ref.save_pretrained(str(tmp_path / "in"))
+    ours = fresh()
+    interop.load_peft(ours, tmp_path / "in", layout=interop.gpt2_layout)
+    interop.save_peft(ours, tmp_path / "out", layout=interop.gpt2_layout)
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 4
+    torch.testing.assert_close(_gpt_logits(_peft(hf, tmp_path / "out")), _gpt_logits(ref), atol=ATOL, rtol=0)
+
+
 # ---- the scripts speak it: --export for Hugging Face's GPT2LMHeadModel and ViTForImageClassification, a PEFT
 # folder as --init_from / --adapter, the adapter.safetensors they write and the adapter.pt of earlier versions
 
