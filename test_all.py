@@ -19,6 +19,7 @@ KERNEL_DEVICE = os.environ.get("NANOPEFT_TEST_DEVICE", "cpu")
 if KERNEL_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("NANOPEFT_NO_TRITON", "1") # method tests use the reference path; kernel tests opt in
+import argparse
 import copy
 import csv
 import inspect
@@ -4171,6 +4172,125 @@ def test_bad_adapter_safetensors_is_one_line(_gpt2_lora_run, tmp_path, kind, exp
         with pytest.raises(SystemExit) as e:
             load(str(path))
         assert str(e.value.code).startswith(f"error: {path} {expected}") and "\n" not in str(e.value.code)
+
+
+def _rewrite_header(src, dst, edit):
+    """A copy of a run's adapter.safetensors whose header `edit(meta)` changed."""
+    blob = _read_adapter(src)
+    from safetensors import safe_open
+    with safe_open(str(src), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = {k: v for k, v in blob.items() if k not in ("adapter", "head")}
+    edit(meta)
+    save_file(tensors, str(dst), metadata={"nanopeft": json.dumps(meta)})
+
+
+HEADER_FAULTS = {  # an edit of a LoRA run's header -> what the one line must name
+    "method_foo": (lambda m: (m.update(method="foo"), m["args"].update(method="foo")), "method='foo': expected one of"),
+    "method_none": (lambda m: (m.update(method="none"), m["args"].update(method="none")), "--method none trains no"),
+    "args_list": (lambda m: m.update(args=[1, 2]), "args=[1, 2]: expected an object"),
+    "lora_r": (lambda m: m["args"].update(lora_r=8), "the tensors do not fit the model its header describes"),
+    "n_head": (lambda m: (m["config"].update(n_head=3), m["args"].update(n_head=3)),
+               "config.n_head=3: expected a divisor of config.n_embd=32"),
+    "block_size_float": (lambda m: m["config"].update(block_size=1e12), "config.block_size=1000000000000.0: expected"),
+    "block_size_int": (lambda m: (m["config"].update(block_size=10 ** 12), m["args"].update(block_size=10 ** 12)),
+                       "parameters; expected at most"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_FAULTS))
+def test_gpt2_edited_header_is_one_line(_gpt2_lora_run, tmp_path, case):
+    path = tmp_path / "adapter.safetensors"
+    edit, why = HEADER_FAULTS[case]
+    _rewrite_header(_gpt2_lora_run.out / "adapter.safetensors", path, edit)
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.load_finetuned(str(path))
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: {path}") and why in msg and "\n" not in msg, msg
+    assert _gpt2_error(["--sample", "name[X]", "--adapter", path]) == msg  # the script says the same
+
+
+@pytest.mark.parametrize("kind, why", [("pickle", "holds pickled objects other than tensors"),
+                                       ("truncated", "not a readable checkpoint"),
+                                       ("lora_run", "the adapter of a --method lora run holds no backbone")])
+def test_gpt2_bad_base_checkpoint_is_one_line(_gpt2_lora_run, tmp_path, kind, why):
+    _gpt2_write_e2e(tmp_path)
+    if kind == "pickle":
+        path = tmp_path / "pytorch_model.bin"
+        torch.save({"w": torch.zeros(2), "obj": argparse.Namespace(x=1)}, path)
+    elif kind == "truncated":
+        _hf_gpt2(tmp_path / "hf")
+        path = tmp_path / "hf" / "model.safetensors"
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        path = _gpt2_lora_run.out / "adapter.safetensors"
+    with pytest.raises(SystemExit) as e:
+        model_gpt2.load_gpt2(str(path))
+    assert str(e.value.code).startswith(f"error: --init_from {path}: {why}") and "\n" not in str(e.value.code)
+    assert "weights_only=False" not in str(e.value.code)
+    msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", path))
+    assert msg == e.value.code and not (tmp_path / "out").exists()
+
+
+def _gpt2_peft_folder(tmp_path, **lora):
+    """A tiny HF GPT-2 saved at tmp_path/hf, and a PEFT LoRA on it at tmp_path/peft naming that base."""
+    hf = _hf_gpt2(tmp_path / "hf")
+    ref = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                                 fan_in_fan_out=True, **lora))
+    _fill(ref, keys=("lora_", "modules_to_save"), std=0.1, seed=3)
+    ref.save_pretrained(str(tmp_path / "peft"))
+    _edit_config(tmp_path / "peft", base_model_name_or_path=str(tmp_path / "hf"))
+    return ref.eval()
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_gpt2_export_never_replaces_without_overwrite_nor_its_own_source(tmp_path):
+    _gpt2_write_e2e(tmp_path)
+    _gpt2_peft_folder(tmp_path)
+    half = tmp_path / "half"  # a folder holding only the tensors of an adapter
+    half.mkdir()
+    (half / "adapter_model.safetensors").write_bytes(b"keep")
+    msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--export", "peft", half))
+    assert "holds an adapter (adapter_model.safetensors); pass --overwrite" in msg
+    afile = tmp_path / "a-file"
+    afile.write_bytes(b"keep")
+    msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--export", "lora", afile))
+    assert msg == f"error: --export lora {afile}: that path is a file; expected a folder (new or holding an adapter " \
+                  "to replace with --overwrite)"
+    source = _files(tmp_path / "peft")
+    for target in ("peft", "hf"):  # the run's --init_from and the base it names
+        msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", tmp_path / "peft",
+                                     "--export", "peft", tmp_path / target, "--overwrite"))
+        assert "is where this run's --init_from" in msg
+    assert not (tmp_path / "out").exists() and (half / "adapter_model.safetensors").read_bytes() == b"keep"
+    assert afile.read_bytes() == b"keep" and _files(tmp_path / "peft") == source
+
+
+def test_gpt2_init_from_peft_refuses_method_flags_that_disagree(tmp_path):
+    _gpt2_write_e2e(tmp_path)
+    _gpt2_peft_folder(tmp_path)
+    argv = _gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", tmp_path / "peft")
+    msg = _gpt2_error(argv + ["--lora_r", "8"])
+    assert msg == (f"error: --lora_r 8: --init_from {tmp_path / 'peft'} is a PEFT folder, whose adapter_config.json "
+                   "sets r=4; drop --lora_r")
+    assert "sets the targets; drop --targets" in _gpt2_error(argv + ["--targets", "q_proj"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_run_from_a_peft_folder_with_a_tied_head_loads_without_that_folder(tmp_path):
+    _gpt2_write_e2e(tmp_path)
+    ref = _gpt2_peft_folder(tmp_path, modules_to_save=["lm_head"])
+    start = _gpt2_main(_gpt2_argv(tmp_path, tmp_path / "start", "lora", "--init_from", tmp_path / "peft",
+                                  "--max_iters", "0", "--eval_samples", "0"))
+    assert_close(_last_logits(start["model"]), _last_logits(ref))  # PEFT's logits, its own copy of the head
+    res = _gpt2_main(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", tmp_path / "peft",
+                                "--max_iters", "2", "--eval_samples", "0"))
+    shutil.rmtree(tmp_path / "peft")
+    back = train_gpt2.load_finetuned(str(tmp_path / "out" / "adapter.safetensors"))
+    assert_close(_last_logits(back), _last_logits(res["model"]))
 
 
 def _hf_vit(folder):
