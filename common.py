@@ -137,11 +137,10 @@ METHOD_FLAGS = {  # flag -> (type, help); a script's METHOD_DEFAULTS fill in the
 }
 
 
-# a method flag -> (the adapter_config.json field that sets it, its value where the field is not read): with
-# --init_from PEFT_DIR a flag must agree with its folder; --targets has no such field and is refused
-PEFT_FIELDS = {"lora_r": ("r", None), "lora_alpha": ("lora_alpha", None), "lora_dropout": ("lora_dropout", None),
-               "vblora_r": ("r", None), "vblora_b": ("vector_length", None), "vblora_h": ("num_vectors", None),
-               "vblora_k": ("topk", None), "bone_b": ("r", None), "bone_grouping": ("grouping", "col")}
+# a method flag -> the adapter_config.json field that sets the same: with --init_from PEFT_DIR a flag must agree
+# with its folder's config (a MiSS folder is Bone-col); --targets has no such field and is refused
+PEFT_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "vblora_r": "r",
+               "vblora_b": "vector_length", "vblora_h": "num_vectors", "vblora_k": "topk", "bone_b": "r"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -188,11 +187,11 @@ def fill_method_defaults(args, defaults):
         except ValueError as e:
             raise SystemExit(f"error: --init_from {args.init_from}: {e}")
         for k in [k for k in METHOD_FLAGS if k == "targets" or k.startswith(method + "_") and not k.endswith("lr")]:
-            v, same = getattr(args, k), PEFT_FIELDS.get(k, (None, None))
-            if v is not None and v != peft.get(same[0], same[1]):
+            v, field = getattr(args, k), PEFT_FIELDS.get(k)
+            sets = f"{field}={peft[field]!r}" if field else "the targets" if k == "targets" else "Bone-col"
+            if v is not None and (v != peft[field] if field else k == "targets" or v != "col"):
                 raise SystemExit(f"error: --{k} {v}: --init_from {args.init_from} is a PEFT folder, whose "
-                                 f"adapter_config.json sets {same[0] or 'the targets'}"
-                                 f"{'' if same[0] is None else f'={peft.get(same[0], same[1])!r}'}; drop --{k}")
+                                 f"adapter_config.json sets {sets}; drop --{k}")
     for k, v in defaults[args.method].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -305,7 +304,8 @@ def load_adapter_state_dict(model, method, sd, path="the adapter"):
     """Load what adapter_state_dict saved, strictly: every tensor must fit the model, none is dropped; a misfit is
     one line naming path."""
     if method == "none" and sd:
-        raise SystemExit(f"error: {path}: --method none trains no tensor, but the file holds {len(sd)} ({list(sd)[:3]})")
+        raise SystemExit(f"error: {path}: --method none trains no tensor, but the file holds {len(sd)} "
+                         f"({list(sd)[:3]})")
     own = model.state_dict()
     extra = sorted(k for k in sd if method not in METHODS and k not in own)
     try:

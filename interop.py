@@ -31,7 +31,11 @@ Conventions read from PEFT's code:
   top-k and the same weights, but never select anew. save_peft writes full logits.
 - modules_to_save (a module trained whole, e.g. a new classifier head) is saved as the module's own state dict,
   "base_model.model.<module>.<param>", and listed by name in the config. load_peft copies such tensors into the
-  matching module of the model (found through the layout), checked like the adapter's.
+  matching module of the model (found through the layout), checked like the adapter's. PEFT trains a copy of the
+  module, so a weight the module shares (GPT-2's lm_head is wte) becomes the module's own first.
+- Which modules take the adapter: PEFT's check_target_module_exists, read field for field (target_modules as a
+  list of name suffixes or a regex, exclude_modules, layers_to_transform with layers_pattern, modules_to_save
+  never). Tensors of the modules it leaves out are left unread, as in PEFT.
 
 layout: our module names -> the target model's. layout(our_name) -> (their_name, part, n_parts, fan_in_fan_out):
 this Linear is rows [part*out, (part+1)*out) of their module, which fuses n_parts equal parts (Hugging Face GPT-2's
@@ -497,7 +501,8 @@ def _check(sd, expected, file):
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"load_peft: {file}: {key} has shape {tuple(t.shape)}, the model needs {tuple(shape)}")
         # bool and complex are neither: a float tensor or integer indices, as the key needs
-        ok = t.is_floating_point() if h is None else not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+        index = not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+        ok = t.is_floating_point() if h is None else index
         if not ok:
             raise ValueError(f"load_peft: {file}: {key} holds {t.dtype}; expected "
                              f"{'a floating-point tensor' if h is None else 'integer indices'}")
@@ -675,7 +680,8 @@ def _saved_modules(model, cfg, sd, inv, file):
 def _tied(model):
     """ids of the tensors that more than one name of `model` holds (GPT-2's lm_head.weight is wte.weight)."""
     seen = {}
-    for _, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for _, t in tensors:
         seen[id(t)] = seen.get(id(t), 0) + 1
     return {i for i, c in seen.items() if c > 1}
 

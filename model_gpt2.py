@@ -234,7 +234,8 @@ def load_gpt2(path, dropout=0.0, n_head=None):
         if not names:
             peft = " (a PEFT folder needs its adapter_config.json too)" if os.path.exists(
                 os.path.join(path, "adapter_model.safetensors")) else ""
-            raise SystemExit(f"error: --init_from {path}: no model.safetensors or pytorch_model.bin in that folder{peft}")
+            raise SystemExit(f"error: --init_from {path}: no model.safetensors or pytorch_model.bin in that "
+                             f"folder{peft}")
         path = os.path.join(path, names[0])
     if not os.path.isfile(path):
         raise SystemExit(f"error: --init_from {path}: not a GPT-2 size ({', '.join(GPT2_HEADS)}), 'scratch', "

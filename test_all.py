@@ -3927,7 +3927,8 @@ def _edit_config(folder, **fields):
 def test_load_peft_tied_head_in_modules_to_save_matches_peft(tmp_path):
     """GPT-2's lm_head is its wte: PEFT trains a copy of the head, so the input embedding keeps the base's."""
     hf, fresh = _gpt2_pair()
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, modules_to_save=["lm_head"])
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                          modules_to_save=["lm_head"])
     ref = peft.get_peft_model(copy.deepcopy(hf), cfg)
     _fill(ref, keys=("lora_", "modules_to_save"), std=0.1, seed=3)
     ref.save_pretrained(str(tmp_path))
@@ -3992,7 +3993,8 @@ FOLDER_FAULTS = {  # a fault in a PEFT-made folder -> (the file it names, what t
     "weights_empty": (lambda f: (f / "adapter_model.safetensors").write_bytes(b""), "adapter_model.safetensors",
                       "an empty file"),
     "weights_truncated": (lambda f: (f / "adapter_model.safetensors").write_bytes(
-        (f / "adapter_model.safetensors").read_bytes()[:300]), "adapter_model.safetensors", "not a readable safetensors"),
+        (f / "adapter_model.safetensors").read_bytes()[:300]), "adapter_model.safetensors",
+                          "not a readable safetensors"),
     "weights_huge_header": (lambda f: _huge_header(f / "adapter_model.safetensors"), "adapter_model.safetensors",
                             "not a readable safetensors"),
     "bool_tensor": (_retyped(torch.bool), "adapter_model.safetensors", "holds torch.bool; expected a floating-point"),
@@ -4241,6 +4243,24 @@ def _gpt2_peft_folder(tmp_path, **lora):
     ref.save_pretrained(str(tmp_path / "peft"))
     _edit_config(tmp_path / "peft", base_model_name_or_path=str(tmp_path / "hf"))
     return ref.eval()
+
+
+@pytest.mark.parametrize("case", ["config_not_json", "r_zero", "weights_truncated", "no_config", "untargeted_module"])
+def test_gpt2_faulty_peft_folder_is_one_line_through_the_scripts(tmp_path, monkeypatch, case):
+    _gpt2_write_e2e(tmp_path)
+    _gpt2_peft_folder(tmp_path)
+    change, file, why = FOLDER_FAULTS[case]
+    if case == "untargeted_module":
+        _edit_config(tmp_path / "peft", target_modules=["c_attn", "c_fc"])
+        file, why = "adapter_model.safetensors", "holds no tensors for ['transformer.h.0.mlp.c_fc']"
+    else:
+        change(tmp_path / "peft")
+    msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", tmp_path / "peft"))
+    assert msg.startswith(f"error: --init_from {tmp_path / 'peft'}") and file in msg and why in msg, msg
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.load_finetuned(str(tmp_path / "peft"))
+    assert file in str(e.value.code) and why in str(e.value.code) and "\n" not in str(e.value.code)
 
 
 def _files(folder):
