@@ -137,6 +137,12 @@ METHOD_FLAGS = {  # flag -> (type, help); a script's METHOD_DEFAULTS fill in the
 }
 
 
+# a method flag -> the adapter_config.json field that sets the same: with --init_from PEFT_DIR a flag must agree
+# with its folder's config (a MiSS folder is Bone-col); --targets has no such field and is refused
+PEFT_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "vblora_r": "r",
+               "vblora_b": "vector_length", "vblora_h": "num_vectors", "vblora_k": "topk", "bone_b": "r"}
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):  # a None default means "per method" or "off": the help says which
         return action.help if action.default is None else super()._get_help_string(action)
@@ -158,23 +164,41 @@ def add_method_args(p, defaults, default_method):
         for m, d in defaults.items())
 
 
+def peft_folder(path, flag="--init_from"):
+    """interop.peft_config(path), a fault in the folder being one line naming the flag."""
+    try:
+        return interop.peft_config(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {flag} {path}: {e}")
+
+
 def fill_method_defaults(args, defaults):
     """Every method flag left unset takes its method's default; then the method's config checks them (or, for
-    a PEFT folder as --init_from, its type is checked against --method)."""
-    for k, v in defaults[args.method].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    for k in ("lr", "vblora_bank_lr", "vblora_logits_lr"):
-        if getattr(args, k) is not None and getattr(args, k) < 0:
-            raise SystemExit(f"error: --{k} {getattr(args, k)}: must be >= 0")
-    peft = interop.peft_config(args.init_from)
+    a PEFT folder as --init_from, its type is checked against --method, and no flag may set what it decides)."""
+    peft = peft_folder(args.init_from)
     if peft is not None:  # the folder's adapter decides the method and its shapes
         method = interop.PEFT_METHODS.get(peft.get("peft_type"))
         if method != args.method:
             hint = f"pass --method {method}" if method else f"nanopeft reads {', '.join(interop.PEFT_METHODS)}"
             raise SystemExit(f"error: --init_from {args.init_from} holds a PEFT {peft.get('peft_type')} adapter: "
                              f"{hint}")
-    elif args.method in METHODS:
+        try:
+            peft = interop.check_config(peft, os.path.join(args.init_from, interop.CONFIG))
+        except ValueError as e:
+            raise SystemExit(f"error: --init_from {args.init_from}: {e}")
+        for k in [k for k in METHOD_FLAGS if k == "targets" or k.startswith(method + "_") and not k.endswith("lr")]:
+            v, field = getattr(args, k), PEFT_FIELDS.get(k)
+            sets = f"{field}={peft[field]!r}" if field else "the targets" if k == "targets" else "Bone-col"
+            if v is not None and (v != peft[field] if field else k == "targets" or v != "col"):
+                raise SystemExit(f"error: --{k} {v}: --init_from {args.init_from} is a PEFT folder, whose "
+                                 f"adapter_config.json sets {sets}; drop --{k}")
+    for k, v in defaults[args.method].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k in ("lr", "vblora_bank_lr", "vblora_logits_lr"):
+        if getattr(args, k) is not None and getattr(args, k) < 0:
+            raise SystemExit(f"error: --{k} {getattr(args, k)}: must be >= 0")
+    if peft is None and args.method in METHODS:
         try:
             METHODS[args.method][0](args)
         except ValueError as e:  # a constraint of the method's config, named with its values
@@ -183,24 +207,32 @@ def fill_method_defaults(args, defaults):
     return args
 
 
-def base_checkpoint(init_from):
-    """Where the base weights come from: a PEFT folder's base_model_name_or_path, else --init_from itself."""
-    cfg = interop.peft_config(init_from)
+def base_checkpoint(init_from, peft=None):
+    """Where the base weights come from: a PEFT folder's base_model_name_or_path (or that of `peft`, the PEFT config
+    a run stored), else --init_from itself."""
+    cfg = peft["config"] if peft else peft_folder(init_from)
     if cfg is None:
         return init_from
-    if not cfg.get("base_model_name_or_path"):
+    if not isinstance(cfg.get("base_model_name_or_path"), str) or not cfg["base_model_name_or_path"]:
         raise SystemExit(f"error: --init_from {init_from}: its adapter_config.json names no base_model_name_or_path, "
                          f"so the base model is unknown")
     return cfg["base_model_name_or_path"]
 
 
-def attach_method(model, args, layout=None):
+def attach_method(model, args, layout=None, peft=None):
     """Freeze the model (all of it trains for --method full), attach the method on --targets; or, when
-    --init_from is a PEFT folder, its adapter (its own shapes and tensors), mapped by `layout`."""
+    --init_from is a PEFT folder (or `peft`, what a run stored of one), its adapter (its own shapes and tensors),
+    mapped by `layout`. -> {"config", "tensors"} of that PEFT adapter, for the run to store; else None."""
     model.requires_grad_(args.method == "full")
-    if interop.peft_config(args.init_from) is not None:  # its method was checked with the flags
+    if peft is None and peft_folder(args.init_from) is not None:  # its method was checked with the flags
         try:
-            interop.load_peft(model, args.init_from, layout)
+            cfg, sd = interop.read_peft(args.init_from)
+        except ValueError as e:
+            raise SystemExit(f"error: --init_from {args.init_from}: {e}")
+        peft = dict(config=cfg, tensors=sd)
+    if peft is not None:
+        try:
+            interop.apply_peft(model, peft["config"], peft["tensors"], layout, args.init_from)
         except ValueError as e:
             raise SystemExit(f"error: --init_from {args.init_from}: {e}")
     elif args.method in METHODS:
@@ -209,11 +241,17 @@ def attach_method(model, args, layout=None):
             apply(model, config(args), args.targets.split(","))
         except ValueError as e:  # a target that matches nothing, a width the method cannot divide
             raise SystemExit(f"error: --method {args.method}: {e}")
+    return peft
+
+
+def _same_path(a, b):
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
 def check_export(args, model=None, layout=None):
     """--export peft|lora DIR, refused before any work: another kind, a method that trains no adapter, a DIR that
-    holds an adapter (unless --overwrite); with the model, an adapter that PEFT cannot hold (then lora can)."""
+    is a file or holds either file of an adapter (unless --overwrite), the run's own --init_from or its base
+    (even with --overwrite); with the model, an adapter that PEFT cannot hold (then lora can)."""
     if args.export is None:
         return
     kind, path = args.export
@@ -223,9 +261,18 @@ def check_export(args, model=None, layout=None):
                              f"Bone-col) or lora (any method's ΔW as plain LoRA)")
         if args.method not in METHODS:
             raise SystemExit(f"error: --export: --method {args.method} trains no adapter to export")
-        if os.path.exists(os.path.join(path, "adapter_config.json")) and not args.overwrite:
-            raise SystemExit(f"error: --export {kind} {path}: that folder holds an adapter; pass --overwrite to "
-                             f"replace it")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise SystemExit(f"error: --export {kind} {path}: that path is a file; expected a folder (new or holding "
+                             f"an adapter to replace with --overwrite)")
+        sources = [args.init_from, base_checkpoint(args.init_from)] if args.init_from != "scratch" else []
+        sources = [s if os.path.isdir(s) else os.path.dirname(s) for s in sources if os.path.exists(s)]
+        if any(_same_path(path, s) for s in sources):
+            raise SystemExit(f"error: --export {kind} {path}: that folder is where this run's --init_from "
+                             f"{args.init_from} comes from, which is never replaced; export to another folder")
+        held = [f for f in (interop.CONFIG, interop.WEIGHTS) if os.path.exists(os.path.join(path, f))]
+        if held and not args.overwrite:
+            raise SystemExit(f"error: --export {kind} {path}: that folder holds an adapter ({', '.join(held)}); "
+                             f"pass --overwrite to replace it")
     elif kind == "peft":
         why_not = interop.why_not_peft(model, layout)
         if why_not:
@@ -253,11 +300,24 @@ def adapter_state_dict(model, method):
     return {}
 
 
-def load_adapter_state_dict(model, method, sd):
-    if method in METHODS:
-        METHODS[method][3](model, sd)
-    else:
-        model.load_state_dict(sd, strict=False)
+def load_adapter_state_dict(model, method, sd, path="the adapter"):
+    """Load what adapter_state_dict saved, strictly: every tensor must fit the model, none is dropped; a misfit is
+    one line naming path."""
+    if method == "none" and sd:
+        raise SystemExit(f"error: {path}: --method none trains no tensor, but the file holds {len(sd)} "
+                         f"({list(sd)[:3]})")
+    own = model.state_dict()
+    extra = sorted(k for k in sd if method not in METHODS and k not in own)
+    try:
+        if extra:
+            raise ValueError(f"tensors the model has not: {extra[:4]}")
+        if method in METHODS:
+            METHODS[method][3](model, sd)
+        else:
+            model.load_state_dict(sd, strict=False)
+    except (ValueError, RuntimeError) as e:  # shapes, keys or dtypes that differ
+        raise SystemExit(f"error: {path}: the tensors do not fit the model its header describes: "
+                         f"{' '.join(str(e).split())[:300]}")
 
 
 def stored_param_count(model, method):
@@ -312,9 +372,14 @@ def save_atomic(obj, path):
         os.close(fd)
 
 
-def adapter_bytes(meta, tensors):
+def adapter_bytes(meta, tensors, peft=None):
     """An adapter.safetensors file: the tensors, and in the file's own header `meta` (the run's flags, method,
-    model config...) as JSON under "nanopeft", so the tensors and what they need to be used never part."""
+    model config...) as JSON under "nanopeft", so the tensors and what they need to be used never part. A run
+    from a PEFT folder also stores that folder (`peft`, as attach_method returned it): its config in the header,
+    its tensors under "peft.", so the run loads without the folder."""
+    if peft is not None:
+        meta = dict(meta, peft=peft["config"])
+        tensors = {**tensors, **{f"peft.{k}": v for k, v in peft["tensors"].items()}}
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     return safetensors.torch.save(tensors, metadata={"nanopeft": json.dumps(meta)})
 
@@ -326,11 +391,13 @@ def read_safetensors(path):
         return (None if header is None else json.loads(header)), {k: f.get_tensor(k) for k in f.keys()}
 
 
-def load_adapter(path, keys):
+def load_adapter(path, keys, methods):
     """{meta..., "adapter": tensors, "head": the "head."-prefixed ones} from an adapter.safetensors, or from an
     adapter.pt (a torch file with the same keys, as earlier versions wrote). Any fault is one line naming path."""
     if path.endswith(".pt"):
-        return load_checkpoint(path, keys, "adapter.pt")
+        blob = load_checkpoint(path, keys, "adapter.pt")
+        check_header(path, blob, methods)
+        return dict(blob, peft=None)
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         raise SystemExit(f"error: {path} is {'an empty file' if os.path.isfile(path) else 'not a file'}, not an "
                          f"adapter.safetensors")
@@ -342,8 +409,34 @@ def load_adapter(path, keys):
     missing = [k for k in keys if not isinstance(meta, dict) or k not in meta and k not in ("adapter", "head")]
     if missing:
         raise SystemExit(f"error: {path} is not a nanopeft adapter.safetensors: no {', '.join(missing)} in its header")
-    return dict(meta, adapter={k: v for k, v in tensors.items() if not k.startswith("head.")},
-                head={k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    check_header(path, meta, methods)
+    peft = meta.get("peft")
+    return dict(meta, adapter={k: v for k, v in tensors.items() if not k.startswith(("head.", "peft."))},
+                head={k[5:]: v for k, v in tensors.items() if k.startswith("head.")},
+                peft=None if peft is None else dict(config=peft, tensors={k[5:]: v for k, v in tensors.items()
+                                                                          if k.startswith("peft.")}))
+
+
+def check_header(path, meta, methods):
+    """The header fields every loader reads, each checked for what it must hold (methods: the script's); one line
+    naming path and field."""
+    def bad(field, value, expected):
+        raise SystemExit(f"error: {path}: its header's {field}={value!r}: expected {expected}")
+
+    if "args" in meta and not isinstance(meta["args"], dict):
+        bad("args", meta["args"], "an object of the run's flags")
+    if "method" in meta and meta["method"] not in methods:
+        bad("method", meta["method"], f"one of {', '.join(methods)}")
+    args = meta.get("args", {})
+    if "method" in meta and args.get("method", meta["method"]) != meta["method"]:
+        bad("args.method", args.get("method"), f"{meta['method']!r}, the header's method")
+    for field in ("init_from", "targets"):
+        if field in args and not isinstance(args[field], (str, type(None))):
+            bad(f"args.{field}", args[field], "a string")
+    if "config" in meta and not isinstance(meta["config"], (dict, type(None))):
+        bad("config", meta["config"], "an object of the model's config")
+    if meta.get("peft") is not None and not isinstance(meta["peft"], dict):
+        bad("peft", meta["peft"], "the adapter_config.json of the PEFT folder the run started from")
 
 
 def load_checkpoint(path, keys=CKPT_KEYS, what="ckpt.pt"):

@@ -31,7 +31,11 @@ Conventions read from PEFT's code:
   top-k and the same weights, but never select anew. save_peft writes full logits.
 - modules_to_save (a module trained whole, e.g. a new classifier head) is saved as the module's own state dict,
   "base_model.model.<module>.<param>", and listed by name in the config. load_peft copies such tensors into the
-  matching module of the model (found through the layout), checked like the adapter's.
+  matching module of the model (found through the layout), checked like the adapter's. PEFT trains a copy of the
+  module, so a weight the module shares (GPT-2's lm_head is wte) becomes the module's own first.
+- Which modules take the adapter: PEFT's check_target_module_exists, read field for field (target_modules as a
+  list of name suffixes or a regex, exclude_modules, layers_to_transform with layers_pattern, modules_to_save
+  never). Tensors of the modules it leaves out are left unread, as in PEFT.
 
 layout: our module names -> the target model's. layout(our_name) -> (their_name, part, n_parts, fan_in_fan_out):
 this Linear is rows [part*out, (part+1)*out) of their module, which fuses n_parts equal parts (Hugging Face GPT-2's
@@ -62,7 +66,8 @@ _NAMES = {lora.LoRALinear: "LoRA", sera.SeRALinear: "SeRA", siva.SiVALinear: "Si
           vblora.VBLoRALinear: "VB-LoRA"}
 # LoRA options that change the maths (a forward, a weight, a module) and that our LoRA does not have
 _LORA_UNSUPPORTED = ("use_dora", "use_qalora", "alora_invocation_tokens", "layer_replication", "lora_bias",
-                     "trainable_token_indices", "target_parameters")
+                     "trainable_token_indices", "target_parameters", "megatron_config", "use_bdlora", "arrow_config",
+                     "velora_config", "monteclora_config", "kasa_config", "ensure_weight_tying")
 
 
 def identity_layout(name):
@@ -136,12 +141,18 @@ def _lora_folder(path, factors, where, dropout, modules_to_save, base_model_name
         if len({(p[1], p[2], p[4].shape[0]) for p in parts}) > 1 or len({p[0] for p in parts}) < len(parts):
             raise ValueError(f"save: the layout gives parts of {their!r} unequal n_parts, fan_in_fan_out or "
                              "sizes, or one part twice")
-        A = torch.cat([p[3] for p in parts])  # (R, in), R = Σ r_p
+        # parts that hold the same A (as load_peft makes them from one fused PEFT LoRA) share its rows, so a
+        # re-export keeps the rank it was imported with
+        As, cols = [], []  # the distinct A_p; each part's first column in B
+        for a in (p[3] for p in parts):
+            starts = [sum(x.shape[0] for x in As[:i]) for i in range(len(As))]
+            same = [st for x, st in zip(As, starts) if x.shape == a.shape and torch.equal(x, a)]
+            cols.append(same[0] if same else sum(x.shape[0] for x in As))
+            As += [] if same else [a]
+        A = torch.cat(As)  # (R, in), R = Σ r_p over distinct A_p
         B = A.new_zeros(n * out, A.shape[0])  # (n*out, R): absent parts keep zero rows
-        col = 0
-        for p, _, _, a, b, sp in parts:
+        for (p, _, _, a, b, sp), col in zip(parts, cols):
             B[p * out:(p + 1) * out, col:col + a.shape[0]] = b * (sp / s)  # one scale s per module: fold the ratio
-            col += a.shape[0]
         tensors[f"{PREFIX}{their}.lora_A.weight"], tensors[f"{PREFIX}{their}.lora_B.weight"] = A, B
         rank[their], alpha[their] = A.shape[0], _number(s * A.shape[0])  # scale = lora_alpha / R = s
     first = next(iter(groups))
@@ -283,6 +294,180 @@ def _inverse(model, where):
     return inv
 
 
+# -----------------------------------------------------------------------------
+# Reading a PEFT folder: every field of its config honoured as PEFT 0.21 honours it or refused by name, every
+# check before the model changes, any fault one ValueError line naming the file and the field
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# where the adapter came from and how PEFT wraps the model: no effect on the maths
+_BASE_FIELDS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                "inference_mode"}
+# which modules the adapter goes on, read by _selected as PEFT's check_target_module_exists reads them
+_SELECT_FIELDS = {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
+                  "fan_in_fan_out", "bias"}
+_FIELDS = {  # per peft_type: the fields read below, or that only start what the file's tensors then replace
+    "LORA": {"r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "init_lora_weights",
+             "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_core", "qalora_group_size",
+             "runtime_config", *_LORA_UNSUPPORTED},
+    "VBLORA": {"r", "num_vectors", "vector_length", "topk", "save_only_topk_weights", "vblora_dropout",
+               "init_vector_bank_bound", "init_logits_std"},
+    "MISS": {"r", "miss_dropout", "mini_r", "init_weights"},
+}
+_DEFAULTS = {"LORA": dict(r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, rank_pattern={}, alpha_pattern={},
+                          init_lora_weights=True),
+             "VBLORA": dict(r=4, num_vectors=256, vector_length=256, topk=2, save_only_topk_weights=False,
+                            vblora_dropout=0.0),
+             "MISS": dict(r=64, init_weights=True, miss_dropout=0.0)}  # PEFT 0.21's, for absent fields
+
+
+def _is_int(v, low):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_regex(v):
+    try:
+        re.compile(v)
+        return True
+    except (re.error, TypeError):
+        return False
+
+
+def _is_names(v):
+    """A regex, or a list of names (PEFT's form of both target_modules and exclude_modules)."""
+    return _is_regex(v) if isinstance(v, str) else isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def check_config(cfg, where=CONFIG):
+    """`cfg` (an adapter_config.json) as load_peft reads it, PEFT 0.21's defaults filled in; a field that nanopeft
+    cannot honour as PEFT does, or that holds what PEFT could not read, is one ValueError naming it."""
+    def bad(name, expected):
+        raise ValueError(f"load_peft: {where}: {name}={cfg.get(name)!r}: expected {expected}")
+
+    kind = cfg.get("peft_type")
+    if kind not in _LOADERS:
+        raise ValueError(f"load_peft: {where}: peft_type {kind!r} has no nanopeft form; {sorted(_LOADERS)} load")
+    unknown = sorted(k for k, v in cfg.items() if k not in _BASE_FIELDS | _SELECT_FIELDS | _FIELDS[kind]
+                     and v not in (None, False, {}, [], ""))
+    if unknown:
+        raise ValueError(f"load_peft: {where}: {unknown}: not fields of PEFT 0.21's {kind}, so nanopeft cannot tell "
+                         "what they do; expected them absent or unset")
+    bad_lora = [f for f in _LORA_UNSUPPORTED if kind == "LORA" and cfg.get(f)]
+    if bad_lora:
+        raise ValueError(f"load_peft: LoRA option(s) {bad_lora} change the maths; nanopeft's LoRA has none of them "
+                         f"({where})")
+    c = {**_DEFAULTS[kind], **cfg}
+    # the modules it goes on
+    t = c.get("target_modules")
+    if t is None or t == "all-linear" or not _is_names(t):
+        bad("target_modules", "a list of module names or a regex (PEFT saves the modules it picked)")
+    if c.get("exclude_modules") is not None and not _is_names(c["exclude_modules"]):
+        bad("exclude_modules", "null, a list of module names or a regex")
+    layers = c.get("layers_to_transform")
+    if not (layers is None or _is_int(layers, 0) or isinstance(layers, list) and all(_is_int(x, 0) for x in layers)):
+        bad("layers_to_transform", "null, a layer index or a list of them")
+    pats = c.get("layers_pattern")
+    if not (pats is None or _is_regex(pats) or isinstance(pats, list) and all(_is_regex(p) for p in pats)):
+        bad("layers_pattern", "null, a regex or a list of them")
+    mts = c.get("modules_to_save")
+    if not (mts is None or isinstance(mts, list) and all(isinstance(m, str) and _is_regex(m) for m in mts)):
+        bad("modules_to_save", "null or a list of module names")
+    if not isinstance(c.get("fan_in_fan_out", False), bool):  # PEFT sets it from each module's type anyway
+        bad("fan_in_fan_out", "true or false")
+    if c.get("bias", "none") != "none":
+        bad("bias", "'none' (PEFT then also trains and saves the model's biases; nanopeft's adapters have none)")
+    # the method's own fields
+    if not _is_int(c["r"], 1):
+        bad("r", "an int >= 1")
+    if kind == "LORA":
+        if not (_is_number(c["lora_alpha"]) and c["lora_alpha"] > 0):
+            bad("lora_alpha", "a finite number > 0")
+        if not (_is_number(c["lora_dropout"]) and 0 <= c["lora_dropout"] < 1):
+            bad("lora_dropout", "a number in [0, 1)")
+        if not isinstance(c["use_rslora"], bool):
+            bad("use_rslora", "true or false")
+        if c["init_lora_weights"] not in (True, False, "gaussian"):  # the others also rewrite the base weights
+            bad("init_lora_weights", "true, false or 'gaussian' (PiSSA, OLoRA, LoftQ, EVA, CorDA... change the base "
+                "weights or the layer, which nanopeft does not do)")
+        for name, ok, what in (("rank_pattern", lambda v: _is_int(v, 1), "an int >= 1"),
+                               ("alpha_pattern", lambda v: _is_number(v) and v > 0, "a finite number > 0")):
+            c[name] = c[name] or {}
+            if not isinstance(c[name], dict):
+                bad(name, "an object {module regex: value}")
+            for k, v in c[name].items():
+                if not _is_regex(rf"(.*\.)?({k})$") or not ok(v):
+                    raise ValueError(f"load_peft: {where}: {name} {k!r}: {v!r}: expected a valid regex key and {what}")
+    elif kind == "VBLORA":
+        for name in ("num_vectors", "vector_length", "topk"):
+            if not _is_int(c[name], 1):
+                bad(name, "an int >= 1")
+        if c["topk"] > c["num_vectors"]:
+            bad("topk", f"at most num_vectors={c['num_vectors']}")
+        if not isinstance(c["save_only_topk_weights"], bool):
+            bad("save_only_topk_weights", "true or false")
+        if c["vblora_dropout"] != 0:
+            bad("vblora_dropout", "0 (nanopeft's VB-LoRA has no dropout)")
+    else:
+        if c["init_weights"] == "mini":
+            raise ValueError(f"load_peft: {where}: MiSS init_weights='mini' ties copies of one (r, mini_r) block "
+                             "across out; nanopeft's Bone has no such tie")
+        if c["init_weights"] not in (True, False, "bat"):
+            bad("init_weights", "true, false or 'bat'")
+        if c["init_weights"] != "bat" and c["miss_dropout"] != 0:  # "bat" has no dropout in PEFT either
+            bad("miss_dropout", "0 (nanopeft's Bone has no dropout)")
+    return c
+
+
+def _listed(names, their):
+    return their in names or any(their.endswith("." + n) for n in names)
+
+
+def _selected(cfg, their):
+    """Whether PEFT 0.21 puts the adapter on module `their` (its check_target_module_exists, field for field)."""
+    ex = cfg.get("exclude_modules")
+    if ex and (re.fullmatch(ex, their) if isinstance(ex, str) else _listed(ex, their)):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", their) for m in cfg.get("modules_to_save") or []):
+        return False  # a module trained whole takes no adapter
+    t = cfg["target_modules"]
+    if isinstance(t, str):
+        return bool(re.fullmatch(t, their))
+    if their in t:
+        return True  # named in full: layers_to_transform does not apply
+    if not _listed(t, their):
+        return False
+    layers, pats = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    if layers is None or layers == []:
+        return True
+    if not pats:  # the first numbered segment is the layer index
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", their)
+    else:
+        m = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", their)
+                               for p in ([pats] if isinstance(pats, str) else pats))), None)
+    return m is not None and (int(m["idx"]) == layers if isinstance(layers, int) else int(m["idx"]) in layers)
+
+
+def _select(model, cfg, sd, inv, suffixes, file):
+    """The modules holding tensors in `sd` that PEFT puts the adapter on. Tensors of the others are dropped, as
+    PEFT leaves them unread; a selected nn.Linear of the model without tensors is refused (PEFT would start it
+    from its initialisation)."""
+    found = _module_names(sd, suffixes)
+    for their in found:
+        if not _selected(cfg, their):
+            for s in suffixes:
+                sd.pop(f"{PREFIX}{their}{s}", None)
+    idle = sorted(their for their, parts in inv.items() if their not in found and _selected(cfg, their) and
+                  all(isinstance(model.get_submodule(o), nn.Linear) for o, _, _ in parts.values()))
+    chosen = [their for their in found if _selected(cfg, their)]
+    if idle or not chosen:
+        raise ValueError(f"load_peft: {file}: holds no tensors for {idle[:4] or 'any module'} that target_modules "
+                         "selects in the model")
+    return chosen
+
+
 def _target(model, inv, their):
     """Our parts of their module {part: (our name, n_parts, fan_in_fan_out)}, and one part's in, out."""
     parts = inv.get(their)
@@ -304,55 +489,55 @@ def _pattern(patterns, their, default):
     return default
 
 
-def _check(sd, expected):
+def _check(sd, expected, file):
     """The file's keys, shapes and dtypes against what the model needs, before anything changes.
     expected: key -> (shape, h): h None for a float tensor, else integer indices in [0, h)."""
     missing, extra = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
     if missing or extra:
-        raise ValueError(f"load_peft: keys differ from what the model needs: missing {missing[:4]}, "
+        raise ValueError(f"load_peft: {file}: keys differ from what the model needs: missing {missing[:4]}, "
                          f"unexpected {extra[:4]}")
     for key, (shape, h) in expected.items():
         t = sd[key]
         if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"load_peft: {key} has shape {tuple(t.shape)}, the model needs {tuple(shape)}")
-        if (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool) != (h is None):
-            raise ValueError(f"load_peft: {key} holds {t.dtype}; expected "
+            raise ValueError(f"load_peft: {file}: {key} has shape {tuple(t.shape)}, the model needs {tuple(shape)}")
+        # bool and complex are neither: a float tensor or integer indices, as the key needs
+        index = not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+        ok = t.is_floating_point() if h is None else index
+        if not ok:
+            raise ValueError(f"load_peft: {file}: {key} holds {t.dtype}; expected "
                              f"{'a floating-point tensor' if h is None else 'integer indices'}")
         if h is None and not torch.isfinite(t).all():
-            raise ValueError(f"load_peft: {key} holds non-finite values")
+            raise ValueError(f"load_peft: {file}: {key} holds non-finite values")
         if h is not None and t.numel() and (t.min() < 0 or t.max() >= h):
-            raise ValueError(f"load_peft: {key} holds indices outside [0, {h})")
+            raise ValueError(f"load_peft: {file}: {key} holds indices outside [0, {h})")
 
 
-def _load_lora(model, cfg, sd, inv):
-    bad = [f for f in _LORA_UNSUPPORTED if cfg.get(f)]
-    if bad:
-        raise ValueError(f"load_peft: LoRA option(s) {bad} change the maths; nanopeft's LoRA has none of them")
+def _load_lora(model, cfg, sd, inv, file):
     expected, plan = {}, []
-    for their in _module_names(sd, (".lora_A.weight", ".lora_B.weight")):
+    for their in _select(model, cfg, sd, inv, (".lora_A.weight", ".lora_B.weight"), file):
         parts, d_in, d_out = _target(model, inv, their)
         n = next(iter(parts.values()))[1]
-        r = _pattern(cfg.get("rank_pattern"), their, cfg.get("r", 8))
+        r = _pattern(cfg["rank_pattern"], their, cfg["r"])
         expected[f"{PREFIX}{their}.lora_A.weight"] = ((r, d_in), None)
         expected[f"{PREFIX}{their}.lora_B.weight"] = ((n * d_out, r), None)
         plan.append((their, parts, n, d_out, r))
-    _check(sd, expected)
+    _check(sd, expected, file)
     groups, ours_sd = {}, {}
     for their, parts, n, d_out, r in plan:
         A, B = sd[f"{PREFIX}{their}.lora_A.weight"], sd[f"{PREFIX}{their}.lora_B.weight"]
-        alpha = _pattern(cfg.get("alpha_pattern"), their, cfg.get("lora_alpha", 8))
-        s = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        alpha = _pattern(cfg["alpha_pattern"], their, cfg["lora_alpha"])
+        s = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
         for p in range(n):
             Bp = B[p * d_out:(p + 1) * d_out]  # (out, r): this part's rows
             keep = Bp.ne(0).any(0) if n > 1 else torch.ones(r, dtype=torch.bool)  # (r,): the columns it uses
             if not keep.any():
                 continue  # ΔW_p = 0: leaving the part plain is exact
             if p not in parts:
-                raise ValueError(f"load_peft: part {p} of {their!r} has a non-zero B and maps to no module")
+                raise ValueError(f"load_peft: {file}: part {p} of {their!r} has a non-zero B and maps to no module")
             ours, rp = parts[p][0], int(keep.sum())
             groups.setdefault((rp, s * rp), []).append(ours)  # our alpha / r = PEFT's scale
             ours_sd[f"{ours}.lora_A"], ours_sd[f"{ours}.lora_B"] = A[keep], Bp[:, keep]  # (rp, in), (out, rp)
-    configs = {k: lora.LoRAConfig(r=k[0], alpha=k[1], dropout=cfg.get("lora_dropout", 0.0)) for k in groups}
+    configs = {k: lora.LoRAConfig(r=k[0], alpha=k[1], dropout=cfg["lora_dropout"]) for k in groups}
 
     def apply():
         for k, names in groups.items():
@@ -361,14 +546,13 @@ def _load_lora(model, cfg, sd, inv):
     return apply
 
 
-def _load_vblora(model, cfg, sd, inv):
-    vcfg = vblora.VBLoRAConfig(r=cfg.get("r", 4), b=cfg.get("vector_length", 256), h=cfg.get("num_vectors", 256),
-                               k=cfg.get("topk", 2))  # PEFT's defaults for absent fields
+def _load_vblora(model, cfg, sd, inv, file):
+    vcfg = vblora.VBLoRAConfig(r=cfg["r"], b=cfg["vector_length"], h=cfg["num_vectors"], k=cfg["topk"])
     r, b, h, k = vcfg.r, vcfg.b, vcfg.h, vcfg.k
-    leaves = {"_topk_indices": "idx", "_topk_weights": "w"} if cfg.get("save_only_topk_weights") else {"": "logits"}
+    leaves = {"_topk_indices": "idx", "_topk_weights": "w"} if cfg["save_only_topk_weights"] else {"": "logits"}
     last = {"": (h, None), "_topk_indices": (k, h), "_topk_weights": (k - 1, None)}  # last dim, index bound
     expected, plan = {BANK_KEY: ((h, b), None)}, []
-    for their in _module_names(sd, [f".vblora_logits_{s}{leaf}" for s in "AB" for leaf in leaves]):
+    for their in _select(model, cfg, sd, inv, [f".vblora_logits_{s}{leaf}" for s in "AB" for leaf in leaves], file):
         parts, d_in, d_out = _target(model, inv, their)
         n = next(iter(parts.values()))[1]
         if len(parts) < n or d_in % b or d_out % b:
@@ -379,7 +563,12 @@ def _load_vblora(model, cfg, sd, inv):
             expected[f"{PREFIX}{their}.vblora_logits_A{leaf}"] = ((r, d_in // b, dim), bound)
             expected[f"{PREFIX}{their}.vblora_logits_B{leaf}"] = ((n * d_out // b, r, dim), bound)
         plan.append((their, parts, d_out // b))
-    _check(sd, expected)
+    _check(sd, expected, file)
+    for key, t in sd.items():  # a top-k file: k distinct indices and k - 1 weights that leave the last >= 0
+        if key.endswith("_topk_indices") and (t.long().sort(-1).values.diff(dim=-1) == 0).any():
+            raise ValueError(f"load_peft: {file}: {key} repeats an index within a row; expected {k} distinct ones")
+        if key.endswith("_topk_weights") and t.numel() and (t.min() < 0 or t.max() > 1 or t.sum(-1).max() > 1):
+            raise ValueError(f"load_peft: {file}: {key} holds weights outside [0, 1] or rows that sum above 1")
     ours_sd, names = {"vblora_bank.vectors": sd[BANK_KEY]}, []
     for their, parts, rows in plan:
         for p, (ours, _, _) in sorted(parts.items()):
@@ -395,14 +584,10 @@ def _load_vblora(model, cfg, sd, inv):
     return apply
 
 
-def _load_miss(model, cfg, sd, inv):
-    r, init = cfg.get("r", 64), cfg.get("init_weights", True)
-    if init == "mini":
-        raise ValueError("load_peft: MiSS init_weights='mini' ties copies of one (r, mini_r) block across out; "
-                         "nanopeft's Bone has no such tie")
-    bat = init == "bat"
+def _load_miss(model, cfg, sd, inv, file):
+    r, bat = cfg["r"], cfg["init_weights"] == "bat"
     expected, ours_sd = {}, {}
-    for their in _module_names(sd, (".miss_block",)):
+    for their in _select(model, cfg, sd, inv, (".miss_block",), file):
         parts, d_in, d_out = _target(model, inv, their)
         (ours, n, fifo), *more = parts.values()
         if more or n > 1 or fifo:
@@ -414,7 +599,7 @@ def _load_miss(model, cfg, sd, inv):
         key = f"{PREFIX}{their}.miss_block"
         expected[key] = (((d_out // r, r, r) if bat else (r, d_out)), None)
         ours_sd[f"{ours}.bone_B"] = key
-    _check(sd, expected)
+    _check(sd, expected, file)
     # bat: miss_block is bone_B; default (r, out) -> (out, r) -> (out/r, r, r): B_i = M[:, i-th block]^T
     ours_sd = {n: sd[k] if bat else sd[k].T.reshape(-1, r, r) for n, k in ours_sd.items()}
     bcfg = bone.BoneConfig(b=r, grouping="col", variant="bone" if bat else "unconstrained")
@@ -430,17 +615,47 @@ PEFT_METHODS = {"LORA": "lora", "VBLORA": "vblora", "MISS": "bone"}  # peft_type
 
 
 def peft_config(path):
-    """The adapter_config.json of a PEFT folder, or None when path is not one."""
-    cfg = os.path.join(str(path), "adapter_config.json")
-    if not os.path.isfile(cfg):
+    """The adapter_config.json of a PEFT folder as a dict, or None when `path` is no such folder. A config that is
+    not a JSON object, or an adapter_model.safetensors without one, is a ValueError line naming the file."""
+    path = str(path)
+    file = os.path.join(path, CONFIG)
+    if not os.path.isdir(path):
         return None
-    with open(cfg) as f:
-        return json.load(f)
+    if not os.path.isfile(file):
+        if os.path.exists(os.path.join(path, WEIGHTS)):
+            raise ValueError(f"{path} holds {WEIGHTS} but no {CONFIG}; a PEFT folder needs both")
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except ValueError as e:  # not JSON, not UTF-8
+        raise ValueError(f"{file} is not JSON ({e}); expected PEFT's config as a JSON object")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file} holds a JSON {type(cfg).__name__}; expected PEFT's config as a JSON object")
+    return cfg
 
 
-def _saved_modules(model, cfg, sd, inv):
-    """Pop the modules_to_save tensors from sd, each paired with the tensor of `model` it replaces."""
-    entries, own, pairs = cfg.get("modules_to_save") or [], model.state_dict(), []
+def read_peft(path):
+    """(config, tensors) of the PEFT folder at `path`, read as data; any fault is one ValueError line naming the
+    file."""
+    cfg = peft_config(path)
+    if cfg is None:
+        raise ValueError(f"load_peft: {path}: no {CONFIG} there; a PEFT folder holds {CONFIG} and {WEIGHTS}")
+    file = os.path.join(str(path), WEIGHTS)
+    if not os.path.isfile(file) or os.path.getsize(file) == 0:
+        raise ValueError(f"load_peft: {file}: {'an empty file' if os.path.isfile(file) else 'no such file'}; "
+                         "expected the adapter's tensors (safetensors)")
+    try:
+        sd = load_file(file)  # safetensors checks every offset against the file's size before it reads
+    except Exception as e:
+        raise ValueError(f"load_peft: {file}: not a readable safetensors file (truncated, or a header that does "
+                         f"not fit its data): {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+    return cfg, sd
+
+
+def _saved_modules(model, cfg, sd, inv, file):
+    """Pop the modules_to_save tensors from sd, each as (our module, parameter name, tensor)."""
+    entries, own, out = cfg.get("modules_to_save") or [], model.state_dict(), []
     for key in [k for k in sd if k.startswith(PREFIX)]:
         parts = key[len(PREFIX):].split(".")
         for i in range(1, len(parts)):  # PEFT names a wrapped module by a suffix of its name
@@ -454,30 +669,51 @@ def _saved_modules(model, cfg, sd, inv):
         target = own.get(f"{ours}.{param}") if n == 1 else None  # a whole module, not a part of a fused one
         t = sd.pop(key)
         t = t.T if fifo and param == "weight" else t  # a Conv1D weight is (in, out)
-        if target is None or t.shape != target.shape or not t.is_floating_point():
-            raise ValueError(f"load_peft: modules_to_save {key} ({tuple(t.shape)}, {t.dtype}) fits no tensor of the "
-                             "model; check the layout")
-        pairs.append((target, t))
-    return pairs
+        if target is None or t.shape != target.shape or not t.is_floating_point() or not torch.isfinite(t).all():
+            raise ValueError(f"load_peft: {file}: modules_to_save {key} ({tuple(t.shape)}, {t.dtype}) fits no "
+                             "tensor of the model, or holds non-finite values; check the layout")
+        module, _, name = f"{ours}.{param}".rpartition(".")
+        out.append((model.get_submodule(module), name, t))
+    return out
+
+
+def _tied(model):
+    """ids of the tensors that more than one name of `model` holds (GPT-2's lm_head.weight is wte.weight)."""
+    seen = {}
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for _, t in tensors:
+        seen[id(t)] = seen.get(id(t), 0) + 1
+    return {i for i, c in seen.items() if c > 1}
+
+
+def apply_peft(model, cfg, sd, layout=None, where="the PEFT folder"):
+    """load_peft from a config dict and its tensors, as read from the folder `where` (named in messages)."""
+    file = os.path.join(str(where), WEIGHTS)
+    cfg = check_config(cfg, os.path.join(str(where), CONFIG))
+    if _adapters(model):
+        raise ValueError("load_peft: the model already holds nanopeft adapters; load into a plain model")
+    sd, inv = dict(sd), _inverse(model, layout or identity_layout)
+    saved = _saved_modules(model, cfg, sd, inv, file)
+    apply = _LOADERS[cfg["peft_type"]](model, cfg, sd, inv, file)
+    # every check has passed: from here on the model changes
+    apply()
+    for _, m in _adapters(model):
+        m.train(m.base.training)  # a new layer takes the mode of the layer it wraps: eval stays eval
+    tied = _tied(model)
+    with torch.no_grad():
+        for module, name, t in saved:
+            old = getattr(module, name)
+            if id(old) in tied:  # PEFT trains a copy of the module: the other holder keeps the shared tensor
+                setattr(module, name, nn.Parameter(t.to(old).clone(), requires_grad=old.requires_grad))
+            else:
+                old.copy_(t)
+    return [n for n, _ in _adapters(model)]
 
 
 def load_peft(model, path, layout=None):
     """Apply the PEFT folder at `path` (LORA, VBLORA or MISS) to the plain `model` as the matching nanopeft
-    method and load its tensors, and its modules_to_save into the model's own modules; returns the adapted
-    names (ours). Every check runs before the model changes."""
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        cfg = json.load(f)
-    if cfg.get("peft_type") not in _LOADERS:
-        raise ValueError(f"load_peft: peft_type {cfg.get('peft_type')!r} has no nanopeft form; "
-                         f"{sorted(_LOADERS)} load")
-    if _adapters(model):
-        raise ValueError("load_peft: the model already holds nanopeft adapters; load into a plain model")
-    sd = load_file(os.path.join(path, "adapter_model.safetensors"))
-    inv = _inverse(model, layout or identity_layout)
-    saved = _saved_modules(model, cfg, sd, inv)
-    apply = _LOADERS[cfg["peft_type"]](model, cfg, sd, inv)
-    apply()
-    with torch.no_grad():
-        for target, t in saved:
-            target.copy_(t)  # state_dict tensors share storage with the parameters
-    return [n for n, _ in _adapters(model)]
+    method and load its tensors, and its modules_to_save into the model's own modules (a tensor the module shares
+    with another, as GPT-2's tied head, becomes the module's own, as in PEFT); returns the adapted names (ours).
+    Every field of the config is honoured as PEFT 0.21 honours it or refused by name; every check runs before the
+    model changes; the new layers take the training mode of the layers they wrap."""
+    return apply_peft(model, *read_peft(path), layout, path)

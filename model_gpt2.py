@@ -12,13 +12,14 @@ swapped in for it is always used.
 import json
 import math
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import Missing, read_safetensors
+from common import Missing, read_safetensors, why
 
 IGNORE = -100  # target id the loss skips (MR tokens, padding)
 
@@ -162,42 +163,110 @@ def convert_hf_state_dict(sd):
                 out[name] = v.t().contiguous()  # Conv1D (in, out) -> nn.Linear (out, in)
             else:
                 out[name] = v
-    out.setdefault("lm_head.weight", out["transformer.wte.weight"])
+    if "transformer.wte.weight" in out:
+        out.setdefault("lm_head.weight", out["transformer.wte.weight"])
     return out
+
+
+MAX_PARAMS = 2 ** 33  # a config beyond this many parameters is refused before GPT allocates it (GPT-2 XL: 1.6e9)
+
+
+def _n_params(c):
+    return (c["vocab_size"] + c["block_size"]) * c["n_embd"] + c["n_layer"] * 12 * c["n_embd"] ** 2
+
+
+def check_config(path, config, args=None):
+    """A model config read from a file (a run's header), checked before GPT allocates it; args: the run's flags,
+    which a scratch run's config was built from. Any fault is one line naming path and the field."""
+    def bad(field, expected):
+        raise SystemExit(f"error: {path}: its header's config.{field}={config.get(field)!r}: expected {expected}")
+
+    if not isinstance(config, dict):
+        raise SystemExit(f"error: {path}: its header's config={config!r}: expected the model's config as an object")
+    unknown = sorted(set(config) - set(GPTConfig.__dataclass_fields__))
+    if unknown:
+        raise SystemExit(f"error: {path}: its header's config has fields GPTConfig has not: {unknown}")
+    for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        v = config.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            bad(k, "an int >= 1")
+    if config["n_embd"] % config["n_head"]:
+        bad("n_head", f"a divisor of config.n_embd={config['n_embd']}")
+    for k in ("block_size", "n_layer", "n_head", "n_embd"):
+        if args is not None and k in vars(args) and getattr(args, k) != config[k]:
+            bad(k, f"args.{k}={getattr(args, k)!r}, the flag the run built it from")
+    if _n_params(config) > MAX_PARAMS:
+        raise SystemExit(f"error: {path}: its header's config makes a model of {_n_params(config):.3g} parameters; "
+                         f"expected at most {MAX_PARAMS:.3g}")
+
+
+def _read_weights(path):
+    """(the state dict of a local checkpoint file, the model config its nanopeft header or torch file holds, or
+    None); any fault is one line naming the file."""
+    try:
+        if path.endswith(".safetensors"):
+            header, sd = read_safetensors(path)  # a full fine-tune's adapter.safetensors: its config in the header
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            header = sd if isinstance(sd, dict) and "adapter" in sd and "args" in sd else None  # an adapter.pt
+            sd = sd["adapter"] if header is not None else sd
+    except pickle.UnpicklingError:
+        raise SystemExit(f"error: --init_from {path}: holds pickled objects other than tensors; expected plain "
+                         f"weights (nanopeft reads only tensors, weights_only=True)")
+    except Exception as e:
+        raise SystemExit(f"error: --init_from {path}: not a readable checkpoint (truncated, or not a "
+                         f"safetensors/torch file): {why(e)}")
+    if header is not None and header.get("method") != "full":
+        raise SystemExit(f"error: --init_from {path}: the adapter of a --method {header.get('method')} run holds no "
+                         f"backbone; rebuild it with load_finetuned({path!r}), or start from a full fine-tune")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise SystemExit(f"error: --init_from {path}: not a state dict of tensors")
+    return sd, (header or {}).get("config")
 
 
 def load_gpt2(path, dropout=0.0, n_head=None):
     """Our GPT from a local GPT-2 checkpoint: a model.safetensors / pytorch_model.bin (HF layout), the
     folder holding one, or a full fine-tune's adapter.safetensors (or adapter.pt). n_head is not in the weights:
     the argument, else a config.json beside the file, else the model config saved with a full fine-tune, else
-    n_embd / 64 (every GPT-2 size has 64-dim heads)."""
+    n_embd / 64 (every GPT-2 size has 64-dim heads). Any fault is one line naming the file."""
     if os.path.isdir(path):
         names = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, f))]
         if not names:
-            raise SystemExit(f"error: --init_from {path}: no model.safetensors or pytorch_model.bin in that folder")
+            peft = " (a PEFT folder needs its adapter_config.json too)" if os.path.exists(
+                os.path.join(path, "adapter_model.safetensors")) else ""
+            raise SystemExit(f"error: --init_from {path}: no model.safetensors or pytorch_model.bin in that "
+                             f"folder{peft}")
         path = os.path.join(path, names[0])
     if not os.path.isfile(path):
         raise SystemExit(f"error: --init_from {path}: not a GPT-2 size ({', '.join(GPT2_HEADS)}), 'scratch', "
                          f"or an existing file or folder")
     config_json = os.path.join(os.path.dirname(path), "config.json")
     if n_head is None and os.path.isfile(config_json):
-        with open(config_json) as f:
-            n_head = json.load(f).get("n_head")
-    if path.endswith(".safetensors"):
-        header, sd = read_safetensors(path)  # a full fine-tune's adapter.safetensors keeps its config in the header
-        n_head = n_head or (header or {}).get("config", {}).get("n_head")
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        if "adapter" in sd and "args" in sd:  # a full fine-tune's adapter.pt: its tensors and its model config
-            n_head = n_head or sd.get("config", {}).get("n_head")
-            sd = sd["adapter"]
+        try:
+            with open(config_json) as f:
+                n_head = json.load(f).get("n_head")
+        except (ValueError, AttributeError) as e:
+            raise SystemExit(f"error: --init_from {path}: {config_json} is not a JSON object: {why(e)}")
+    sd, saved = _read_weights(path)
+    if n_head is None and isinstance(saved, dict):
+        n_head = saved.get("n_head")
     sd = convert_hf_state_dict(sd)
+    if "transformer.wte.weight" not in sd or "transformer.wpe.weight" not in sd:
+        raise SystemExit(f"error: --init_from {path}: not a GPT-2 checkpoint (no wte/wpe); some keys: {list(sd)[:4]}")
     V, C = sd["transformer.wte.weight"].shape
+    n_head = n_head or C // 64
+    if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1 or C % n_head:
+        raise SystemExit(f"error: --init_from {path}: n_head={n_head!r} (from config.json or the file's header): "
+                         f"expected an int dividing n_embd={C}")
     n_layer = len([k for k in sd if k.endswith(".ln_1.weight")])
     config = GPTConfig(block_size=sd["transformer.wpe.weight"].shape[0], vocab_size=V, n_layer=n_layer,
-                       n_head=n_head or C // 64, n_embd=C, dropout=dropout)
+                       n_head=n_head, n_embd=C, dropout=dropout)
     model = GPT(config)
-    model.load_state_dict(sd)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+        raise SystemExit(f"error: --init_from {path}: does not fit a GPT-2 of n_layer {n_layer}, n_embd {C}: "
+                         f"{' '.join(str(e).split())[:300]}")
     return model
 
 

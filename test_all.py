@@ -19,6 +19,7 @@ KERNEL_DEVICE = os.environ.get("NANOPEFT_TEST_DEVICE", "cpu")
 if KERNEL_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("NANOPEFT_NO_TRITON", "1") # method tests use the reference path; kernel tests opt in
+import argparse
 import copy
 import csv
 import inspect
@@ -3917,6 +3918,166 @@ def test_load_peft_refuses_miss_forms(llama, tmp_path, config, why):
     assert _unchanged(model, snap)
 
 
+def _edit_config(folder, **fields):
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.update(fields)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def test_load_peft_tied_head_in_modules_to_save_matches_peft(tmp_path):
+    """GPT-2's lm_head is its wte: PEFT trains a copy of the head, so the input embedding keeps the base's."""
+    hf, fresh = _gpt2_pair()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                          modules_to_save=["lm_head"])
+    ref = peft.get_peft_model(copy.deepcopy(hf), cfg)
+    _fill(ref, keys=("lora_", "modules_to_save"), std=0.1, seed=3)
+    ref.save_pretrained(str(tmp_path))
+    ours = fresh()
+    interop.load_peft(ours, tmp_path, layout=interop.gpt2_layout)
+    torch.testing.assert_close(_gpt_logits(ours), _gpt_logits(_peft(hf, tmp_path)), atol=ATOL, rtol=0)
+    assert torch.equal(ours.transformer.wte.weight, hf.transformer.wte.weight)
+
+
+SELECT = {  # an edit of a PEFT-made folder's config that selects fewer modules than the file holds tensors for
+    "target_modules": dict(target_modules=["q_proj"]),
+    "target_regex": dict(target_modules=r".*\.layers\.1\.self_attn\.[qv]_proj"),
+    "layers_to_transform": dict(layers_to_transform=[1]),
+    "layers_pattern": dict(layers_to_transform=0, layers_pattern="layers"),
+    "exclude_modules": dict(exclude_modules=["up_proj", "model.layers.0.self_attn.v_proj"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SELECT))
+def test_load_peft_applies_only_the_modules_peft_selects(llama, tmp_path, case):
+    model = peft.get_peft_model(copy.deepcopy(llama), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                      target_modules=["q_proj", "v_proj", "up_proj"]))
+    _fill(model, keys=("lora_",), seed=3)
+    model.save_pretrained(str(tmp_path))
+    _edit_config(tmp_path, **SELECT[case])
+    want = _logits(_peft(llama, tmp_path))
+    assert (want - _logits(model)).abs().max() > 1e-3  # the edit leaves out modules that matter
+    ours = copy.deepcopy(llama)
+    interop.load_peft(ours, tmp_path)
+    torch.testing.assert_close(_logits(ours), want, atol=ATOL, rtol=0)
+
+
+def _huge_header(path):
+    header = json.dumps({"x": {"dtype": "F32", "shape": [10 ** 12], "data_offsets": [0, 4 * 10 ** 12]}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 16)
+
+
+def _retyped(dtype):
+    def change(folder):
+        sd = load_file(folder / "adapter_model.safetensors")
+        sd[_lora_key()] = sd[_lora_key()].to(dtype)
+        save_file(sd, folder / "adapter_model.safetensors")
+    return change
+
+
+FOLDER_FAULTS = {  # a fault in a PEFT-made folder -> (the file it names, what the one line must say)
+    "config_not_json": (lambda f: (f / "adapter_config.json").write_text("{r: 4"), "adapter_config.json", "not JSON"),
+    "config_a_list": (lambda f: (f / "adapter_config.json").write_text("[4, 8]"), "adapter_config.json",
+                      "holds a JSON list; expected"),
+    "alpha_string": (lambda f: _edit_config(f, lora_alpha="8"), "adapter_config.json", "lora_alpha='8': expected"),
+    "alpha_null": (lambda f: _edit_config(f, lora_alpha=None), "adapter_config.json", "lora_alpha=None: expected"),
+    "r_zero": (lambda f: _edit_config(f, r=0), "adapter_config.json", "r=0: expected an int >= 1"),
+    "rank_pattern_regex": (lambda f: _edit_config(f, rank_pattern={"q_proj[": 2}), "adapter_config.json",
+                           "rank_pattern 'q_proj[': 2: expected a valid regex"),
+    "bias_all": (lambda f: _edit_config(f, bias="all"), "adapter_config.json", "bias='all': expected 'none'"),
+    "unknown_field": (lambda f: _edit_config(f, use_magic=True), "adapter_config.json", "['use_magic']: not fields"),
+    "pissa": (lambda f: _edit_config(f, init_lora_weights="pissa"), "adapter_config.json", "init_lora_weights='pissa'"),
+    "untargeted_module": (lambda f: _edit_config(f, target_modules=["q_proj", "v_proj", "k_proj"]),
+                          "adapter_model.safetensors", "holds no tensors for ['model.layers.0.self_attn.k_proj'"),
+    "weights_missing": (lambda f: (f / "adapter_model.safetensors").unlink(), "adapter_model.safetensors",
+                        "no such file"),
+    "weights_empty": (lambda f: (f / "adapter_model.safetensors").write_bytes(b""), "adapter_model.safetensors",
+                      "an empty file"),
+    "weights_truncated": (lambda f: (f / "adapter_model.safetensors").write_bytes(
+        (f / "adapter_model.safetensors").read_bytes()[:300]), "adapter_model.safetensors",
+                          "not a readable safetensors"),
+    "weights_huge_header": (lambda f: _huge_header(f / "adapter_model.safetensors"), "adapter_model.safetensors",
+                            "not a readable safetensors"),
+    "bool_tensor": (_retyped(torch.bool), "adapter_model.safetensors", "holds torch.bool; expected a floating-point"),
+    "complex_tensor": (_retyped(torch.complex64), "adapter_model.safetensors",
+                       "holds torch.complex64; expected a floating-point"),
+    "no_config": (lambda f: (f / "adapter_config.json").unlink(), "adapter_model.safetensors",
+                  "but no adapter_config.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLDER_FAULTS))
+def test_load_peft_fault_is_one_line_naming_file_and_field(llama, tmp_path, case):
+    _peft_made(llama, "lora", tmp_path)
+    change, file, why = FOLDER_FAULTS[case]
+    change(tmp_path)
+    model = copy.deepcopy(llama)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError) as e:
+        interop.load_peft(model, tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and file in msg and why in msg, msg
+    assert _unchanged(model, snap)
+
+
+def test_load_peft_miss_r_zero_is_one_line(llama, tmp_path):
+    _peft_made(llama, "miss", tmp_path)
+    _edit_config(tmp_path, r=0)
+    model = copy.deepcopy(llama)
+    with pytest.raises(ValueError, match=r"adapter_config.json: r=0: expected an int >= 1$"):
+        interop.load_peft(model, tmp_path)
+    assert not interop._adapters(model)
+
+
+@pytest.mark.parametrize("fault", ["weight_above_1", "repeated_index"])
+def test_load_peft_topk_file_checked_before_the_model_changes_and_a_retry_works(llama, tmp_path, fault):
+    ref = _peft_made(llama, "vblora_topk", tmp_path / "good")
+    shutil.copytree(tmp_path / "good", tmp_path / "bad")
+    sd = load_file(tmp_path / "bad" / "adapter_model.safetensors")
+    key = next(k for k in sd if k.endswith("_topk_weights" if fault == "weight_above_1" else "_topk_indices"))
+    if fault == "weight_above_1":
+        sd[key] = sd[key] + 1.5
+    else:
+        sd[key][..., 1] = sd[key][..., 0]
+    save_file(sd, tmp_path / "bad" / "adapter_model.safetensors")
+    model = copy.deepcopy(llama)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(key)):
+        interop.load_peft(model, tmp_path / "bad")
+    assert _unchanged(model, snap)
+    interop.load_peft(model, tmp_path / "good")  # the same model takes a good folder after a refusal
+    torch.testing.assert_close(_logits(model), _logits(ref), atol=ATOL, rtol=0)
+
+
+def test_load_peft_new_layers_take_the_models_eval_mode(llama, tmp_path):
+    model = peft.get_peft_model(copy.deepcopy(llama), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
+                                                                      target_modules=["q_proj", "v_proj"]))
+    _fill(model, keys=("lora_",), seed=3)
+    model.save_pretrained(str(tmp_path))
+    ours = copy.deepcopy(llama).eval()
+    interop.load_peft(ours, tmp_path)
+    assert not any(m.training for m in ours.modules())
+    with torch.no_grad():  # no .eval() here: the load left the model as it was
+        first, second = ours(input_ids=IDS).logits, ours(input_ids=IDS).logits
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    torch.testing.assert_close(first, _logits(model), atol=ATOL, rtol=0)
+    trained = copy.deepcopy(llama).train()
+    interop.load_peft(trained, tmp_path)
+    assert all(m.training for m in trained.modules())
+
+
+def test_reexport_of_an_imported_fused_lora_keeps_its_rank(tmp_path):
+    hf, fresh = _gpt2_pair()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    ref = peft.get_peft_model(copy.deepcopy(hf), cfg)
+    _fill(ref, keys=("lora_",), seed=3)
+    ref.save_pretrained(str(tmp_path / "in"))
+    ours = fresh()
+    interop.load_peft(ours, tmp_path / "in", layout=interop.gpt2_layout)
+    interop.save_peft(ours, tmp_path / "out", layout=interop.gpt2_layout)
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 4
+    torch.testing.assert_close(_gpt_logits(_peft(hf, tmp_path / "out")), _gpt_logits(ref), atol=ATOL, rtol=0)
+
+
 # ---- the scripts speak it: --export for Hugging Face's GPT2LMHeadModel and ViTForImageClassification, a PEFT
 # folder as --init_from / --adapter, the adapter.safetensors they write and the adapter.pt of earlier versions
 
@@ -4013,6 +4174,143 @@ def test_bad_adapter_safetensors_is_one_line(_gpt2_lora_run, tmp_path, kind, exp
         with pytest.raises(SystemExit) as e:
             load(str(path))
         assert str(e.value.code).startswith(f"error: {path} {expected}") and "\n" not in str(e.value.code)
+
+
+def _rewrite_header(src, dst, edit):
+    """A copy of a run's adapter.safetensors whose header `edit(meta)` changed."""
+    blob = _read_adapter(src)
+    from safetensors import safe_open
+    with safe_open(str(src), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = {k: v for k, v in blob.items() if k not in ("adapter", "head")}
+    edit(meta)
+    save_file(tensors, str(dst), metadata={"nanopeft": json.dumps(meta)})
+
+
+HEADER_FAULTS = {  # an edit of a LoRA run's header -> what the one line must name
+    "method_foo": (lambda m: (m.update(method="foo"), m["args"].update(method="foo")), "method='foo': expected one of"),
+    "method_none": (lambda m: (m.update(method="none"), m["args"].update(method="none")), "--method none trains no"),
+    "args_list": (lambda m: m.update(args=[1, 2]), "args=[1, 2]: expected an object"),
+    "lora_r": (lambda m: m["args"].update(lora_r=8), "the tensors do not fit the model its header describes"),
+    "n_head": (lambda m: (m["config"].update(n_head=3), m["args"].update(n_head=3)),
+               "config.n_head=3: expected a divisor of config.n_embd=32"),
+    "block_size_float": (lambda m: m["config"].update(block_size=1e12), "config.block_size=1000000000000.0: expected"),
+    "block_size_int": (lambda m: (m["config"].update(block_size=10 ** 12), m["args"].update(block_size=10 ** 12)),
+                       "parameters; expected at most"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_FAULTS))
+def test_gpt2_edited_header_is_one_line(_gpt2_lora_run, tmp_path, case):
+    path = tmp_path / "adapter.safetensors"
+    edit, why = HEADER_FAULTS[case]
+    _rewrite_header(_gpt2_lora_run.out / "adapter.safetensors", path, edit)
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.load_finetuned(str(path))
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: {path}") and why in msg and "\n" not in msg, msg
+    assert _gpt2_error(["--sample", "name[X]", "--adapter", path]) == msg  # the script says the same
+
+
+@pytest.mark.parametrize("kind, why", [("pickle", "holds pickled objects other than tensors"),
+                                       ("truncated", "not a readable checkpoint"),
+                                       ("lora_run", "the adapter of a --method lora run holds no backbone")])
+def test_gpt2_bad_base_checkpoint_is_one_line(_gpt2_lora_run, tmp_path, kind, why):
+    _gpt2_write_e2e(tmp_path)
+    if kind == "pickle":
+        path = tmp_path / "pytorch_model.bin"
+        torch.save({"w": torch.zeros(2), "obj": argparse.Namespace(x=1)}, path)
+    elif kind == "truncated":
+        _hf_gpt2(tmp_path / "hf")
+        path = tmp_path / "hf" / "model.safetensors"
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        path = _gpt2_lora_run.out / "adapter.safetensors"
+    with pytest.raises(SystemExit) as e:
+        model_gpt2.load_gpt2(str(path))
+    assert str(e.value.code).startswith(f"error: --init_from {path}: {why}") and "\n" not in str(e.value.code)
+    assert "weights_only=False" not in str(e.value.code)
+    msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", path))
+    assert msg == e.value.code and not (tmp_path / "out").exists()
+
+
+def _gpt2_peft_folder(tmp_path, **lora):
+    """A tiny HF GPT-2 saved at tmp_path/hf, and a PEFT LoRA on it at tmp_path/peft naming that base."""
+    hf = _hf_gpt2(tmp_path / "hf")
+    ref = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                                 fan_in_fan_out=True, **lora))
+    _fill(ref, keys=("lora_", "modules_to_save"), std=0.1, seed=3)
+    ref.save_pretrained(str(tmp_path / "peft"))
+    _edit_config(tmp_path / "peft", base_model_name_or_path=str(tmp_path / "hf"))
+    return ref.eval()
+
+
+@pytest.mark.parametrize("case", ["config_not_json", "r_zero", "weights_truncated", "no_config", "untargeted_module"])
+def test_gpt2_faulty_peft_folder_is_one_line_through_the_scripts(tmp_path, monkeypatch, case):
+    _gpt2_write_e2e(tmp_path)
+    _gpt2_peft_folder(tmp_path)
+    change, file, why = FOLDER_FAULTS[case]
+    if case == "untargeted_module":
+        _edit_config(tmp_path / "peft", target_modules=["c_attn", "c_fc"])
+        file, why = "adapter_model.safetensors", "holds no tensors for ['transformer.h.0.mlp.c_fc']"
+    else:
+        change(tmp_path / "peft")
+    msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", tmp_path / "peft"))
+    assert msg.startswith(f"error: --init_from {tmp_path / 'peft'}") and file in msg and why in msg, msg
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.load_finetuned(str(tmp_path / "peft"))
+    assert file in str(e.value.code) and why in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_gpt2_export_never_replaces_without_overwrite_nor_its_own_source(tmp_path):
+    _gpt2_write_e2e(tmp_path)
+    _gpt2_peft_folder(tmp_path)
+    half = tmp_path / "half"  # a folder holding only the tensors of an adapter
+    half.mkdir()
+    (half / "adapter_model.safetensors").write_bytes(b"keep")
+    msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--export", "peft", half))
+    assert "holds an adapter (adapter_model.safetensors); pass --overwrite" in msg
+    afile = tmp_path / "a-file"
+    afile.write_bytes(b"keep")
+    msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--export", "lora", afile))
+    assert msg == f"error: --export lora {afile}: that path is a file; expected a folder (new or holding an adapter " \
+                  "to replace with --overwrite)"
+    source = _files(tmp_path / "peft")
+    for target in ("peft", "hf"):  # the run's --init_from and the base it names
+        msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", tmp_path / "peft",
+                                     "--export", "peft", tmp_path / target, "--overwrite"))
+        assert "is where this run's --init_from" in msg
+    assert not (tmp_path / "out").exists() and (half / "adapter_model.safetensors").read_bytes() == b"keep"
+    assert afile.read_bytes() == b"keep" and _files(tmp_path / "peft") == source
+
+
+def test_gpt2_init_from_peft_refuses_method_flags_that_disagree(tmp_path):
+    _gpt2_write_e2e(tmp_path)
+    _gpt2_peft_folder(tmp_path)
+    argv = _gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", tmp_path / "peft")
+    msg = _gpt2_error(argv + ["--lora_r", "8"])
+    assert msg == (f"error: --lora_r 8: --init_from {tmp_path / 'peft'} is a PEFT folder, whose adapter_config.json "
+                   "sets r=4; drop --lora_r")
+    assert "sets the targets; drop --targets" in _gpt2_error(argv + ["--targets", "q_proj"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_run_from_a_peft_folder_with_a_tied_head_loads_without_that_folder(tmp_path):
+    _gpt2_write_e2e(tmp_path)
+    ref = _gpt2_peft_folder(tmp_path, modules_to_save=["lm_head"])
+    start = _gpt2_main(_gpt2_argv(tmp_path, tmp_path / "start", "lora", "--init_from", tmp_path / "peft",
+                                  "--max_iters", "0", "--eval_samples", "0"))
+    assert_close(_last_logits(start["model"]), _last_logits(ref))  # PEFT's logits, its own copy of the head
+    res = _gpt2_main(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", tmp_path / "peft",
+                                "--max_iters", "2", "--eval_samples", "0"))
+    shutil.rmtree(tmp_path / "peft")
+    back = train_gpt2.load_finetuned(str(tmp_path / "out" / "adapter.safetensors"))
+    assert_close(_last_logits(back), _last_logits(res["model"]))
 
 
 def _hf_vit(folder):

@@ -52,11 +52,11 @@ import torch.distributed as dist
 from common import (HelpFormatter, Missing, Online, adapter_bytes, add_method_args, adapter_state_dict,
                     attach_method, autocast, base_checkpoint, check_export, checkpoint, export_adapter, fetch_all,
                     fill_method_defaults, grad_sync, hms, load_adapter, load_adapter_state_dict, open_run,
-                    param_counts, progress_line, restore, save_atomic, setup_ddp, wrap_ddp)
-from interop import PEFT_METHODS, gpt2_layout, peft_config
+                    param_counts, peft_folder, progress_line, restore, save_atomic, setup_ddp, wrap_ddp)
+from interop import PEFT_METHODS, gpt2_layout
 from e2e import (collate, e2e_scores, encode_e2e, encode_lm_text, estimate_dev_loss, get_tokenizer, load_e2e,
                  make_batches, write_outputs)
-from model_gpt2 import GPT, GPT2_HEADS, GPTConfig, beam_search, gpt2_weights, load_gpt2
+from model_gpt2 import GPT, GPT2_HEADS, GPTConfig, beam_search, check_config, gpt2_weights, load_gpt2
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,attn.c_proj,c_fc,mlp.c_proj"
 METHOD_DEFAULTS = {
@@ -209,29 +209,32 @@ def hub_name(init_from):
 def load_finetuned(path, device="cpu"):
     """The fine-tuned model of a run's adapter.safetensors (or its folder, or an adapter.pt), or of a PEFT folder,
     ready to decode: the base model rebuilt from the run's flags (--init_from, or --seed and the saved config for
-    scratch; a PEFT folder: its base_model_name_or_path), the method applied, the adapter loaded."""
-    if os.path.isdir(path) and peft_config(path) is None:
+    scratch; a PEFT folder: its base_model_name_or_path), the method applied, the adapter loaded. A fault in the
+    file is one line naming it."""
+    if os.path.isdir(path) and peft_folder(path, "--adapter") is None:
         path = os.path.join(path, "adapter.safetensors")
-    cfg = peft_config(path)
+    cfg = peft_folder(path, "--adapter")
     if cfg is not None:  # a PEFT folder is the adapter and names its base
         if cfg.get("peft_type") not in PEFT_METHODS:
             raise SystemExit(f"error: {path}: a PEFT {cfg.get('peft_type')} adapter; nanopeft reads "
                              f"{', '.join(PEFT_METHODS)}")
         args = get_args(["--init_from", path, "--method", PEFT_METHODS[cfg["peft_type"]]])
-        blob = dict(args=vars(args), config={"vocab_size": None}, adapter=None)
+        blob = dict(args=vars(args), config={"vocab_size": None}, adapter=None, peft=None)
     else:
-        blob = load_adapter(path, ADAPTER_KEYS)
+        blob = load_adapter(path, ADAPTER_KEYS, METHOD_DEFAULTS)
     args = argparse.Namespace(**blob["args"])
     weights = None
     if args.init_from != "scratch":
         try:
-            weights = gpt2_weights(base_checkpoint(args.init_from), Online())
+            weights = gpt2_weights(base_checkpoint(args.init_from, blob["peft"]), Online())
         except Missing as e:
             raise SystemExit(f"error: {path} was trained on {e.code}")
+    else:
+        check_config(path, blob["config"], args)
     model = build_model(args, blob["config"]["vocab_size"], weights, blob["config"])
-    attach_method(model, args, gpt2_layout)
+    attach_method(model, args, gpt2_layout, blob["peft"])
     if blob["adapter"] is not None:
-        load_adapter_state_dict(model, args.method, blob["adapter"])
+        load_adapter_state_dict(model, args.method, blob["adapter"], path)
     return model.to(device).eval()
 
 
@@ -363,7 +366,7 @@ def main(argv=None):
     if mrs:  # before training: the longest MR to decode and its output must fit the positions
         longest = max(len(enc.encode_ordinary(mr)) + 1 for mr in mrs)
         check_fits(model.config.block_size, longest, args, "the longest test MR")
-    attach_method(model.to(device), args, gpt2_layout)
+    peft = attach_method(model.to(device), args, gpt2_layout)  # a PEFT folder's adapter: stored with the run's
     check_export(args, model, gpt2_layout)  # before training: an adapter PEFT cannot hold is refused now
     groups = param_groups(model, args)
     n_train, n_stored, n_base = param_counts(model, args.method)
@@ -449,7 +452,7 @@ def main(argv=None):
         result["dev_loss"] = dev_loss()
         log(f"dev loss {result['dev_loss']:.4f}")
     save_atomic(adapter_bytes(dict(args=vars(args), method=args.method, config=asdict(model.config)),
-                              adapter_state_dict(model, args.method)), adapter_path)
+                              adapter_state_dict(model, args.method), peft), adapter_path)
     log(f"saved {adapter_path}")
     if args.export:  # for Hugging Face's GPT2LMHeadModel: its fused c_attn, its Conv1D layout
         export_adapter(args, model, gpt2_layout, hub_name(args.init_from), log=log)

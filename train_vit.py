@@ -185,7 +185,7 @@ def load_finetuned(path, device="cpu"):
     """Rebuild a fine-tuned model from adapter.pt: a full fine-tune from its saved config and tensors;
     else the backbone from its --init_from (or --seed for scratch) with its saved n_head, the method
     applied as in training, then the adapter and the head loaded."""
-    blob = load_adapter(path, ADAPTER_KEYS)
+    blob = load_adapter(path, ADAPTER_KEYS, METHOD_DEFAULTS)
     args = argparse.Namespace(**blob["args"])
     saved_cfg = blob.get("config") or blob.get("model_cfg")  # model_cfg: the key's former name
     torch.manual_seed(args.seed)
@@ -193,10 +193,10 @@ def load_finetuned(path, device="cpu"):
         model = ViT(ViTConfig(**saved_cfg))
         model.load_state_dict({**blob["adapter"], **{f"head.{k}": v for k, v in blob["head"].items()}})
         return model.to(device).eval()
-    weights = None if args.init_from == "scratch" else read_checkpoint(base_checkpoint(args.init_from))
+    weights = None if args.init_from == "scratch" else read_checkpoint(base_checkpoint(args.init_from, blob["peft"]))
     model = build_model(args, len(blob["classes"]), weights, n_head=saved_cfg and saved_cfg["n_head"])
-    attach_method(model, args, vit_layout)
-    load_adapter_state_dict(model, args.method, blob["adapter"])
+    attach_method(model, args, vit_layout, blob["peft"])
+    load_adapter_state_dict(model, args.method, blob["adapter"], path)
     model.head.load_state_dict(blob["head"])
     return model.to(device).eval()
 
@@ -218,13 +218,13 @@ def load_inputs(args, ddp, master, device, log):
     return got["weights"], data
 
 
-def save_run(args, step, world_size, model, opt, device, classes, acc):
+def save_run(args, step, world_size, model, opt, device, classes, acc, peft=None):
     """ckpt.pt (to resume) and adapter.safetensors (to use), each written atomically."""
     save_atomic(checkpoint(args, step, world_size, model, opt, device, test_acc=acc),
                 os.path.join(args.out_dir, "ckpt.pt"))
     tensors = {**adapter_state_dict(model, args.method), **{f"head.{k}": v for k, v in model.head.state_dict().items()}}
     meta = dict(args=vars(args), method=args.method, config=asdict(model.cfg), classes=classes, test_acc=acc)
-    save_atomic(adapter_bytes(meta, tensors), os.path.join(args.out_dir, "adapter.safetensors"))
+    save_atomic(adapter_bytes(meta, tensors, peft), os.path.join(args.out_dir, "adapter.safetensors"))
 
 
 # -----------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def train(args, ckpt, ddp, rank, world_size, device):
     # ---- model and method; the same seed on every rank, so all start identical
     torch.manual_seed(args.seed)  # before build_model: a scratch backbone is rebuilt from the seed on reload
     model = build_model(args, len(classes), weights, classes=classes).to(device)
-    attach_method(model, args, vit_layout)
+    peft = attach_method(model, args, vit_layout)  # a PEFT folder's adapter: stored with the run's
     check_export(args, model, vit_layout)  # before training: an adapter PEFT cannot hold is refused now
     model.head.requires_grad_(args.method != "none")
     groups = param_groups(model, args)
@@ -292,7 +292,7 @@ def train(args, ckpt, ddp, rank, world_size, device):
     def evaluate_and_save(when):
         acc = evaluate(eval_model, x_test, y_test, args, ctx)
         log(f"{when}: test accuracy {100 * acc:.2f}% ({len(x_test)} images)")
-        save_run(args, step, world_size, model, opt, device, classes, acc)
+        save_run(args, step, world_size, model, opt, device, classes, acc, peft)
         return acc
 
     # ---- the training loop
