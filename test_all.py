@@ -2589,6 +2589,42 @@ def test_gpt2_no_repeat_ngram_is_respected():
         assert all(len(t) == 20 and not _gpt2_has_repeat(t, 4) for t in out)
 
 
+class _Markov(nn.Module):
+    """A stand-in language model: the next token's logits are row w of `logp` after token w (no cache)."""
+
+    def __init__(self, logp):
+        super().__init__()
+        self.logp = nn.Parameter(logp, requires_grad=False)  # (V, V)
+        self.config = SimpleNamespace(block_size=64)
+        self.transformer = SimpleNamespace(h=[])
+
+    def forward(self, idx, pos=None, mask=None, cache=None):
+        return self.logp[idx[:, -1:]], None  # (N, 1, V): the last position only, as GPT gives it
+
+
+def test_gpt2_beam_bans_repeats_before_the_softmax():
+    # Tokens: 0 EOS, 1 a, 2 c, 5 the prompt. After 5: a 0.6, c 0.4; after a: a 0.9, EOS 0.1; after c: EOS.
+    # Beam 2, no repeat of a bigram. Step 1 keeps "a a" (log .54) and "c EOS" (finished, log .4 / 2^0.8).
+    # Step 2 bans a after "a a" (the bigram "a a" exists). Banned on the logits, EOS renormalises to 1:
+    #   "a a EOS" = log .54 / 3^0.8 = -0.256 beats "c EOS" = log .4 / 2^0.8 = -0.526.
+    # Banned after the softmax, EOS keeps log .1: "a a EOS" = log .054 / 3^0.8 = -1.212 loses to "c EOS".
+    logp = torch.full((6, 6), -30.0, dtype=torch.float64)  # e^-30: every other token is as good as impossible
+    logp[5, 1], logp[5, 2] = math.log(0.6), math.log(0.4)
+    logp[1, 1], logp[1, 0] = math.log(0.9), math.log(0.1)
+    logp[2, 0] = 0.0
+    logp[0, 0] = logp[3, 0] = logp[4, 0] = 0.0
+    model = _Markov(logp)
+    assert math.log(0.54) / 3 ** 0.8 > math.log(0.4) / 2 ** 0.8 > math.log(0.054) / 3 ** 0.8
+    assert model_gpt2.beam_search(model, [[5]], eos=0, beam=2, max_new_tokens=5, no_repeat_ngram=2) == [[1, 1]]
+    # without the ban a repeats to the end: log(.6 * .9^4) / 5^0.8 = -0.257, live after max_new_tokens
+    assert model_gpt2.beam_search(model, [[5]], eos=0, beam=2, max_new_tokens=5, no_repeat_ngram=0) == [[1] * 5]
+
+
+def test_gpt2_beam_needs_a_new_token():
+    with pytest.raises(ValueError, match="max_new_tokens 0: must be >= 1"):
+        model_gpt2.beam_search(_gpt2_tiny(), [[5, 6]], eos=3, beam=2, max_new_tokens=0)
+
+
 # ---- e2e.py, metrics against hand computations
 
 
