@@ -249,8 +249,8 @@ def beam_search(model, prompts, eos, beam=10, max_new_tokens=64, length_penalty=
     sequence that emits EOS leaves the beam as a finished hypothesis scored sum / length**length_penalty
     (length = generated tokens with EOS) and its slot is not refilled; no early stop: decoding runs until
     every beam has finished or max_new_tokens, after which the live beams count as hypotheses too.
-    transformers' generate differs by design: it bans n-grams over prompt and output, refills finished
-    beams and may stop early; with the ban off and early_stopping=False it picks the same outputs.
+    transformers' generate differs by design: it bans n-grams over prompt and output, refills a finished
+    beam's slot from the next candidates and may stop early (early_stopping).
     Decoding stops on `eos` alone, not also on "\n\n" (token 628) as LoRA's E2E command does: our
     targets end with EOT (encode_e2e) and no E2E reference holds "\n\n", so a trained model ends on EOT.
     Prompts are left-padded: pads are masked out of attention and positions count from each prompt's
