@@ -13,22 +13,26 @@ literal `<|endoftext|>` in a file is EOS, between documents).
 
 Metrics (on the test set, references grouped per MR; printed in the papers' units: BLEU, METEOR,
 ROUGE-L x100). What the official e2e-metrics scripts do and how this file differs:
-- BLEU-4 and NIST-5: mteval-v13a.pl as e2e-metrics calls it: its tokeniser (punctuation split off,
+- BLEU-4 and NIST-5: mteval-v13a-sig.pl as e2e-metrics calls it: its tokeniser (punctuation split off,
   ASCII lowercased, no -c), corpus-level clipped counts, closest reference length (ties: shorter),
-  its smoothing of zero n-gram matches, NIST information weights from all test references. NIST's length
-  penalty divides the total reference words by the *largest* number of references of any MR (e2e-metrics
-  pads every MR to that many references), as the Perl script does. Meant to match to rounding.
+  its smoothing of zero n-gram matches (1/2^k for the k-th precision without a match), NIST information
+  weights from all test references. NIST's length penalty compares the output words with the reference
+  words divided by the mean number of references per MR (the Perl's $cum_ref_count / $cum_seg_count; the
+  empty references e2e-metrics pads with do not count). Equal to the Perl's printed digits.
 - METEOR, ROUGE-L, CIDEr-D come from coco-caption in e2e-metrics, which first runs the Stanford PTB
-  tokenizer (lowercase, clitics split, punctuation dropped); here a regex approximation of it, so these
-  three may differ slightly from the official numbers.
+  tokenizer (lowercase, clitics split, punctuation dropped); here a regex approximation of it. ROUGE-L
+  and CIDEr-D are coco's formulas exactly, so they differ from the official numbers only where the
+  tokens do.
 - METEOR: only exact matching is feasible in plain Python (no Meteor stems, WordNet synonyms,
   paraphrase table, or function-word weighting). Meteor 1.5 English parameters (alpha .85, beta .2,
   gamma .6), greedy chunk-minimising alignment, best reference per MR, corpus score from summed
-  statistics. Reads a few points lower than official METEOR, which also credits stems and synonyms.
+  statistics. Official METEOR also credits stems, synonyms and paraphrases and weights function words,
+  so the two differ, in either direction (the README gives measured figures).
 - ROUGE-L: per MR, F_beta (beta 1.2) of the max precision and the max recall over its references, taken
   separately (coco's rule); averaged over MRs.
-- CIDEr-D: 1-4-grams, tf-idf with document frequencies over the test MRs' reference sets, clipped
-  products, Gaussian length penalty (sigma 6) on the bigram counts (coco's quirk), x10, averaged.
+- CIDEr-D: 1-4-grams counted with repeats, tf-idf with document frequencies over the test MRs' reference
+  sets, clipped products min(tf-idf hyp, tf-idf ref) * tf-idf ref, Gaussian length penalty (sigma 6) on
+  the bigram counts (coco's quirk), x10, averaged.
 The training script writes predictions.txt (one per MR) and references.txt (blank-line separated), the
 e2e-metrics input format, for scoring with the official scripts.
 """
@@ -266,7 +270,8 @@ def bleu_nist(hyps, refs):
             smooth *= 2
             log_p -= math.log(smooth * tst[n])
     bleu = math.exp(min(0.0, 1 - ref_len / tst[0]) + log_p / 4) if tst[0] else 0.0
-    ratio = tst[0] / (ref_words / max(len(rs) for rs in R))  # e2e-metrics pads every MR to the most references
+    refs_per_mr = sum(len([r for r in rs if r]) for rs in R) / len(R)  # mteval: $cum_ref_count / $cum_seg_count
+    ratio = tst[0] / (ref_words / refs_per_mr)  # output words over the mean words of one reference set
     beta = -math.log(0.5) / math.log(1.5) ** 2
     penalty = 1.0 if ratio >= 1 else 0.0 if ratio <= 0 else math.exp(-beta * math.log(ratio) ** 2)
     return bleu, penalty * sum(i / max(t, 1) for i, t in zip(info, tst))
@@ -336,8 +341,10 @@ def rouge_l(hyps, refs, beta=1.2):
 def cider_d(hyps, refs, n=4, sigma=6.0):
     """coco-caption CIDEr-D: tf-idf n-gram cosine with clipping and a length penalty, x10, mean over MRs."""
     def counts(s):
-        t = coco_tokenize(s)
-        return Counter(g for k in range(1, n + 1) for g in _ngrams(t, k))
+        t, c = coco_tokenize(s), Counter()
+        for k in range(1, n + 1):
+            c.update(_ngrams(t, k))  # term frequencies: "the" twice in a sentence counts 2
+        return c
 
     H = [counts(h) for h in hyps]
     R = [[counts(r) for r in rs] for rs in refs]

@@ -298,25 +298,35 @@ def gpt2_weights(init_from, online):
 # Beam search with a KV cache, batched over prompts
 
 
-def ban_repeats(logp, hist, n):
+def ban_repeats(logits, hist, n):
     """-inf on every token that would repeat an n-gram of hist (fairseq's no_repeat_ngram_size)."""
     win = hist.unfold(1, n, 1)  # (R, t-n+1, n): every n-gram generated so far
     suffix = hist[:, None, hist.size(1) - n + 1:]  # (R, 1, n-1): the last n-1 tokens
     hit = (win[:, :, :-1] == suffix).all(-1)  # (R, t-n+1): n-grams that this suffix would repeat
     r, w = hit.nonzero(as_tuple=True)
-    return logp.index_put((r, win[r, w, -1]), torch.tensor(float("-inf"), device=logp.device))
+    return logits.index_put((r, win[r, w, -1]), torch.tensor(float("-inf"), device=logits.device))
 
 
 @torch.no_grad()
 def beam_search(model, prompts, eos, beam=10, max_new_tokens=64, length_penalty=0.8, no_repeat_ngram=4):
     """Continuations (token lists, EOS cut) of a batch of prompts, all beams of all prompts in one batch.
 
-    The LoRA code's E2E beam search (reused by VB-LoRA and SiVA): each step keeps the `beam` sequences
-    with the highest summed log-probability; a sequence that emits EOS leaves the beam as a finished
-    hypothesis scored sum / length**length_penalty (length = generated tokens with EOS); after
-    max_new_tokens the live beams count as hypotheses too. Prompts are left-padded: pads are masked out
-    of attention and positions count from each prompt's first real token.
+    The LoRA code's E2E beam search (examples/NLG/src/gpt2_beam.py, reused by VB-LoRA and SiVA), step for
+    step: the tokens that would repeat an n-gram of the generated tokens (the prompt's are not counted) are
+    set to -inf on the logits, then log_softmax, so the surviving tokens' probabilities sum to 1; each step
+    keeps the `beam` sequences with the highest summed log-probability (ties to the first found); a
+    sequence that emits EOS leaves the beam as a finished hypothesis scored sum / length**length_penalty
+    (length = generated tokens with EOS) and its slot is not refilled; no early stop: decoding runs until
+    every beam has finished or max_new_tokens, after which the live beams count as hypotheses too.
+    transformers' generate differs by design: it bans n-grams over prompt and output, refills a finished
+    beam's slot from the next candidates and may stop early (early_stopping).
+    Decoding stops on `eos` alone, not also on "\n\n" (token 628) as LoRA's E2E command does: our
+    targets end with EOT (encode_e2e) and no E2E reference holds "\n\n", so a trained model ends on EOT.
+    Prompts are left-padded: pads are masked out of attention and positions count from each prompt's
+    first real token.
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens}: must be >= 1")
     dev = next(model.parameters()).device  # never lm_head.weight: a method may have wrapped lm_head
     B, K, L = len(prompts), beam, max(map(len, prompts))
     if L + max_new_tokens > model.config.block_size:
@@ -345,9 +355,10 @@ def beam_search(model, prompts, eos, beam=10, max_new_tokens=64, length_penalty=
         if t:
             valid = torch.cat([valid, valid.new_ones(B * K, 1)], dim=1)  # (B*K, L + t)
             logits, _ = model(tok, pos=pos + t - 1, mask=valid[:, None, None, :], cache=cache)  # (B*K, 1, V)
-        logp = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B*K, V)
+        logits = logits[:, -1].float()  # (B*K, V)
         if 0 < no_repeat_ngram <= t:
-            logp = ban_repeats(logp, hist, no_repeat_ngram)
+            logits = ban_repeats(logits, hist, no_repeat_ngram)  # before the softmax: the rest renormalise
+        logp = F.log_softmax(logits, dim=-1)  # (B*K, V)
         V = logp.size(-1)
         scores, flat = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V).topk(K, dim=1)  # (B, K)
         rows = (first + flat // V).view(-1)  # (B*K,): the row each new beam extends

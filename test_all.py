@@ -2590,6 +2590,42 @@ def test_gpt2_no_repeat_ngram_is_respected():
         assert all(len(t) == 20 and not _gpt2_has_repeat(t, 4) for t in out)
 
 
+class _Markov(nn.Module):
+    """A stand-in language model: the next token's logits are row w of `logp` after token w (no cache)."""
+
+    def __init__(self, logp):
+        super().__init__()
+        self.logp = nn.Parameter(logp, requires_grad=False)  # (V, V)
+        self.config = SimpleNamespace(block_size=64)
+        self.transformer = SimpleNamespace(h=[])
+
+    def forward(self, idx, pos=None, mask=None, cache=None):
+        return self.logp[idx[:, -1:]], None  # (N, 1, V): the last position only, as GPT gives it
+
+
+def test_gpt2_beam_bans_repeats_before_the_softmax():
+    # Tokens: 0 EOS, 1 a, 2 c, 5 the prompt. After 5: a 0.6, c 0.4; after a: a 0.9, EOS 0.1; after c: EOS.
+    # Beam 2, no repeat of a bigram. Step 1 keeps "a a" (log .54) and "c EOS" (finished, log .4 / 2^0.8).
+    # Step 2 bans a after "a a" (the bigram "a a" exists). Banned on the logits, EOS renormalises to 1:
+    #   "a a EOS" = log .54 / 3^0.8 = -0.256 beats "c EOS" = log .4 / 2^0.8 = -0.526.
+    # Banned after the softmax, EOS keeps log .1: "a a EOS" = log .054 / 3^0.8 = -1.212 loses to "c EOS".
+    logp = torch.full((6, 6), -30.0, dtype=torch.float64)  # e^-30: every other token is as good as impossible
+    logp[5, 1], logp[5, 2] = math.log(0.6), math.log(0.4)
+    logp[1, 1], logp[1, 0] = math.log(0.9), math.log(0.1)
+    logp[2, 0] = 0.0
+    logp[0, 0] = logp[3, 0] = logp[4, 0] = 0.0
+    model = _Markov(logp)
+    assert math.log(0.54) / 3 ** 0.8 > math.log(0.4) / 2 ** 0.8 > math.log(0.054) / 3 ** 0.8
+    assert model_gpt2.beam_search(model, [[5]], eos=0, beam=2, max_new_tokens=5, no_repeat_ngram=2) == [[1, 1]]
+    # without the ban a repeats to the end: log(.6 * .9^4) / 5^0.8 = -0.257, live after max_new_tokens
+    assert model_gpt2.beam_search(model, [[5]], eos=0, beam=2, max_new_tokens=5, no_repeat_ngram=0) == [[1] * 5]
+
+
+def test_gpt2_beam_needs_a_new_token():
+    with pytest.raises(ValueError, match="max_new_tokens 0: must be >= 1"):
+        model_gpt2.beam_search(_gpt2_tiny(), [[5, 6]], eos=3, beam=2, max_new_tokens=0)
+
+
 # ---- e2e.py, metrics against hand computations
 
 
@@ -2614,6 +2650,9 @@ def test_gpt2_bleu_by_hand():
     # a 4-gram precision of 0 is smoothed to 1/(2 * count): MR 2 alone, (5/6 * 3/5 * 1/4 * 1/6)^(1/4)
     bleu, _ = e2e.bleu_nist([hyp], refs[1:])
     assert bleu == pytest.approx((5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25, abs=1e-12)
+    # two precisions without a match: 1/(2 * 3) for 3-grams, then 1/(4 * 2) for 4-grams (the factor doubles)
+    bleu, _ = e2e.bleu_nist(["a b x y z"], [["a b c d e"]])
+    assert bleu == pytest.approx((2 / 5 * 1 / 4 * 1 / (2 * 3) * 1 / (4 * 2)) ** 0.25, abs=1e-12)  # 0.21364
 
 
 def test_gpt2_nist_by_hand():
@@ -2623,10 +2662,14 @@ def test_gpt2_nist_by_hand():
     beta = -math.log(0.5) / math.log(1.5) ** 2
     _, nist = e2e.bleu_nist(["a"], [["a b"]])  # 1 / 1, length ratio 1/2
     assert nist == pytest.approx(math.exp(-beta * math.log(0.5) ** 2), abs=1e-12)
-    # reference words 2 + 6 + 2 = 10 over the most references of an MR (2), as mteval sees the padded sets:
-    # ratio 4 / 5; info(a) = info(b) = log2(10 / 3), info(a b) = log2(3 / 3) = 0
+    # reference words 2 + 6 + 2 = 10 over the mean references per MR (3 / 2): 20/3 words, ratio 4 / (20/3) = 0.6;
+    # info(a) = info(b) = log2(10 / 3), info(a b) = log2(3 / 3) = 0
     _, nist = e2e.bleu_nist(["a b", "a b"], [["a b", "a b c d e f"], ["a b"]])
-    assert nist == pytest.approx(math.log2(10 / 3) * math.exp(-beta * math.log(0.8) ** 2), abs=1e-12)
+    assert nist == pytest.approx(math.log2(10 / 3) * math.exp(-beta * math.log(0.6) ** 2), abs=1e-12)
+    # an n-gram's information is log2(count(its first n-1 words) / count(n-gram)): ref "a b c b" has 4 words,
+    # a once, b twice, so info(a) = 2, info(b) = 1, info(a b) = log2(1 / 1) = 0; unigrams (2 + 1) / 2, ratio 1/2
+    _, nist = e2e.bleu_nist(["a b"], [["a b c b"]])
+    assert nist == pytest.approx(1.5 * math.exp(-beta * math.log(0.5) ** 2), abs=1e-12)  # 0.19786
 
 
 def test_gpt2_rouge_meteor_cider_by_hand():
@@ -2644,11 +2687,104 @@ def test_gpt2_rouge_meteor_cider_by_hand():
     # 2 of 3 words, one chunk: Fmean = (4/9) / (2/3) = 2/3, penalty 0.6 * (1/2)^0.2
     got = e2e.meteor_exact(["the cat sat"], [["the cat ran", "dogs"]])
     assert got == pytest.approx(2 / 3 * (1 - 0.6 * 0.5 ** 0.2))
+    # P = 1, R = 1/3: Fmean = P R / (0.85 P + 0.15 R) = (1/3) / 0.9; one chunk of 2 matches
+    got = e2e.meteor_exact(["the cat"], [["the cat sat on the mat"]])
+    assert got == pytest.approx(1 / 3 / 0.9 * (1 - 0.6 * 0.5 ** 0.2), abs=1e-12)  # 0.17691
 
     refs = [["a b c d"], ["e f g h"]]
     assert e2e.cider_d(["a b c d", "e f g h"], refs) == pytest.approx(10.0)  # identical, 1-4-grams
     assert e2e.cider_d(["x y z w", "v u t s"], refs) == 0.0
     assert 0 < e2e.cider_d(["a b c d x", "e f g h"], refs) < 10.0
+    # every n-gram has idf log(2 / 1); MR 1 "a b c d e f g h i j" against "a b c d": cosines 4 / (sqrt(10) 2),
+    # 3 / (sqrt(9) sqrt(3)), 2 / (sqrt(8) sqrt(2)), 1 / sqrt(7); 9 against 3 bigrams: exp(-6^2 / (2 * 6^2)); MR 2: 10
+    got = e2e.cider_d(["a b c d e f g h i j", "e f g h"], refs)
+    mr1 = 10 / 4 * (2 / math.sqrt(10) + 1 / math.sqrt(3) + 1 / 2 + 1 / math.sqrt(7)) * math.exp(-0.5)
+    assert got == pytest.approx((mr1 + 10) / 2, abs=1e-12)  # 6.5829
+    # repeats count and are clipped: "a b a b" has a, b twice and "a b" twice, each clipped to the reference's once:
+    # unigrams 2 / (sqrt(8) sqrt(2)), bigrams ("a b" 2, "b a" 1) 1 / (sqrt(5) 1), no 3- or 4-gram in the reference;
+    # 3 against 1 bigrams: exp(-2^2 / 72)
+    got = e2e.cider_d(["a b a b", "c d"], [["a b"], ["c d"]])
+    mr1 = 10 / 4 * (1 / 2 + 1 / math.sqrt(5)) * math.exp(-4 / 72)
+    assert got == pytest.approx((mr1 + 10 / 4 * 2) / 2, abs=1e-12)  # 3.6200
+
+
+# ---- e2e.py, metrics against the official scorers
+
+
+# Five MRs of the E2E test set (testset_w_refs.csv) with all their references, and two sets of outputs: SHORT,
+# mostly shorter than the references (NIST's length penalty at work), and LONG, longer, with repeated n-grams.
+_E2E_REFS = [
+    [
+        "A coffee shop in the city centre area called Blue Spice.",
+        "Blue Spice is a coffee shop in city centre.",
+    ],
+    [
+        "Burger King is near the coffee shop Blue Spice which has an average customer rating.",
+        "The Blue Spice coffee shop near Burger King has good customer ratings with excellent food and service, "
+        "with a lovely atmosphere.",
+        "Average customer rating coffee shop include Blue Spice near Burger King.",
+        "The Blue Spice coffee shop located near Burger King has been rated average by customers.",
+        "Located near Burger King is a coffee shop named Blue Spice that has an average customer rating.",
+        "Near Burger King is a coffee shop called Blue Spice which has an average customer rating.",
+        "Near Burger King is the Blue Spice coffee shop.  It has average customer ratings.",
+    ],
+    [
+        "Crowne Plaza Hotel has a pub nearby with an average customer rating called Blue Spice.",
+    ],
+    [
+        "coffee shop located near Café Sicilia called Cocum with a high customer rating",
+        "Near Café Sicilia is a high rated coffee shop called Cocum",
+        "coffee shop Cocum has a high customer rating and is located near Café Sicilia.",
+        "There is a coffee shop named Cocum located near Café Sicilia. The customer rating is high.",
+        "For a coffee shop with high customer rating near Café Sicilia, try Cocum.",
+        "There is a high rated coffee shop named Cocum near Café Sicilia.",
+    ],
+    [
+        "For Italian food in a kids friendly environment, try The Waterman pub. Priced between £20-25, it can be "
+        "found in the riverside area near Raja Indian Cuisine.",
+        "A reasonably priced between £20 - 25 Italian pub called The Waterman is located in the riverside area near "
+        "Raja Indian Cuisine.",
+        "The Waterman is an Italian pub. It is kids-friendly with a price range of £20 - 25. It is situated near "
+        "the Raja Indian Cuisine establishment in the riverside area.",
+        "The kids friendly pub The Waterman offers Italian food at prices between £20-25. It is located near Raja "
+        "Indian Cuisine in the riverside area.",
+    ],
+]
+_E2E_SHORT = [
+    "Blue Spice is a coffee shop in the city centre.",
+    "Blue Spice is a coffee shop near Burger King.",
+    "Blue Spice is a pub near Crowne Plaza Hotel.",
+    "Cocum is a coffee shop near Café Sicilia.",
+    "The Waterman is an Italian pub near Raja Indian Cuisine. It is kids friendly.",
+]
+_E2E_LONG = [
+    "Blue Spice is a coffee shop in the city centre. Blue Spice is a coffee shop in the city centre area.",
+    "Blue Spice is a coffee shop near Burger King with an average customer rating. Blue Spice is a coffee shop with "
+    "an average customer rating near Burger King.",
+    "Blue Spice is a pub near Crowne Plaza Hotel with an average customer rating. It is a pub near Crowne Plaza "
+    "Hotel.",
+    "Cocum is a coffee shop near Café Sicilia with a high customer rating. Cocum is a high rated coffee shop near "
+    "Café Sicilia.",
+    "The Waterman is an Italian pub in the riverside area near Raja Indian Cuisine. It is kids friendly and has a "
+    "price range of £20-25. The Waterman is a kids friendly pub.",
+]
+
+
+# Expected values from the official scorers on these inputs, never from e2e.py:
+# - BLEU, NIST: mteval-v13a-sig.pl of tuetschek/e2e-metrics (perl 5.36, XML::Twig 3.52), on the SGML files that
+#   its measure_scores.py writes (references padded with empty ones to 7 per MR); its last printf widened
+#   from 4 to 10 digits. Printed as it ships: SHORT 0.5039 / 2.7843, LONG 0.4492 / 4.4998.
+# - CIDEr-D, ROUGE-L: pycocoevalcap 1.2 (PyPI) Cider and Rouge, whose formulas are e2e-metrics' copy line for
+#   line, fed e2e.coco_tokenize's tokens joined by spaces, so the formulas alone are compared (on these sentences
+#   the Stanford PTB tokenizer's tokens give the same scores).
+@pytest.mark.parametrize("hyps, bleu, nist, cider, rouge", [
+    (_E2E_SHORT, 0.503862412, 2.7842890835, 2.7041356490737356, 0.5712075903824447),
+    (_E2E_LONG, 0.4492096354, 4.4998482978, 0.9688905977514433, 0.5466082801645926),
+], ids=["short", "long"])
+def test_gpt2_scores_equal_the_official_scorers(hyps, bleu, nist, cider, rouge):
+    assert e2e.bleu_nist(hyps, _E2E_REFS) == pytest.approx((bleu, nist), abs=1e-9)
+    assert e2e.cider_d(hyps, _E2E_REFS) == pytest.approx(cider, abs=1e-9)
+    assert e2e.rouge_l(hyps, _E2E_REFS) == pytest.approx(rouge, abs=1e-9)
 
 
 # ---- common.py and e2e.py, offline and first run: one probe, one message naming every missing resource and its flag
