@@ -20,8 +20,9 @@ images per class; or --cifar PATH). From either, the same preparation:
   training images of each class are held out as a validation split, used by --sweep only.
 
 Language. A 4-layer, 256-wide GPT-2 (GPT-2 BPE) is pretrained from scratch as a plain language model
-(train_gpt2.py --lm_text) on the E2E training references *without* their MRs, until its dev LM loss
-flattens: it knows how restaurant descriptions read, not which MR they describe. Then every method is
+(train_gpt2.py --lm_text) on the E2E training references *without* their MRs, each ending in <|endoftext|>,
+until its dev LM loss flattens: it knows how restaurant descriptions read and where they end, not which MR
+they describe. Then every method is
 fine-tuned on E2E (MR -> reference) for the same steps; the untouched base decoded zero-shot is the floor,
 full fine-tuning the ceiling. Vision. A 4-layer, 64-wide ViT (32x32, patch 4) is pretrained on CIFAR-10
 classes 0-4, then adapted to classes 5-9: head only (linear probe), full, and each method + head.
