@@ -4807,6 +4807,29 @@ def test_vit_init_from_a_full_run_keeps_its_head_only_for_the_same_classes(tmp_p
         assert keeps_head or not got["head.weight"].any()  # fresh: zero-initialised
 
 
+@pytest.mark.parametrize("method, edit, why", [
+    ("lora", lambda c: c.update(n_head=3), "n_head=3 must divide n_embd=32"),
+    ("full", lambda c: c.update(n_layer=10 ** 9), "over 2**33 parameters"),
+    ("full", lambda c: c.update(foo=1), "unexpected keyword argument 'foo'"),
+    ("full", lambda c: c.update(n_embd=64), "size mismatch"),
+], ids=["n_head", "huge", "unknown_field", "n_embd"])
+def test_vit_edited_header_config_is_one_line(tmp_path, method, edit, why):
+    npz = tmp_path / "data.npz"
+    g = np.random.default_rng(0)
+    np.savez(npz, x_train=g.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), y_train=np.arange(8) % 2,
+             x_test=g.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8), y_test=np.arange(4) % 2,
+             class_names=np.array(["c0", "c1"]))
+    train_vit.main(["--method", method, "--init_from", "scratch", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
+                    "--patch_size", "4", "--image_size", "16", "--data", str(npz), "--batch_size", "4", "--max_iters",
+                    "1", "--device", "cpu", "--out_dir", str(tmp_path / "run")])
+    path = tmp_path / "edited.safetensors"
+    _rewrite_header(tmp_path / "run" / "adapter.safetensors", path, lambda m: edit(m["config"]))
+    with pytest.raises(SystemExit) as e:
+        train_vit.load_finetuned(str(path))
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: {path}: its header's config") and why in msg and "\n" not in msg, msg
+
+
 def test_reproduce_cache_reuses_a_finished_run_and_redoes_a_changed_one(tmp_path):
     calls = []
 

@@ -189,12 +189,21 @@ def load_finetuned(path, device="cpu"):
     args = argparse.Namespace(**blob["args"])
     saved_cfg = blob.get("config") or blob.get("model_cfg")  # model_cfg: the key's former name
     torch.manual_seed(args.seed)
-    if args.method == "full" and saved_cfg:
-        model = ViT(ViTConfig(**saved_cfg))
-        model.load_state_dict({**blob["adapter"], **{f"head.{k}": v for k, v in blob["head"].items()}})
-        return model.to(device).eval()
-    weights = None if args.init_from == "scratch" else read_checkpoint(base_checkpoint(args.init_from, blob["peft"]))
-    model = build_model(args, len(blob["classes"]), weights, n_head=saved_cfg and saved_cfg["n_head"])
+    try:  # an edited header: fields ViTConfig has not, sizes ViT refuses, tensors that do not fit, too big a model
+        if args.method == "full" and saved_cfg:
+            cfg = ViTConfig(**saved_cfg)
+            if cfg.n_layer * (4 * cfg.n_embd + 2 * cfg.mlp_dim) * cfg.n_embd > 2 ** 33:  # checked before allocating
+                raise ValueError(f"n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, mlp_dim={cfg.mlp_dim} make a model "
+                                 f"of over 2**33 parameters")
+            model = ViT(cfg)
+            model.load_state_dict({**blob["adapter"], **{f"head.{k}": v for k, v in blob["head"].items()}})
+            return model.to(device).eval()
+        weights = None if args.init_from == "scratch" else read_checkpoint(base_checkpoint(args.init_from,
+                                                                                           blob["peft"]))
+        model = build_model(args, len(blob["classes"]), weights, n_head=saved_cfg and saved_cfg["n_head"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {path}: its header's config {saved_cfg} does not make this run's ViT: "
+                         f"{' '.join(str(e).split())[:300]}")
     attach_method(model, args, vit_layout, blob["peft"])
     load_adapter_state_dict(model, args.method, blob["adapter"], path)
     model.head.load_state_dict(blob["head"])
