@@ -439,7 +439,8 @@ def main(argv=None):
             log(f"step {step}: dev loss {last_dev:.4f}")
             save_atomic(checkpoint(args, step, world_size, model, opt, device), ckpt_path)
             t_log = time.time()  # tok/s counts training only
-    if ddp:
+    if ddp:  # leave together: a rank that tears gloo down while another still runs can abort at exit
+        dist.barrier()
         dist.destroy_process_group()
     result = dict(model=model, step=step, predictions=[], scores={}, n_trainable=n_train, n_stored=n_stored,
                   train_loss=train_loss, dev_loss=last_dev, curve=curve, dev_curve=dev_curve, train_time=train_time,
