@@ -143,6 +143,9 @@ PEFT_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_
                "vblora_b": "vector_length", "vblora_h": "num_vectors", "vblora_k": "topk", "bone_b": "r"}
 
 
+MAX_PARAMS = 2 ** 33  # a model a header describes beyond this many parameters is refused before it is allocated
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):  # a None default means "per method" or "off": the help says which
         return action.help if action.default is None else super()._get_help_string(action)

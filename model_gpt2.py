@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import Missing, read_safetensors, why
+from common import MAX_PARAMS, Missing, read_safetensors, why
 
 IGNORE = -100  # target id the loss skips (MR tokens, padding)
 
@@ -166,9 +166,6 @@ def convert_hf_state_dict(sd):
     if "transformer.wte.weight" in out:
         out.setdefault("lm_head.weight", out["transformer.wte.weight"])
     return out
-
-
-MAX_PARAMS = 2 ** 33  # a config beyond this many parameters is refused before GPT allocates it (GPT-2 XL: 1.6e9)
 
 
 def _n_params(c):

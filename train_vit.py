@@ -46,10 +46,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (HelpFormatter, adapter_bytes, add_method_args, adapter_state_dict, attach_method, autocast,
-                    base_checkpoint, check_export, checkpoint, export_adapter, fetch_all, fill_method_defaults,
-                    grad_sync, load_adapter, load_adapter_state_dict, open_run, param_counts, progress_line, restore,
-                    save_atomic, setup_ddp, wrap_ddp)
+from common import (MAX_PARAMS, HelpFormatter, adapter_bytes, add_method_args, adapter_state_dict, attach_method,
+                    autocast, base_checkpoint, check_export, checkpoint, export_adapter, fetch_all,
+                    fill_method_defaults, grad_sync, load_adapter, load_adapter_state_dict, open_run, param_counts,
+                    progress_line, restore, save_atomic, setup_ddp, wrap_ddp)
 from images import DATA_LAYOUT, DATASETS, load_data, parse_classes, preprocess
 from interop import vit_layout
 from model_vit import HUB_MODELS, ViT, ViTConfig, build_model, read_checkpoint
@@ -192,9 +192,9 @@ def load_finetuned(path, device="cpu"):
     try:  # an edited header: fields ViTConfig has not, sizes ViT refuses, tensors that do not fit, too big a model
         if args.method == "full" and saved_cfg:
             cfg = ViTConfig(**saved_cfg)
-            if cfg.n_layer * (4 * cfg.n_embd + 2 * cfg.mlp_dim) * cfg.n_embd > 2 ** 33:  # checked before allocating
+            if cfg.n_layer * (4 * cfg.n_embd + 2 * cfg.mlp_dim) * cfg.n_embd > MAX_PARAMS:  # before allocating
                 raise ValueError(f"n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, mlp_dim={cfg.mlp_dim} make a model "
-                                 f"of over 2**33 parameters")
+                                 f"of over 2**33 parameters (MAX_PARAMS)")
             model = ViT(cfg)
             model.load_state_dict({**blob["adapter"], **{f"head.{k}": v for k, v in blob["head"].items()}})
             return model.to(device).eval()
