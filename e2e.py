@@ -1,12 +1,16 @@
 """The E2E NLG Challenge task, as build-nanogpt's hellaswag.py: its data, the GPT-2 BPE, and its metrics.
 
     enc = get_tokenizer()                           # tiktoken's GPT-2 encoding (or --bpe_dir's files)
-    data = load_e2e()                               # {"train", "dev", "test"} -> [(mr, ref)]
+    data = load_e2e()                               # {"train", "dev", "test"} -> [(context, completion)]
     train = encode_e2e(data["train"], enc, 512)     # [(tokens, n_prompt)]
+    lora_line("name[Zizzi], eatType[pub]", "Zizzi's a pub.")  # "name : Zizzi | Type : pub||Zizzi 's a pub . "
     scores = e2e_scores(hypotheses, references)     # BLEU, NIST, METEOR, ROUGE_L, CIDEr
 
-An example is tokens(mr) + EOS + tokens(' ' + ref) + EOS and the loss is on the reference and its final
-EOS only (collate). Batches are bucketed (make_batches: shuffle, sort by length within windows of 50
+The data is E2E as microsoft/LoRA's examples/NLG ships it (data/e2e/{train,valid,test}.txt), token for token:
+one `context||completion` line per official CSV row, the MR's fields renamed and both sides tokenized
+(lora_line; docs/e2e-data.md gives its measured match). An example is tokens(context) + EOS +
+tokens(' ' + completion) + EOS, as LoRA's gpt2_encode.py --add_bos --add_eos, and the loss is on the
+completion and its final EOS only (collate). Batches are bucketed (make_batches: shuffle, sort by length within windows of 50
 batches, shuffle the batches) and right-padded to the longest example; causal attention never lets a real
 token see a later pad. For plain language modelling, encode_lm_text cuts text files into blocks (the
 literal `<|endoftext|>` in a file is EOS, between documents).
@@ -33,8 +37,9 @@ ROUGE-L x100). What the official e2e-metrics scripts do and how this file differ
 - CIDEr-D: 1-4-grams counted with repeats, tf-idf with document frequencies over the test MRs' reference
   sets, clipped products min(tf-idf hyp, tf-idf ref) * tf-idf ref, Gaussian length penalty (sigma 6) on
   the bigram counts (coco's quirk), x10, averaged.
-The training script writes predictions.txt (one per MR) and references.txt (blank-line separated), the
-e2e-metrics input format, for scoring with the official scripts.
+The training script writes predictions.txt (one per MR) and references.txt (LoRA's tokenized completions,
+grouped by context as LoRA's gpt2_decode.py groups them, blank-line separated), the input of e2e-metrics'
+measure_scores.py as they are.
 """
 import csv
 import io
@@ -50,12 +55,14 @@ from common import Missing
 from model_gpt2 import IGNORE
 
 E2E_FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
+LORA_FILES = {"train": "train.txt", "dev": "valid.txt", "test": "test.txt"}  # microsoft/LoRA examples/NLG/data/e2e
 E2E_HUB = "tuetschek/e2e_nlg"  # its loading script no longer runs in datasets>=4; the Hub's parquet export does
 GPT2_BPE_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
                    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
 BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"  # where tiktoken fetches them
 BPE_FLAG = f"--bpe_dir DIR (holding vocab.bpe and encoder.json, from {BPE_URL.removeprefix('https://')})"
-E2E_FLAG = f"--data_dir DIR (holding {', '.join(E2E_FILES.values())}, from github.com/tuetschek/e2e-dataset)"
+E2E_FLAG = (f"--data_dir DIR (holding {', '.join(E2E_FILES.values())}, from github.com/tuetschek/e2e-dataset, or "
+            f"LoRA's {', '.join(LORA_FILES.values())})")
 
 
 def in_tiktoken_cache():
@@ -95,13 +102,18 @@ def get_tokenizer(bpe_dir=None, online=lambda: True):
 
 
 def load_e2e(data_dir=None, online=lambda: True):
-    """{"train", "dev", "test"} -> [(mr, ref)], from the official CSVs in data_dir or from the Hub."""
+    """{"train", "dev", "test"} -> [(context, completion)] in LoRA's form: LoRA's own train.txt, valid.txt and
+    test.txt in data_dir, read as they are; else the official CSVs there, or the Hub's E2E, through lora_line."""
     if data_dir:
+        lora = {s: os.path.join(data_dir, f) for s, f in LORA_FILES.items()}
+        if all(os.path.isfile(p) for p in lora.values()):
+            return {s: read_lora_txt(p) for s, p in lora.items()}
         paths = {s: os.path.join(data_dir, f) for s, f in E2E_FILES.items()}
         missing = [p for p in paths.values() if not os.path.isfile(p)]
         if missing:
-            raise SystemExit(f"error: --data_dir {data_dir}: missing {', '.join(missing)}")
-        return {s: read_e2e_csv(p) for s, p in paths.items()}
+            raise SystemExit(f"error: --data_dir {data_dir}: missing {', '.join(missing)} (or LoRA's "
+                             f"{', '.join(LORA_FILES.values())})")
+        return {s: lora_pairs(read_e2e_csv(p), test=s == "test") for s, p in paths.items()}
     if not online():
         raise Missing(f"E2E dataset {E2E_HUB} (the Hugging Face Hub): pass {E2E_FLAG}")
     try:
@@ -116,25 +128,28 @@ def load_e2e(data_dir=None, online=lambda: True):
     for s, rows in data.items():
         if not rows or not all(mr.strip() and ref.strip() for mr, ref in rows):
             raise SystemExit(f"error: the Hub's {E2E_HUB} {s} split is empty or has an empty field")
-    return data
-
+    return {s: lora_pairs(rows, test=s == "test") for s, rows in data.items()}
 
 
 # -----------------------------------------------------------------------------
 # E2E data
 
 
-def read_e2e_csv(path):
-    """[(mr, ref)] from an official E2E CSV (header mr,ref; quoted fields; CRLF). Not UTF-8, no header, no
-    rows, or a row without both fields: an error naming the file and line."""
+def read_utf8(path):
+    """The text of a UTF-8 file (a BOM dropped); not UTF-8: an error naming the file and line."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise SystemExit(f"error: {path}, line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})")
-    reader = csv.reader(io.StringIO(text, newline=""))
+
+
+def read_e2e_csv(path):
+    """[(mr, ref)] from an official E2E CSV (header mr,ref; quoted fields; CRLF). Not UTF-8, no header, no
+    rows, or a row without both fields: an error naming the file and line."""
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""))
     rows = []
     try:
         header = next(reader, None)
@@ -155,9 +170,71 @@ def read_e2e_csv(path):
     return rows
 
 
+# LoRA's E2E files (examples/NLG/data/e2e/*.txt) hold one `context||completion` line per CSV row, in the CSV's
+# order: the MR's fields renamed and joined by " | ", MR values and reference tokenized. Its train.txt and
+# valid.txt (which the neural-template-gen E2E release shares) and its test.txt were tokenized by two different
+# tokenizers; lora_line writes each (test=True: test.txt's). docs/e2e-data.md gives the measured match.
+LORA_FIELDS = {"eatType": "Type", "priceRange": "price", "familyFriendly": "family friendly"}
+
+
+def lora_tokenize(s, test=False):
+    """A reference or MR value split into tokens as LoRA's E2E files have them, joined by single spaces."""
+    if not test:  # "5. it": a number's period before a lowercase word stays on it
+        s = re.sub(r"(?<!\S)(\d+)\.(?=\s+[a-z])", "\\1\0", s)
+    # punctuation, "..", and a period unless within a number, starting a word (".Blue") or ending "St."
+    s = re.sub(r"(\.\.+|[,!?;:()\"$]|(?<!St)(?:(?<![\d\s])\.|\.(?![\dA-Za-z])))", r" \1 ", s)
+    s = re.sub(r"(?<!\S)£" if test else "£", " £ ", s)  # test.txt: "£" only at a word's start ("£ 20-£25")
+    s = re.sub(r"(?<=[A-Za-z])-(?=[A-Za-z])|(?<=\d)-(?=\d)" + ("" if test else r"|(?<=\d)-(?=[A-Za-z])"), " - ", s)
+    s = re.sub(r"(?<!\S)'(?=\S)" if test else r"(?<=\s)'(?=\S)", "' ", s)  # an opening quote
+    s = re.sub(r"(?<=\S)'(?=\s|$)", " '", s)  # a closing quote
+    s = re.sub(r"(?i)(?<=\w)('s|'re|'ll|'ve|'d|'m)\b", r" \1", s)
+    s = re.sub(r"(?i)(?<=\w)(n't)\b" if test else r"(?i)(?<=\w)('t)\b", r" \1", s)  # "is n't" / "isn 't"
+    return " ".join(s.split()).replace("\0", ".")
+
+
+def lora_context(mr, test=False):
+    """E2E's 'name[The Vaults], eatType[pub]' -> LoRA's 'name : The Vaults | Type : pub' (commas or | between)."""
+    fields = re.findall(r"\s*([^\[\],|]+?)\s*\[(.*?)\]", mr)
+    return " | ".join(f"{LORA_FIELDS.get(k, k)} : {lora_tokenize(v, test)}" for k, v in fields)
+
+
+def lora_line(mr, ref, test=False):
+    """LoRA's line (without its newline) for one official E2E CSV row; test=True: as in its test.txt."""
+    return f"{lora_context(mr, test)}||{lora_tokenize(ref, test)} "
+
+
+def lora_split(line):
+    """(context, completion) of one LoRA line as format_converting_e2e.py reads it (the line stripped, split at
+    ||); None when it is not two non-empty parts."""
+    items = line.strip().split("||")
+    return (items[0], items[1]) if len(items) == 2 and items[0].strip() and items[1].strip() else None
+
+
+def lora_pairs(rows, test=False):
+    """[(context, completion)] of official [(mr, ref)] rows, through lora_line."""
+    return [lora_split(lora_line(mr, ref, test)) for mr, ref in rows]
+
+
+def read_lora_txt(path):
+    """[(context, completion)] from one of LoRA's E2E files, read as they are; a line that is not
+    context||completion, a file not UTF-8 or empty: an error naming the file and line."""
+    lines = read_utf8(path).replace("\r\n", "\n").split("\n")
+    rows = []
+    for i, line in enumerate(lines[:-1] if lines[-1] == "" else lines, 1):
+        row = lora_split(line)
+        if row is None:
+            raise SystemExit(f"error: {path}, line {i}: expected context||completion, found {line!r}"[:300])
+        rows.append(row)
+    if not rows:
+        raise SystemExit(f"error: {path} is empty (expected context||completion lines)")
+    return rows
+
+
 def encode_e2e(rows, enc, max_len):
-    """[(tokens, n_prompt)]: tokens = tokens(mr) + EOS + tokens(' ' + ref) + EOS, cut at max_len;
-    n_prompt = len(tokens(mr)) + 1. Each distinct MR is encoded once."""
+    """[(tokens, n_prompt)] of (context, completion) rows, as LoRA's gpt2_encode.py --add_bos --add_eos:
+    tokens = tokens(context) + EOS + tokens(' ' + completion) + EOS, cut at max_len; n_prompt =
+    len(tokens(context)) + 1; a context of max_len tokens or more is dropped. Each distinct context is encoded
+    once."""
     eos = enc.eot_token
     mr_tokens = {mr: enc.encode_ordinary(mr) for mr in {mr for mr, _ in rows}}
     ref_tokens = [enc.encode_ordinary(" " + ref) for _, ref in rows]  # a plain loop beats encode_batch here
@@ -404,3 +481,5 @@ def e2e_scores(hyps, refs):
     bleu, nist = bleu_nist(hyps, refs)
     return dict(BLEU=bleu, NIST=nist, METEOR=meteor_exact(hyps, refs), ROUGE_L=rouge_l(hyps, refs),
                 CIDEr=cider_d(hyps, refs))
+
+

@@ -14,13 +14,16 @@ BPE through tiktoken. Offline, one message lists what could not be had. --data D
 e2e/{trainset,devset,testset_w_refs}.csv (github.com/tuetschek/e2e-dataset), gpt2/{vocab.bpe,encoder.json}
 and cifar10/cifar10_subset_6k_decoded.npz (any .npz in train_vit.py's layout, 500 training and 100 test
 images per class; or --cifar PATH). From either, the same preparation:
+- E2E in LoRA's form (e2e.load_e2e, token for token as microsoft/LoRA's files), written as LoRA's
+  e2e/{train,valid,test}.txt, which train_gpt2.py --data_dir reads as they are.
 - E2E test: N_TEST MRs drawn at random (seed 0) from the whole test set, with all their references. (The
   first MRs of the file are a few restaurants only: one missed name would move the whole score.)
 - CIFAR-10: 500 training and 100 test images per class (the first ones of each class); the last 50
   training images of each class are held out as a validation split, used by --sweep only.
 
 Language. A 4-layer, 256-wide GPT-2 (GPT-2 BPE) is pretrained from scratch as a plain language model
-(train_gpt2.py --lm_text) on the E2E training references *without* their MRs, each ending in <|endoftext|>,
+(train_gpt2.py --lm_text) on the E2E training references (LoRA's tokenized form) *without* their MRs, each
+ending in <|endoftext|>,
 until its dev LM loss flattens: it knows how restaurant descriptions read and where they end, not which MR
 they describe. Then every method is
 fine-tuned on E2E (MR -> reference) for the same steps; the untouched base decoded zero-shot is the floor,
@@ -52,14 +55,12 @@ bases are trained once (seed 0); the seeds vary the adapters' init, data order a
 """
 import argparse
 import contextlib
-import csv
 import ctypes
 import hashlib
 import json
 import os
 import platform
 import random
-import re
 import time
 
 import numpy as np
@@ -73,7 +74,7 @@ import train_gpt2
 import train_vit
 import vblora
 from common import Missing, fetch_all
-from e2e import E2E_FILES, GPT2_BPE_SHA256, get_tokenizer, load_e2e
+from e2e import E2E_FILES, GPT2_BPE_SHA256, LORA_FILES, get_tokenizer, load_e2e, read_lora_txt
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--out_dir", default="out-repro", help="runs, prepared data, results.md, curves.png, efficiency.png")
@@ -175,12 +176,10 @@ def cached_run(main, argv, out, deps=(), analyse=None):
 # ---- data: fetched or local, then prepared the same way under OUT_DIR/data
 
 
-def write_e2e_csv(path, rows):
-    """rows [(mr, ref)] as an official E2E CSV (header mr,ref), atomically."""
-    with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, quoting=csv.QUOTE_ALL)
-        w.writerow(["mr", "ref"])
-        w.writerows(rows)
+def write_lora_txt(path, rows):
+    """rows [(context, completion)] as one of LoRA's E2E files (context||completion lines), atomically."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("".join(f"{context}||{completion}\n" for context, completion in rows))
     os.replace(path + ".tmp", path)
 
 
@@ -263,9 +262,9 @@ def prepare_data(args, sides):
     os.makedirs(paths["e2e"], exist_ok=True)
     if need_gpt2:
         e2e = got["e2e"]
-        write_e2e_csv(os.path.join(paths["e2e"], E2E_FILES["train"]), e2e["train"])
-        write_e2e_csv(os.path.join(paths["e2e"], E2E_FILES["dev"]), e2e["dev"])
-        write_e2e_csv(os.path.join(paths["e2e"], E2E_FILES["test"]), sample_test_mrs(e2e["test"], N_TEST))
+        write_lora_txt(os.path.join(paths["e2e"], LORA_FILES["train"]), e2e["train"])
+        write_lora_txt(os.path.join(paths["e2e"], LORA_FILES["dev"]), e2e["dev"])
+        write_lora_txt(os.path.join(paths["e2e"], LORA_FILES["test"]), sample_test_mrs(e2e["test"], N_TEST))
         with open(paths["refs"] + ".tmp", "w", encoding="utf-8") as f:  # the references alone: words, not the task
             f.write(references_by_mr(e2e["train"]))
         os.replace(paths["refs"] + ".tmp", paths["refs"])
@@ -283,8 +282,8 @@ def prepare_data(args, sides):
 
 
 def mr_slots(mr):
-    """'name[The Eagle], eatType[pub], near[Burger King]' -> {'name': 'The Eagle', 'eatType': 'pub', ...}."""
-    return {k.strip(): v.strip() for k, v in re.findall(r"([^,\[\]]+)\[([^\]]*)\]", mr)}
+    """LoRA's 'name : The Eagle | Type : pub | near : Burger King' -> {'name': 'The Eagle', 'Type': 'pub', ...}."""
+    return dict(field.split(" : ", 1) for field in mr.split(" | "))
 
 
 def slot_accuracy(mrs, outputs, slots=("name", "near")):
@@ -427,10 +426,9 @@ def gpt2_side(args, paths, seeds, q, dev):
     rows = [("zero-shot", "none", []), ("full", "full", []), ("LoRA", "lora", []), ("SeRA", "sera", []),
             ("SiVA", "siva", []), ("Bone-col", "bone", ["--bone_grouping", "col"]),
             ("Bone-row", "bone", ["--bone_grouping", "row"]), ("VB-LoRA", "vblora", [])]
-    with open(os.path.join(paths["e2e"], E2E_FILES["test"]), encoding="utf-8") as f:
-        test = list(csv.DictReader(f))
-    test_mrs = list(dict.fromkeys(row["mr"] for row in test))  # the decode order
-    ref_words = mean(len(row["ref"].split()) for row in test)  # what an output's length is measured against
+    test = read_lora_txt(os.path.join(paths["e2e"], LORA_FILES["test"]))
+    test_mrs = list(dict.fromkeys(context for context, _ in test))  # the decode order
+    ref_words = mean(len(ref.split()) for _, ref in test)  # what an output's length is measured against
     res, sweep = {}, []
     for name, method, extra in rows:
         if args.sweep and method == "none":

@@ -2465,22 +2465,125 @@ def test_gpt2_hf_checkpoint_loads_with_split_qkv(tmp_path):
 # ---- e2e.py, data: the loss sees exactly the reference tokens; bad files are named with their line
 
 
-def test_gpt2_loss_mask_covers_exactly_the_reference():
-    enc = _gpt2_enc()
-    eos = enc.eot_token
-    rows = [("name[Cotto], food[French]", "Cotto serves French food, cheap."), ("name[A]", "A.")]
-    examples = e2e.encode_e2e(rows, enc, 512)
-    x, y = e2e.collate(examples, pad=eos)
-    assert x.shape == y.shape == (2, max(len(t) for t, _ in examples) - 1)
-    for i, (mr, ref) in enumerate(rows):
-        tokens, n_prompt = examples[i]
-        ref_tokens = enc.encode_ordinary(" " + ref) + [eos]
-        assert tokens == enc.encode_ordinary(mr) + [eos] + ref_tokens
-        assert n_prompt == len(enc.encode_ordinary(mr)) + 1
+# Rows of devset.csv / testset_w_refs.csv and their lines in microsoft/LoRA's valid.txt / test.txt, copied from those
+# files (test.txt's tokenizer differs: "is n't", "5-star", "£ 20-£25"). Whole lines: valid.txt lines 26, 3238,
+# test.txt lines 4680, 4091; completions: valid.txt lines 3394, 1752, 3876, 2930, 3614, 1791, 1024, 3754, 316,
+# test.txt lines 1037, 548, 1092, 1650, 2183, 54, 543, 593, 1590, 1161.
+_LORA_LINES = [  # (test.txt's form?, CSV mr, CSV ref, LoRA's line)
+    (False, 'name[Alimentum], area[riverside], familyFriendly[no]',
+     "Alimentum isn't family-friendly but it is in riverside.",
+     "name : Alimentum | area : riverside | family friendly : no||Alimentum isn 't family - friendly but it is in "
+     'riverside . '),
+    (False, 'name[The Mill], eatType[coffee shop], food[English], priceRange[£20-25], area[riverside], near[The '
+     'Sorrento]',
+     'The Mill is a coffee shop in riverside near The Sorrento offers English foods for £20-25.',
+     'name : The Mill | Type : coffee shop | food : English | price : £ 20 - 25 | area : riverside | near : The '
+     'Sorrento||The Mill is a coffee shop in riverside near The Sorrento offers English foods for £ 20 - 25 . '),
+    (True, 'name[Zizzi], eatType[pub], area[riverside]',
+     'Zizzi is a riverside pub.',
+     'name : Zizzi | Type : pub | area : riverside||Zizzi is a riverside pub . '),
+    (True, 'name[The Wrestlers], eatType[pub], food[Japanese], priceRange[£20-25], area[riverside], '
+     'familyFriendly[yes], near[Raja Indian Cuisine]',
+     "The Wrestlers sells Japanese food for £20-25. It's a pub near Raja Indian Cuisine by riverside.",
+     'name : The Wrestlers | Type : pub | food : Japanese | price : £ 20 - 25 | area : riverside | family friendly '
+     ": yes | near : Raja Indian Cuisine||The Wrestlers sells Japanese food for £ 20 - 25 . It 's a pub near Raja "
+     'Indian Cuisine by riverside . '),
+]
+_LORA_REFS = [  # (test.txt's form?, CSV ref, LoRA's completion of it)
+    (False, "If you're looking for a highly-rated place in the riverside area, I would certainly recommend The "
+     'Phoenix.',
+     "If you 're looking for a highly - rated place in the riverside area , I would certainly recommend The "
+     'Phoenix . '),
+    (False, "Midsummer House has a high customer rating and is located near 'The Bakers'.",
+     "Midsummer House has a high customer rating and is located near ' The Bakers ' . "),
+    (False, 'Check out the kid friendly, 1-star place, The Wrestlers.',
+     'Check out the kid friendly , 1 - star place , The Wrestlers . '),
+    (False, 'The Golden Palace is a riverside coffee shop which also serves Chinese food for £20-£25. It has a '
+     'high customer rating.',
+     'The Golden Palace is a riverside coffee shop which also serves Chinese food for £ 20- £ 25 . It has a high '
+     'customer rating . '),
+    (False, 'The Punter might have low ratings...but it is riverside and offers a children Friendly great time.',
+     'The Punter might have low ratings ... but it is riverside and offers a children Friendly great time . '),
+    (False, 'Kid friendly, .Taste of Cambridge Chinese coffee shop is in riverside, near Crowne Plaza Hotel.',
+     'Kid friendly , .Taste of Cambridge Chinese coffee shop is in riverside , near Crowne Plaza Hotel . '),
+    (False, 'Cotto is a coffee shop with Chinese food in the high price range with a customer rating of 1 out of '
+     '5. in the city centre area near The Portland Arms.',
+     'Cotto is a coffee shop with Chinese food in the high price range with a customer rating of 1 out of 5. in '
+     'the city centre area near The Portland Arms . '),
+    (False, 'A highly rated coffee shop "The Punter" serving English food priced between £20 - £25 and is child '
+     'friendly',
+     'A highly rated coffee shop " The Punter " serving English food priced between £ 20 - £ 25 and is child '
+     'friendly '),
+    (False, 'There is a low rated coffee shop Aromi in the city centre that is not family-friendly.. It provides '
+     'French food.',
+     'There is a low rated coffee shop Aromi in the city centre that is not family - friendly .. It provides '
+     'French food . '),
+    (True, "The highly rated restaurant, The Cricketers, is located near Crowne Plaza Hotel. Don't bring the kids.",
+     "The highly rated restaurant , The Cricketers , is located near Crowne Plaza Hotel . Do n't bring the kids . "),
+    (True, "If you're looking for a great place to eat, try Green Man, a pub near All Bar One with a customer "
+     'rating of 3 out of 5 stars.',
+     "If you 're looking for a great place to eat , try Green Man , a pub near All Bar One with a customer rating "
+     'of 3 out of 5 stars . '),
+    (True, "Known as 'average' and 'Family Friendly' , The Cricketers offers restaurant food near the Café Sicilia",
+     "Known as ' average ' and ' Family Friendly ' , The Cricketers offers restaurant food near the Café Sicilia "),
+    (True, 'The Mill is a low-cost, fast food, 5-star, pub located near the Café Sicilia by the river.',
+     'The Mill is a low - cost , fast food , 5-star , pub located near the Café Sicilia by the river . '),
+    (True, 'The Phoenix is a pub located near Raja Indian Cuisine. They are kids friendly and cost between '
+     '£20-£25. They serve French food.',
+     'The Phoenix is a pub located near Raja Indian Cuisine . They are kids friendly and cost between £ 20-£25 . '
+     'They serve French food . '),
+    (True, 'Kid friendly, .Blue Spice Chinese pub is in riverside, near Rainbow Vegetarian Café.',
+     'Kid friendly , .Blue Spice Chinese pub is in riverside , near Rainbow Vegetarian Café . '),
+    (True, 'The Green Man pub received a rating of 1 out of 5.  it is located near All Bar One.',
+     'The Green Man pub received a rating of 1 out of 5 . it is located near All Bar One . '),
+    (True, 'Have you visited Green Man? Its a children friendly Italian pub near Raja Indian Cuisine located by '
+     'the riverside.',
+     'Have you visited Green Man ? Its a children friendly Italian pub near Raja Indian Cuisine located by the '
+     'riverside . '),
+    (True, 'Near the Raja Indian Cuisine in riverside with a price  Range of 20£-25 and is Kids Friendly  is a '
+     'Fast food pub called The Mill',
+     'Near the Raja Indian Cuisine in riverside with a price Range of 20£-25 and is Kids Friendly is a Fast food '
+     'pub called The Mill '),
+    (True, 'There is a restaurant called The Cricketers that provides Chinese food in the price range of £20-£25 '
+     "it is in the city centre  near All Bar One and isn't kids friends.",
+     'There is a restaurant called The Cricketers that provides Chinese food in the price range of £ 20-£25 it is '
+     "in the city centre near All Bar One and is n't kids friends . "),
+]
+
+
+
+@pytest.mark.parametrize("test, mr, ref, line", _LORA_LINES + [(t, "name[X]", r, "name : X||" + c) for t, r, c in _LORA_REFS])
+def test_gpt2_lora_line_gives_the_line_of_loras_e2e_files(test, mr, ref, line):
+    assert e2e.lora_line(mr, ref, test=test) == line
+
+
+def test_gpt2_lora_lines_encode_as_gpt2_encode_py_and_the_loss_sees_the_completion_only(tmp_path):
+    # gpt2_encode.py --add_bos --add_eos written out: ids(context) + [EOS], then ids(' ' + completion) + [EOS], the
+    # line read as format_converting_e2e.py reads it; in the byte-level encoding ids are UTF-8 bytes and EOS is 256
+    lines = [_LORA_LINES[i][3] for i in (0, 3)] + ["name : A||A . "]
+    (tmp_path / "train.txt").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    examples = e2e.encode_e2e(e2e.read_lora_txt(str(tmp_path / "train.txt")), _gpt2_enc(), 512)
+    x, y = e2e.collate(examples, pad=256)
+    assert x.shape == y.shape == (3, max(len(t) for t, _ in examples) - 1)
+    for i, line in enumerate(lines):
+        context, completion = line.strip().split("||")
+        prompt, target = list(context.encode()) + [256], list((" " + completion).encode()) + [256]
+        assert examples[i] == (prompt + target, len(prompt))
         kept = (y[i] != model_gpt2.IGNORE).nonzero().flatten()
-        assert y[i, kept].tolist() == ref_tokens  # every reference token and the final EOS, nothing else
-        assert kept.tolist() == list(range(n_prompt - 1, len(tokens) - 1))
-        assert x[i, :len(tokens) - 1].tolist() == tokens[:-1]
+        assert y[i, kept].tolist() == target  # every completion token and the final EOS, nothing else
+        assert kept.tolist() == list(range(len(prompt) - 1, len(prompt + target) - 1))
+        assert x[i, :len(prompt + target) - 1].tolist() == (prompt + target)[:-1]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"), (b"a||b\nno separator\n", "line 2: expected context||completion"),
+    (b"a||b\n || b\n", "line 2: expected"), (b"a||b||c\n", "line 1: expected"), (b"a||b\na||caf\xe9\n", "line 2: not UTF-8")])
+def test_gpt2_bad_lora_e2e_file_fails_before_training_naming_file_and_line(tmp_path, content, message):
+    for f in ("train.txt", "valid.txt", "test.txt"):  # LoRA's files: no CSV needed
+        (tmp_path / f).write_bytes(b"name : A||A . \n")
+    (tmp_path / "valid.txt").write_bytes(content)
+    msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora"))
+    assert msg.startswith(f"error: {tmp_path / 'valid.txt'}") and message in msg, msg
 
 
 @pytest.mark.parametrize("content, message", [
@@ -2511,8 +2614,8 @@ def test_gpt2_bad_e2e_file_fails_before_training_naming_file_and_line(tmp_path, 
     (["--beam", "0"], "error: --beam 0: must be >= 1"),
     (["--lr", "-0.001"], "error: --lr -0.001: must be >= 0"),
     (["--max_iters", "-1"], "error: --max_iters -1: must be >= 0"),
-    (["--block_size", "36"], "error: --block_size 36 is too short: the longest test MR takes 32 tokens, "
-                             "+ --max_new_tokens 8 = 40"),
+    (["--block_size", "36"], "error: --block_size 36 is too short: the longest test MR takes 35 tokens, "
+                             "+ --max_new_tokens 8 = 43"),  # "name : Blue Spice | food : Italian" + EOS, bytes
     (["--lora_r", "0"], "error: --method lora: LoRA: r=0"),
     (["--block_size", "24"], "error: no training example fits in 24 tokens (--max_len 512, --block_size 24)"),
     (["--targets", "nope"], "error: --method lora: LoRA: target 'nope' matches no nn.Linear"),
@@ -2899,7 +3002,9 @@ def test_gpt2_smoke_every_method(method, tmp_path, capsys):
     assert res["step"] == (0 if method == "none" else 2)
     assert all(math.isfinite(v) for v in res["scores"].values()) and len(res["predictions"]) == 2
     assert (out / "predictions.txt").read_text(encoding="utf-8").count("\n") == 2
-    assert (out / "references.txt").read_text(encoding="utf-8").split("\n\n")[0].count("\n") == 1  # 2 refs, MR 1
+    assert (out / "references.txt").read_text(encoding="utf-8") == (  # LoRA's completions, grouped by MR
+        "Blue Spice serves French food .\nBlue Spice , a French place , is nice .\n\n"
+        "Blue Spice serves Italian food .\nBlue Spice , a Italian place , is nice .\n")
 
     blob = _read_adapter(out / "adapter.safetensors")
     assert blob["method"] == blob["args"]["method"] == method and blob["args"]["n_embd"] == 32
@@ -2922,7 +3027,7 @@ def test_gpt2_smoke_every_method(method, tmp_path, capsys):
             again = model_gpt2.load_gpt2(str(out / "adapter.safetensors")).eval()
             assert again.config.n_head == 2
             assert_close(again(x, y)[0], trained(x, y)[0])
-    mrs = ["name[Blue Spice], food[French]", "name[Blue Spice], food[Italian]"]
+    mrs = ["name : Blue Spice | food : French", "name : Blue Spice | food : Italian"]  # LoRA's form, by hand
     assert _gpt2_decode(fresh, enc, mrs) == _gpt2_decode(reloaded, enc, mrs) == res["predictions"]
 
 
@@ -2941,7 +3046,7 @@ def test_gpt2_sample_decodes_one_mr_with_a_saved_adapter(_gpt2_lora_run, capsys)
     res = _gpt2_main(["--sample", "name[Blue Spice] | food[French]", "--out_dir", run.out, "--beam", "2",
                       "--max_new_tokens", "8", "--device", "cpu"])
     assert capsys.readouterr().out.splitlines()[-1] == res["sample"]
-    assert [res["sample"]] == _gpt2_decode(run.res["model"], _gpt2_enc(), ["name[Blue Spice], food[French]"])
+    assert [res["sample"]] == _gpt2_decode(run.res["model"], _gpt2_enc(), ["name : Blue Spice | food : French"])
     msg = _gpt2_error(["--sample", "name[A]", "--adapter", run.folder / "nope.pt"])
     assert msg.startswith("error: --sample needs an adapter: no ")
 
@@ -4278,7 +4383,7 @@ def test_gpt2_peft_folder_as_adapter_and_as_init_from(tmp_path, monkeypatch):
     monkeypatch.setattr(train_gpt2, "get_tokenizer", lambda bpe_dir=None, online=None: _gpt2_enc())
     mr = "name[Blue Spice] | food[French]"
     got = train_gpt2.main(["--sample", mr, "--adapter", str(exp), "--beam", "2", "--max_new_tokens", "8"])
-    assert got["sample"] == _gpt2_decode(res["model"].eval(), _gpt2_enc(), [mr.replace(" |", ",")])[0]
+    assert got["sample"] == _gpt2_decode(res["model"].eval(), _gpt2_enc(), ["name : Blue Spice | food : French"])[0]
     # --init_from a PEFT folder: its base, then its adapter, trained on (0 steps: exactly the folder's model)
     again = _gpt2_main(_gpt2_argv(tmp_path, tmp_path / "again", "lora", "--init_from", exp, "--max_iters", "0",
                                   "--eval_samples", "0"))
@@ -4907,6 +5012,7 @@ def test_reproduce_prepares_a_seeded_test_sample_across_the_file_and_a_held_out_
     for f in ("trainset.csv", "devset.csv", "testset_w_refs.csv"):
         with open(d / "e2e" / f, "w", newline="") as fh:
             csv.writer(fh).writerows([("mr", "ref")] + rows)
+    lora = [(f"name : R{i // 3} | near : N{i // 3}", f"R{i // 3} is near N{i // 3} , ref {i % 3} .") for i in range(300)]
     g = np.random.default_rng(0)
     y_train, y_test = np.repeat(np.arange(10), 500), np.tile(np.arange(10), 100)  # classes in blocks, interleaved
     x_train = g.integers(0, 256, (5000, 4, 4, 3), dtype=np.uint8)
@@ -4915,22 +5021,22 @@ def test_reproduce_prepares_a_seeded_test_sample_across_the_file_and_a_held_out_
              y_test=y_test, class_names=np.array([f"c{i}" for i in range(10)]))
     args = reproduce.p.parse_args(["--data", str(d), "--cifar", str(d / "cifar.npz"), "--out_dir", str(tmp_path / "o")])
     paths = reproduce.prepare_data(args, ["gpt2", "vit"])
-    test = e2e.read_e2e_csv(os.path.join(paths["e2e"], "testset_w_refs.csv"))
+    test = e2e.read_lora_txt(os.path.join(paths["e2e"], "test.txt"))  # LoRA's form, as train_gpt2 reads it
     mrs = list(dict.fromkeys(mr for mr, _ in test))
     assert len(mrs) == reproduce.N_TEST and len(test) == 3 * reproduce.N_TEST  # every reference of each MR kept
-    idx = sorted(int(re.match(r"name\[R(\d+)\]", mr)[1]) for mr in mrs)
-    assert idx == [int(re.match(r"name\[R(\d+)\]", mr)[1]) for mr in mrs]  # file order
+    idx = sorted(int(re.match(r"name : R(\d+) ", mr)[1]) for mr in mrs)
+    assert idx == [int(re.match(r"name : R(\d+) ", mr)[1]) for mr in mrs]  # file order
     assert idx[0] < 20 and idx[-1] > 80  # drawn across the file, not its head
-    assert mrs == list(dict.fromkeys(mr for mr, _ in reproduce.sample_test_mrs(rows, reproduce.N_TEST)))  # seeded
-    assert e2e.read_e2e_csv(os.path.join(paths["e2e"], "trainset.csv")) == rows
+    assert mrs == list(dict.fromkeys(mr for mr, _ in reproduce.sample_test_mrs(lora, reproduce.N_TEST)))  # seeded
+    assert e2e.read_lora_txt(os.path.join(paths["e2e"], "train.txt")) == lora
     lines = open(paths["refs"]).read().splitlines()  # the references alone, no MR, grouped by MR
     assert all(line.endswith("<|endoftext|>") for line in lines)  # each one a document: EOS after it
     lines = [line[:-len("<|endoftext|>")] for line in lines]
-    assert sorted(lines) == sorted(ref for _, ref in rows) and not any("[" in line for line in lines)
+    assert sorted(lines) == sorted(ref for _, ref in lora) and not any(" : " in line for line in lines)
     groups = [int(re.match(r"R(\d+) ", line)[1]) for line in lines]
     assert all(groups[i] == groups[i + 1] == groups[i + 2] for i in range(0, 300, 3))  # one MR's three together
     assert groups[::3] != sorted(groups[::3])  # the groups in a shuffled order, not the file's
-    assert reproduce.references_by_mr(rows) == open(paths["refs"]).read()  # seeded: the same text every time
+    assert reproduce.references_by_mr(lora) == open(paths["refs"]).read()  # seeded: the same text every time
     vit, val = np.load(paths["vit"]), np.load(paths["vit_val"])
     assert np.array_equal(vit["x_train"], val["x_train"]) and np.bincount(vit["y_train"]).tolist() == [450] * 10
     assert np.bincount(val["y_test"]).tolist() == [50] * 10 and np.bincount(vit["y_test"]).tolist() == [100] * 10
@@ -4963,11 +5069,11 @@ def test_reproduce_sweep_grows_by_x5_until_the_best_is_bracketed():
 
 
 def test_reproduce_slot_accuracy_counts_verbatim_values_case_aside():
-    mrs = ["name[The Eagle], eatType[pub], near[Burger King]", "name[Blue Spice], food[French]",
-           "name[Alimentum], near[Yippee Noodle Bar]", "name[Zizzi]"]
+    mrs = ["name : The Eagle | Type : pub | near : Burger King", "name : Blue Spice | food : French",
+           "name : Alimentum | near : Yippee Noodle Bar", "name : Zizzi"]
     outs = ["the eagle is a pub near Burger King.", "Fitzbillies serves French food.",
             "Alimentum is near the Yippee Noodle Bar.", "Zizz is a pub."]
-    assert reproduce.mr_slots(mrs[0]) == {"name": "The Eagle", "eatType": "pub", "near": "Burger King"}
+    assert reproduce.mr_slots(mrs[0]) == {"name": "The Eagle", "Type": "pub", "near": "Burger King"}
     acc = reproduce.slot_accuracy(mrs, outs)
     assert acc["name"] == 2 / 4 and acc["near"] == 2 / 2 and acc["all"] == 2 / 4
     assert reproduce.gap_closed(3.0, 4.0, 2.0) == 0.5 and reproduce.gap_closed(4.0, 4.0, 2.0) == 0.0

@@ -5,6 +5,7 @@
     python train_gpt2.py --method sera --init_from scratch --n_layer 2 --n_head 4 --n_embd 256 \\
         --max_iters 20 --eval_samples 5 --beam 2   # CPU smoke run
     torchrun --standalone --nproc_per_node=4 train_gpt2.py --method lora      # 4 GPUs, DDP
+    python train_gpt2.py --method lora --data_dir LoRA/examples/NLG/data/e2e    # LoRA's own E2E files
     python train_gpt2.py --sample "name[The Eagle], food[French]" --out_dir out-e2e   # use the adapter
     python train_gpt2.py --lm_text input.txt --method full --init_from scratch \\
         --n_layer 4 --n_head 4 --n_embd 128 --block_size 128 --label_smoothing 0 --out_dir out-lm  # pretrain
@@ -14,10 +15,13 @@
 The loop a reader forks; the model is in model_gpt2.py, the task (data, BPE, metrics) in e2e.py, what this
 script shares with train_vit.py (fetching, methods, checkpoints, resume, DDP) in common.py.
 
-Recipe (the LoRA paper's GPT-2 E2E setup, which VB-LoRA's Table 8 and SiVA §4.3 follow): AdamW, weight
-decay 0.01, batch 8, 5 epochs, 500 linear warm-up steps then linear decay to 0, label smoothing 0.1,
-examples up to 512 tokens, loss on the reference and its final EOS only. Decoding as in the LoRA code's
-E2E command: beam 10, length penalty 0.8, no-repeat-ngram 4, at most 64 new tokens. Per-method defaults
+Recipe (the LoRA paper's GPT-2 E2E setup, which VB-LoRA's Table 8 and SiVA §4.3 follow): AdamW (eps 1e-6,
+as LoRA's optimizer.py), weight decay 0.01, batch 8, 5 epochs, 500 linear warm-up steps then linear decay to
+0, label smoothing 0.1, examples up to 512 tokens, loss on the reference and its final EOS only. The data is
+E2E in LoRA's form, token for token (e2e.lora_line; docs/e2e-data.md): "name : The Vaults | Type : pub" ->
+"The Vaults pub near ... ." Training runs in bf16 autocast on CUDA; decoding in fp32. Decoding as in the
+LoRA code's E2E command: beam 10, length penalty 0.8, no-repeat-ngram 4, at most 64 new tokens; outputs
+scored against LoRA's tokenized references grouped by MR. Per-method defaults
 are listed by `--help`; where a paper gives no GPT-2 E2E value the choice is ours. Where they are silent:
 - `--max_iters` caps the run and the decay ends there; warm-up lasts min(--warmup_iters, the run's steps).
 - Dev loss is plain cross-entropy (no smoothing) on the first --eval_iters of a fixed shuffle of dev.
@@ -33,7 +37,7 @@ Multi-GPU: process r of N takes micro-batches r, r+N, ... of one global order, s
 --out_dir: ckpt.pt (to resume) and adapter.safetensors (to use: the method's state dict, VB-LoRA's top-k
 form, full: the trained tensors; its header holds the flags and model config that rebuild the model, as
 load_finetuned() does, which reads the adapter.pt of earlier versions too); predictions.txt and
-references.txt (the official e2e-metrics input), metrics.json. --export peft|lora DIR writes the adapter
+references.txt (LoRA's form, for e2e-metrics' measure_scores.py as they are), metrics.json. --export peft|lora DIR writes the adapter
 for Hugging Face's GPT2LMHeadModel (q, k, v fused in its Conv1D c_attn); --init_from and --adapter take a
 PEFT folder (its base_model_name_or_path is the base).
 """
@@ -55,7 +59,7 @@ from common import (HelpFormatter, Missing, Online, adapter_bytes, add_method_ar
                     param_counts, peft_folder, progress_line, restore, save_atomic, setup_ddp, wrap_ddp)
 from interop import PEFT_METHODS, gpt2_layout
 from e2e import (collate, e2e_scores, encode_e2e, encode_lm_text, estimate_dev_loss, get_tokenizer, load_e2e,
-                 make_batches, write_outputs)
+                 lora_context, make_batches, write_outputs)
 from model_gpt2 import GPT, GPT2_HEADS, GPTConfig, beam_search, check_config, gpt2_weights, load_gpt2
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,attn.c_proj,c_fc,mlp.c_proj"
@@ -90,7 +94,8 @@ def get_args(argv=None):
     a("--block_size", type=int, default=1024, help="scratch model only")
     a("--dropout", type=float, default=0.0, help="model dropout (attention, residual, embedding)")
     a("--compile", action="store_true", help="torch.compile the training forward")
-    a("--data_dir", default=None, help="folder with the official E2E CSVs (default: the Hub via `datasets`)")
+    a("--data_dir", default=None, help="folder with LoRA's E2E train.txt, valid.txt, test.txt (context||completion "
+      "lines, read as they are) or the official E2E CSVs (converted by e2e.lora_line); default: the Hub's E2E")
     a("--bpe_dir", default=None, help="folder with vocab.bpe + encoder.json (no download); default: tiktoken's "
       "cache or download")
     a("--max_len", type=int, default=512, help="longest training example, in tokens (--lm_text: the block length)")
@@ -123,7 +128,8 @@ def get_args(argv=None):
     a("--decode_batch", type=int, default=16, help="test MRs decoded together (times beam rows)")
     a("--eval_samples", type=int, default=None, help="decode only the first N test MRs, 0 = none (default: all)")
     a("--sample", default=None, help='decode this one MR, e.g. "name[The Eagle], food[French]" (a | between '
-      "fields reads as a comma), with --adapter or --out_dir's adapter; no training")
+      "fields reads as a comma; without brackets: LoRA's form as typed), with --adapter or --out_dir's adapter; "
+      "no training")
     a("--adapter", default=None, help="for --sample: a run's adapter.safetensors (or adapter.pt) or a PEFT folder "
       "(default: --out_dir/adapter.safetensors)")
     args = p.parse_args(argv)
@@ -249,17 +255,17 @@ def check_fits(block_size, prompt_len, args, what):
                          f"+ --max_new_tokens {args.max_new_tokens} = {prompt_len + args.max_new_tokens}")
 
 
-def decode(model, prompts, eos, args, ctx, log=print):
-    """Beam search over all prompts in batches of similar length, with a progress line and ETA."""
+def decode(model, prompts, eos, args, log=print):
+    """Beam search over all prompts in batches of similar length, with a progress line and ETA. In fp32, as
+    LoRA decodes: bf16 logits are too coarse to rank ten beams reliably."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths, little left-padding
     outs = [None] * len(prompts)
     n_batches = math.ceil(len(order) / args.decode_batch)
     t0 = time.time()
     for b in range(n_batches):
         ids = order[b * args.decode_batch:(b + 1) * args.decode_batch]
-        with ctx:
-            got = beam_search(model, [prompts[i] for i in ids], eos, args.beam, args.max_new_tokens,
-                              args.length_penalty, args.no_repeat_ngram)
+        got = beam_search(model, [prompts[i] for i in ids], eos, args.beam, args.max_new_tokens,
+                          args.length_penalty, args.no_repeat_ngram)
         for i, out in zip(ids, got):
             outs[i] = out
         done, el = min((b + 1) * args.decode_batch, len(order)), time.time() - t0
@@ -278,20 +284,19 @@ def sample(args, device):
                          f"adapter.safetensors or a PEFT folder, or --out_dir DIR)")
     enc = fetch_all({"bpe": lambda online: get_tokenizer(args.bpe_dir, online)})["bpe"]
     model = load_finetuned(path, device)
-    mr = re.sub(r"\s*\|\s*", ", ", args.sample.strip())  # "name[X] | food[Y]" -> E2E's "name[X], food[Y]"
-    prompt = enc.encode_ordinary(mr) + [enc.eot_token]
+    context = lora_context(args.sample) if "[" in args.sample else " ".join(args.sample.split())
+    prompt = enc.encode_ordinary(context) + [enc.eot_token]
     check_fits(model.config.block_size, len(prompt), args, "the MR")
-    with autocast(device):
-        out = beam_search(model, [prompt], enc.eot_token, args.beam, args.max_new_tokens, args.length_penalty,
-                          args.no_repeat_ngram)[0]
+    out = beam_search(model, [prompt], enc.eot_token, args.beam, args.max_new_tokens, args.length_penalty,
+                      args.no_repeat_ngram)[0]
     text = " ".join(enc.decode(out).split())
     print(text)
     return dict(model=model, sample=text)
 
 
 def load_data(args, log):
-    """(tokenizer, train, dev, test MRs -> references, GPT-2 weights path or None), every download tried
-    before any missing one is reported."""
+    """(tokenizer, train, dev, test contexts -> references, GPT-2 weights path or None), every download tried
+    before any missing one is reported. E2E in LoRA's form: (context, completion) rows."""
     t0 = time.time()
     jobs = dict(bpe=lambda online: get_tokenizer(args.bpe_dir, online),
                 weights=lambda online: None if args.init_from == "scratch" else
@@ -314,20 +319,21 @@ def load_data(args, log):
     if not train:
         cap = f"--max_len {args.max_len}" + (f", --block_size {block_size}" if block_size else "")
         raise SystemExit(f"error: no training example fits in {max_len} tokens ({cap}): every MR takes as many")
-    test_refs = defaultdict(list)  # MR -> its references, in file order
-    for mr, ref in rows:
-        test_refs[mr].append(ref)
+    test_refs = defaultdict(list)  # context -> its references, in file order, as gpt2_decode.py groups them
+    for context, ref in rows:
+        test_refs[context].append(ref)
     if not args.lm_text:
         log(f"E2E: {len(train)} train, {len(dev)} dev examples, {len(test_refs)} test MRs "
             f"(tokenised in {time.time() - t0:.1f}s)")
     return enc, train, dev, test_refs, weights
 
 
-def score(model, enc, mrs, test_refs, step, args, ctx, log):
-    """Decode these test MRs, score them against their references, write predictions, references, metrics."""
+def score(model, enc, mrs, test_refs, step, args, log):
+    """Decode these test MRs (LoRA's contexts), score them against their references (LoRA's tokenized
+    completions), write predictions, references, metrics."""
     prompts = [enc.encode_ordinary(mr) + [enc.eot_token] for mr in mrs]
     t0 = time.time()
-    preds = [" ".join(enc.decode(t).split()) for t in decode(model, prompts, enc.eot_token, args, ctx, log)]
+    preds = [" ".join(enc.decode(t).split()) for t in decode(model, prompts, enc.eot_token, args, log)]
     log(f"decoded {len(mrs)} test MRs in {time.time() - t0:.1f}s (beam {args.beam})")
     refs = [test_refs[mr] for mr in mrs]
     scores = e2e_scores(preds, refs)
@@ -380,7 +386,7 @@ def main(argv=None):
     n_batches = math.ceil(len(train) / args.batch_size)  # micro-batches per epoch, over all ranks
     total = args.epochs * math.ceil(n_batches / (args.grad_accum * world_size)) if groups else 0
     total = total if args.max_iters is None else min(total, args.max_iters)
-    opt = torch.optim.AdamW(groups, fused=device.type == "cuda") if groups else None
+    opt = torch.optim.AdamW(groups, eps=1e-6, fused=device.type == "cuda") if groups else None  # LoRA's eps
 
     # ---- resume
     step = restore(ckpt, ckpt_path, model, opt, master, device, log) if ckpt is not None else 0
@@ -459,7 +465,7 @@ def main(argv=None):
         export_adapter(args, model, gpt2_layout, hub_name(args.init_from), log=log)
     model.eval()
     if mrs:
-        result["predictions"], result["scores"] = score(model, enc, mrs, test_refs, step, args, ctx, log)
+        result["predictions"], result["scores"] = score(model, enc, mrs, test_refs, step, args, log)
     return result
 
 if __name__ == "__main__":
