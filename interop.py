@@ -64,10 +64,6 @@ PREFIX = "base_model.model."  # PEFT's prefix of every module key
 BANK_KEY = "base_model.vblora_vector_bank"  # VB-LoRA's bank: one tensor, outside the modules
 _NAMES = {lora.LoRALinear: "LoRA", sera.SeRALinear: "SeRA", siva.SiVALinear: "SiVA", bone.BoneLinear: "Bone",
           vblora.VBLoRALinear: "VB-LoRA"}
-# LoRA options that change the maths (a forward, a weight, a module) and that our LoRA does not have
-_LORA_UNSUPPORTED = ("use_dora", "use_qalora", "alora_invocation_tokens", "layer_replication", "lora_bias",
-                     "trainable_token_indices", "target_parameters", "megatron_config", "use_bdlora", "arrow_config",
-                     "velora_config", "monteclora_config", "kasa_config", "ensure_weight_tying")
 
 
 def identity_layout(name):
@@ -329,6 +325,7 @@ def _is_names(v):
         return False
 
 
+_BOOL = (lambda v, c: v in (True, False), "true or false")
 _VALUES = {  # field -> (whether nanopeft honours value v, given the config c, as PEFT does; what it expects). The
     # method's numbers (r, lora_alpha, topk ...) are left to lora.LoRAConfig, vblora.VBLoRAConfig, bone.BoneConfig
     "target_modules": (lambda v, c: v != "all-linear" and _is_names(v),
@@ -338,15 +335,13 @@ _VALUES = {  # field -> (whether nanopeft honours value v, given the config c, a
                             "null, a layer index or a list of them"),
     "layers_pattern": (lambda v, c: v is None or _is_names(v), "null, a regex or a list of them"),
     "modules_to_save": (lambda v, c: v is None or type(v) is list and _is_names(v), "null or a list of module names"),
-    "fan_in_fan_out": (lambda v, c: v in (True, False), "true or false (PEFT sets it from each module's type anyway)"),
     "bias": (lambda v, c: v == "none", "'none' (PEFT then also trains and saves the model's biases; nanopeft's "
              "adapters have none)"),
-    "use_rslora": (lambda v, c: v in (True, False), "true or false"),
-    "rank_pattern": (lambda v, c: v is None or isinstance(v, dict), "an object {module regex: r}"),
-    "alpha_pattern": (lambda v, c: v is None or isinstance(v, dict), "an object {module regex: lora_alpha}"),
+    "fan_in_fan_out": _BOOL, "use_rslora": _BOOL, "save_only_topk_weights": _BOOL,
+    **dict.fromkeys(("rank_pattern", "alpha_pattern"), (lambda v, c: v is None or isinstance(v, dict),
+                                                        "an object {module regex: value}")),
     "init_lora_weights": (lambda v, c: v in (True, False, "gaussian"), "true, false or 'gaussian' (PiSSA, OLoRA, "
                           "LoftQ, EVA, CorDA... change the base weights or the layer, which nanopeft does not do)"),
-    "save_only_topk_weights": (lambda v, c: v in (True, False), "true or false"),
     "vblora_dropout": (lambda v, c: v == 0, "0 (nanopeft's VB-LoRA has no dropout)"),
     "init_weights": (lambda v, c: v in (True, False, "bat"), "true, false or 'bat' ('mini' ties copies of one "
                      "(r, mini_r) block across out; nanopeft's Bone has no such tie)"),
@@ -665,18 +660,18 @@ def init_from(args):
     (unless --overwrite). Each fault is one line, before any work."""
     path, peft = args.init_from, read_folder(args.init_from)
     if peft is not None:  # the folder's adapter decides the method and its shapes
-        cfg = peft["config"]
-        method = PEFT_METHODS.get(cfg.get("peft_type"))
+        kind = peft["config"].get("peft_type")
+        method = PEFT_METHODS.get(kind)
         if method != args.method:
             hint = f"pass --method {method}" if method else f"nanopeft reads {', '.join(PEFT_METHODS)}"
-            raise SystemExit(f"error: --init_from {path} holds a PEFT {cfg.get('peft_type')} adapter: {hint}")
-        cfg = {**_FIELDS[cfg["peft_type"]], **cfg}
+            raise SystemExit(f"error: --init_from {path} holds a PEFT {kind} adapter: {hint}")
+        cfg = {**_FIELDS[kind], **peft["config"]}
         fields = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "b": "vector_length" if
-                  method == "vblora" else "r", "h": "num_vectors", "k": "topk"}  # --{method}_{ours} -> PEFT's
-        for k in [k for k in vars(args) if folder_sets(method, k)]:
+                  kind == "VBLORA" else "r", "h": "num_vectors", "k": "topk"}  # --{method}_{ours} -> PEFT's
+        for k in [k for k in vars(args) if folder_sets(args.method, k) and getattr(args, k) is not None]:
             v, field = getattr(args, k), fields.get(k.partition("_")[2])
-            sets = f"{field}={cfg[field]!r}" if field else "the targets" if k == "targets" else "Bone-col"
-            if v is not None and (v != cfg[field] if field else k == "targets" or v != "col"):
+            if v != cfg[field] if field else k == "targets" or v != "col":
+                sets = f"{field}={cfg[field]!r}" if field else "the targets" if k == "targets" else "Bone-col"
                 raise SystemExit(f"error: --{k} {v}: --init_from {path} is a PEFT folder, whose {CONFIG} sets {sets}; "
                                  f"drop --{k}")
     base = None if path == "scratch" else base_of(path, peft)
