@@ -7,7 +7,7 @@
   with the flag that replaces it.
 - The method registry: each method's flags (prefixed by the method: --lora_r, --vblora_k ...), its config
   built from them, apply, adapter state dict and load; the counts every run prints.
-- Runs: the --out_dir guard (a run never overwrites an earlier one unless --overwrite, and --resume
+- Runs: the --out_dir guard (a run never overwrites another unless --overwrite, and --resume
   continues it only with the flags that keep it the same run), atomic checkpoints loaded with
   weights_only=True, and the resume of trainable tensors, optimizer, step and RNG.
 - DDP under torchrun (nanoGPT's pattern): nccl on CUDA with each process on cuda:LOCAL_RANK, gloo on CPU.
@@ -98,6 +98,11 @@ def why(e):
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
+def one_line(e):
+    """An exception's whole text on one line (a state dict's many mismatches), cut at 300 characters."""
+    return " ".join(str(e).split())[:300]
+
+
 # -----------------------------------------------------------------------------
 # Methods: name -> (config from the run's flags, apply, adapter state dict, load)
 
@@ -137,13 +142,16 @@ METHOD_FLAGS = {  # flag -> (type, help); a script's METHOD_DEFAULTS fill in the
 }
 
 
-# a method flag -> the adapter_config.json field that sets the same: with --init_from PEFT_DIR a flag must agree
-# with its folder's config (a MiSS folder is Bone-col); --targets has no such field and is refused
-PEFT_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "vblora_r": "r",
-               "vblora_b": "vector_length", "vblora_h": "num_vectors", "vblora_k": "topk", "bone_b": "r"}
-
-
 MAX_PARAMS = 2 ** 33  # a model a header describes beyond this many parameters is refused before it is allocated
+
+
+def check_size(path, n_layer, n_embd, mlp_dim, n_embeddings=0):
+    """Refuse a transformer that the header of `path` describes beyond MAX_PARAMS parameters, before allocating it:
+    n_layer blocks of attention (4 n_embd^2) and MLP (2 n_embd mlp_dim), and n_embeddings rows of n_embd."""
+    n = n_layer * (4 * n_embd + 2 * mlp_dim) * n_embd + n_embeddings * n_embd
+    if n > MAX_PARAMS:
+        raise SystemExit(f"error: {path}: its header's config makes a model of {n:.3g} parameters; expected at most "
+                         f"{MAX_PARAMS:.3g}")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -167,75 +175,33 @@ def add_method_args(p, defaults, default_method):
         for m, d in defaults.items())
 
 
-def peft_folder(path, flag="--init_from"):
-    """interop.peft_config(path), a fault in the folder being one line naming the flag."""
-    try:
-        return interop.peft_config(path)
-    except ValueError as e:
-        raise SystemExit(f"error: {flag} {path}: {e}")
-
-
 def fill_method_defaults(args, defaults):
-    """Every method flag left unset takes its method's default; then the method's config checks them (or, for
-    a PEFT folder as --init_from, its type is checked against --method, and no flag may set what it decides)."""
-    peft = peft_folder(args.init_from)
-    if peft is not None:  # the folder's adapter decides the method and its shapes
-        method = interop.PEFT_METHODS.get(peft.get("peft_type"))
-        if method != args.method:
-            hint = f"pass --method {method}" if method else f"nanopeft reads {', '.join(interop.PEFT_METHODS)}"
-            raise SystemExit(f"error: --init_from {args.init_from} holds a PEFT {peft.get('peft_type')} adapter: "
-                             f"{hint}")
-        try:
-            peft = interop.check_config(peft, os.path.join(args.init_from, interop.CONFIG))
-        except ValueError as e:
-            raise SystemExit(f"error: --init_from {args.init_from}: {e}")
-        for k in [k for k in METHOD_FLAGS if k == "targets" or k.startswith(method + "_") and not k.endswith("lr")]:
-            v, field = getattr(args, k), PEFT_FIELDS.get(k)
-            sets = f"{field}={peft[field]!r}" if field else "the targets" if k == "targets" else "Bone-col"
-            if v is not None and (v != peft[field] if field else k == "targets" or v != "col"):
-                raise SystemExit(f"error: --{k} {v}: --init_from {args.init_from} is a PEFT folder, whose "
-                                 f"adapter_config.json sets {sets}; drop --{k}")
+    """Every method flag left unset takes its method's default, then the method's config checks them; with a PEFT
+    folder as --init_from, its config sets the method's targets and shapes instead (interop.init_from checks them)."""
+    folder = interop.is_folder(args.init_from)
     for k, v in defaults[args.method].items():
-        if getattr(args, k) is None:
+        if getattr(args, k) is None and not (folder and interop.folder_sets(args.method, k)):
             setattr(args, k, v)
     for k in ("lr", "vblora_bank_lr", "vblora_logits_lr"):
         if getattr(args, k) is not None and getattr(args, k) < 0:
             raise SystemExit(f"error: --{k} {getattr(args, k)}: must be >= 0")
-    if peft is None and args.method in METHODS:
+    if args.export is not None and args.method not in METHODS:
+        raise SystemExit(f"error: --export: --method {args.method} trains no adapter to export")
+    if not folder and args.method in METHODS:
         try:
             METHODS[args.method][0](args)
         except ValueError as e:  # a constraint of the method's config, named with its values
             raise SystemExit(f"error: --method {args.method}: {e}")
-    check_export(args)
     return args
 
 
-def base_checkpoint(init_from, peft=None):
-    """Where the base weights come from: a PEFT folder's base_model_name_or_path (or that of `peft`, the PEFT config
-    a run stored), else --init_from itself."""
-    cfg = peft["config"] if peft else peft_folder(init_from)
-    if cfg is None:
-        return init_from
-    if not isinstance(cfg.get("base_model_name_or_path"), str) or not cfg["base_model_name_or_path"]:
-        raise SystemExit(f"error: --init_from {init_from}: its adapter_config.json names no base_model_name_or_path, "
-                         f"so the base model is unknown")
-    return cfg["base_model_name_or_path"]
-
-
 def attach_method(model, args, layout=None, peft=None):
-    """Freeze the model (all of it trains for --method full), attach the method on --targets; or, when
-    --init_from is a PEFT folder (or `peft`, what a run stored of one), its adapter (its own shapes and tensors),
-    mapped by `layout`. -> {"config", "tensors"} of that PEFT adapter, for the run to store; else None."""
+    """Freeze the model (all of it trains for --method full), then attach `peft` (a PEFT folder's {"config",
+    "tensors"}: its own shapes, mapped by `layout`) or the method on --targets."""
     model.requires_grad_(args.method == "full")
-    if peft is None and peft_folder(args.init_from) is not None:  # its method was checked with the flags
-        try:
-            cfg, sd = interop.read_peft(args.init_from)
-        except ValueError as e:
-            raise SystemExit(f"error: --init_from {args.init_from}: {e}")
-        peft = dict(config=cfg, tensors=sd)
     if peft is not None:
         try:
-            interop.apply_peft(model, peft["config"], peft["tensors"], layout, args.init_from)
+            interop.apply_peft(model, peft, layout, args.init_from)
         except ValueError as e:
             raise SystemExit(f"error: --init_from {args.init_from}: {e}")
     elif args.method in METHODS:
@@ -244,53 +210,6 @@ def attach_method(model, args, layout=None, peft=None):
             apply(model, config(args), args.targets.split(","))
         except ValueError as e:  # a target that matches nothing, a width the method cannot divide
             raise SystemExit(f"error: --method {args.method}: {e}")
-    return peft
-
-
-def _same_path(a, b):
-    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
-
-
-def check_export(args, model=None, layout=None):
-    """--export peft|lora DIR, refused before any work: another kind, a method that trains no adapter, a DIR that
-    is a file or holds either file of an adapter (unless --overwrite), the run's own --init_from or its base
-    (even with --overwrite); with the model, an adapter that PEFT cannot hold (then lora can)."""
-    if args.export is None:
-        return
-    kind, path = args.export
-    if model is None:
-        if kind not in ("peft", "lora"):
-            raise SystemExit(f"error: --export {kind} {path}: the kind is peft (PEFT's own format: LoRA, VB-LoRA, "
-                             f"Bone-col) or lora (any method's ΔW as plain LoRA)")
-        if args.method not in METHODS:
-            raise SystemExit(f"error: --export: --method {args.method} trains no adapter to export")
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise SystemExit(f"error: --export {kind} {path}: that path is a file; expected a folder (new or holding "
-                             f"an adapter to replace with --overwrite)")
-        sources = [args.init_from, base_checkpoint(args.init_from)] if args.init_from != "scratch" else []
-        sources = [s if os.path.isdir(s) else os.path.dirname(s) for s in sources if os.path.exists(s)]
-        if any(_same_path(path, s) for s in sources):
-            raise SystemExit(f"error: --export {kind} {path}: that folder is where this run's --init_from "
-                             f"{args.init_from} comes from, which is never replaced; export to another folder")
-        held = [f for f in (interop.CONFIG, interop.WEIGHTS) if os.path.exists(os.path.join(path, f))]
-        if held and not args.overwrite:
-            raise SystemExit(f"error: --export {kind} {path}: that folder holds an adapter ({', '.join(held)}); "
-                             f"pass --overwrite to replace it")
-    elif kind == "peft":
-        why_not = interop.why_not_peft(model, layout)
-        if why_not:
-            raise SystemExit(f"error: --export peft: PEFT cannot hold this adapter on this model: {why_not}; use "
-                             f"--export lora {path}")
-
-
-def export_adapter(args, model, layout, base, modules_to_save=None, log=print):
-    """Write the trained adapter for the Hugging Face model `layout` maps onto: PEFT's format, or plain LoRA."""
-    kind, path = args.export
-    if kind == "peft":
-        interop.save_peft(model, path, layout, modules_to_save, base)
-    else:
-        interop.save_lora(model, path, layout=layout, modules_to_save=modules_to_save, base_model_name_or_path=base)
-    log(f"exported the adapter as {'a PEFT' if kind == 'peft' else 'a plain LoRA'} folder: {path}")
 
 
 def adapter_state_dict(model, method):
@@ -320,7 +239,7 @@ def load_adapter_state_dict(model, method, sd, path="the adapter"):
             model.load_state_dict(sd, strict=False)
     except (ValueError, RuntimeError) as e:  # shapes, keys or dtypes that differ
         raise SystemExit(f"error: {path}: the tensors do not fit the model its header describes: "
-                         f"{' '.join(str(e).split())[:300]}")
+                         f"{one_line(e)}")
 
 
 def stored_param_count(model, method):
@@ -395,12 +314,8 @@ def read_safetensors(path):
 
 
 def load_adapter(path, keys, methods):
-    """{meta..., "adapter": tensors, "head": the "head."-prefixed ones} from an adapter.safetensors, or from an
-    adapter.pt (a torch file with the same keys, as earlier versions wrote). Any fault is one line naming path."""
-    if path.endswith(".pt"):
-        blob = load_checkpoint(path, keys, "adapter.pt")
-        check_header(path, blob, methods)
-        return dict(blob, peft=None)
+    """{meta..., "adapter": tensors, "head": the "head."-prefixed ones, "peft"} from an adapter.safetensors. Any
+    fault is one line naming path."""
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         raise SystemExit(f"error: {path} is {'an empty file' if os.path.isfile(path) else 'not a file'}, not an "
                          f"adapter.safetensors")
@@ -442,7 +357,7 @@ def check_header(path, meta, methods):
         bad("peft", meta["peft"], "the adapter_config.json of the PEFT folder the run started from")
 
 
-def load_checkpoint(path, keys=CKPT_KEYS, what="ckpt.pt"):
+def load_checkpoint(path):
     """torch.load a checkpoint as data only; an empty, truncated or foreign file is one line naming it."""
     if os.path.getsize(path) == 0:
         raise SystemExit(f"error: {path} is an empty file, not a checkpoint (a save cut short?)")
@@ -450,9 +365,9 @@ def load_checkpoint(path, keys=CKPT_KEYS, what="ckpt.pt"):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, a pickled payload
         raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or not a torch file): {why(e)}")
-    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    missing = [k for k in CKPT_KEYS if not isinstance(obj, dict) or k not in obj]
     if missing:
-        raise SystemExit(f"error: {path} is not a nanopeft {what}: no {', '.join(missing)}")
+        raise SystemExit(f"error: {path} is not a nanopeft ckpt.pt: no {', '.join(missing)}")
     return obj
 
 
@@ -467,7 +382,7 @@ def check_resume(saved_args, args):
                          f"{', '.join('--' + k for k in free)} may change (or start over with --overwrite)")
 
 
-def open_run(args, world_size, files=("ckpt.pt", "adapter.safetensors", "adapter.pt")):
+def open_run(args, world_size, files=("ckpt.pt", "adapter.safetensors")):
     """The --out_dir guard. -> the checkpoint to resume (--resume), or None for a new run; a folder that
     holds a run is refused unless --resume or --overwrite."""
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
@@ -511,7 +426,7 @@ def restore(ckpt, path, model, opt, master, device, log=print):
         if opt is not None:
             opt.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError) as e:  # shapes or parameter groups that differ
-        raise SystemExit(f"error: --resume: {path} does not fit this model: {' '.join(str(e).split())[:400]}")
+        raise SystemExit(f"error: --resume: {path} does not fit this model: {one_line(e)}")
     if master:  # the other ranks keep their seed offset
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:

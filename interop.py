@@ -64,10 +64,6 @@ PREFIX = "base_model.model."  # PEFT's prefix of every module key
 BANK_KEY = "base_model.vblora_vector_bank"  # VB-LoRA's bank: one tensor, outside the modules
 _NAMES = {lora.LoRALinear: "LoRA", sera.SeRALinear: "SeRA", siva.SiVALinear: "SiVA", bone.BoneLinear: "Bone",
           vblora.VBLoRALinear: "VB-LoRA"}
-# LoRA options that change the maths (a forward, a weight, a module) and that our LoRA does not have
-_LORA_UNSUPPORTED = ("use_dora", "use_qalora", "alora_invocation_tokens", "layer_replication", "lora_bias",
-                     "trainable_token_indices", "target_parameters", "megatron_config", "use_bdlora", "arrow_config",
-                     "velora_config", "monteclora_config", "kasa_config", "ensure_weight_tying")
 
 
 def identity_layout(name):
@@ -295,130 +291,103 @@ def _inverse(model, where):
 
 
 # -----------------------------------------------------------------------------
-# Reading a PEFT folder: every field of its config honoured as PEFT 0.21 honours it or refused by name, every
-# check before the model changes, any fault one ValueError line naming the file and the field
+# Reading a PEFT folder in one pass: each field honoured as PEFT 0.21 honours it or refused by name, the values left
+# to our configs and the tensors to the method loaders; a fault is one ValueError line naming the file and the field,
+# and leaves the model as it was
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-# where the adapter came from and how PEFT wraps the model: no effect on the maths
-_BASE_FIELDS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-                "inference_mode"}
-# which modules the adapter goes on, read by _selected as PEFT's check_target_module_exists reads them
-_SELECT_FIELDS = {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
-                  "fan_in_fan_out", "bias"}
-_FIELDS = {  # per peft_type: the fields read below, or that only start what the file's tensors then replace
-    "LORA": {"r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "init_lora_weights",
-             "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_core", "qalora_group_size",
-             "runtime_config", *_LORA_UNSUPPORTED},
-    "VBLORA": {"r", "num_vectors", "vector_length", "topk", "save_only_topk_weights", "vblora_dropout",
-               "init_vector_bank_bound", "init_logits_std"},
-    "MISS": {"r", "miss_dropout", "mini_r", "init_weights"},
+PEFT_METHODS = {"LORA": "lora", "VBLORA": "vblora", "MISS": "bone"}  # peft_type -> the nanopeft method it loads as
+_COMMON = dict(  # every peft_type: where the adapter came from, and which modules it goes on (read by _selected)
+    peft_type=None, task_type=None, auto_mapping=None, peft_version=None, base_model_name_or_path=None, revision=None,
+    inference_mode=False, target_modules=None, exclude_modules=None, layers_to_transform=None, layers_pattern=None,
+    modules_to_save=None, fan_in_fan_out=False, bias="none")
+_FIELDS = {  # per peft_type: the fields honoured, at PEFT 0.21's defaults; any other field that is set is refused.
+    # Megatron's and QALoRA's settings go unread while their switches are off; VB-LoRA's init_* and MiSS's mini_r
+    # only start what the file's tensors replace
+    "LORA": dict(r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, rank_pattern={}, alpha_pattern={},
+                 init_lora_weights=True, megatron_core="megatron.core", qalora_group_size=16),
+    "VBLORA": dict(r=4, num_vectors=256, vector_length=256, topk=2, save_only_topk_weights=False, vblora_dropout=0.0,
+                   init_vector_bank_bound=0.02, init_logits_std=0.1),
+    "MISS": dict(r=64, init_weights=True, miss_dropout=0.0, mini_r=1),
 }
-_DEFAULTS = {"LORA": dict(r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, rank_pattern={}, alpha_pattern={},
-                          init_lora_weights=True),
-             "VBLORA": dict(r=4, num_vectors=256, vector_length=256, topk=2, save_only_topk_weights=False,
-                            vblora_dropout=0.0),
-             "MISS": dict(r=64, init_weights=True, miss_dropout=0.0)}  # PEFT 0.21's, for absent fields
 
 
-def _is_int(v, low):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_regex(v):
-    try:
-        re.compile(v)
-        return True
-    except (re.error, TypeError):
-        return False
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _is_names(v):
-    """A regex, or a list of names (PEFT's form of both target_modules and exclude_modules)."""
-    return _is_regex(v) if isinstance(v, str) else isinstance(v, list) and all(isinstance(x, str) for x in v)
+    """A regex, or a list of names, each usable in a regex (PEFT matches modules_to_save and layers_pattern so)."""
+    try:
+        names = [v] if isinstance(v, str) else v if type(v) is list else [None]
+        return all(isinstance(x, str) and re.compile(x) for x in names)
+    except re.error:
+        return False
 
 
-def check_config(cfg, where=CONFIG):
-    """`cfg` (an adapter_config.json) as load_peft reads it, PEFT 0.21's defaults filled in; a field that nanopeft
-    cannot honour as PEFT does, or that holds what PEFT could not read, is one ValueError naming it."""
-    def bad(name, expected):
-        raise ValueError(f"load_peft: {where}: {name}={cfg.get(name)!r}: expected {expected}")
+_BOOL = (lambda v, c: v in (True, False), "true or false")
+_VALUES = {  # field -> (whether nanopeft honours value v, given the config c, as PEFT does; what it expects). The
+    # method's numbers (r, lora_alpha, topk ...) are left to lora.LoRAConfig, vblora.VBLoRAConfig, bone.BoneConfig
+    "target_modules": (lambda v, c: v != "all-linear" and _is_names(v),
+                       "a list of module names or a regex (PEFT saves the modules it picked)"),
+    "exclude_modules": (lambda v, c: v is None or _is_names(v), "null, a list of module names or a regex"),
+    "layers_to_transform": (lambda v, c: v is None or _is_int(v) or type(v) is list and all(map(_is_int, v)),
+                            "null, a layer index or a list of them"),
+    "layers_pattern": (lambda v, c: v is None or _is_names(v), "null, a regex or a list of them"),
+    "modules_to_save": (lambda v, c: v is None or type(v) is list and _is_names(v), "null or a list of module names"),
+    "bias": (lambda v, c: v == "none", "'none' (PEFT then also trains and saves the model's biases; nanopeft's "
+             "adapters have none)"),
+    "fan_in_fan_out": _BOOL, "use_rslora": _BOOL, "save_only_topk_weights": _BOOL,
+    **dict.fromkeys(("rank_pattern", "alpha_pattern"), (lambda v, c: v is None or isinstance(v, dict),
+                                                        "an object {module regex: value}")),
+    "init_lora_weights": (lambda v, c: v in (True, False, "gaussian"), "true, false or 'gaussian' (PiSSA, OLoRA, "
+                          "LoftQ, EVA, CorDA... change the base weights or the layer, which nanopeft does not do)"),
+    "vblora_dropout": (lambda v, c: v == 0, "0 (nanopeft's VB-LoRA has no dropout)"),
+    "init_weights": (lambda v, c: v in (True, False, "bat"), "true, false or 'bat' ('mini' ties copies of one "
+                     "(r, mini_r) block across out; nanopeft's Bone has no such tie)"),
+    "miss_dropout": (lambda v, c: v == 0 or c["init_weights"] == "bat", "0 (nanopeft's Bone has no dropout; 'bat' "
+                     "has none in PEFT either)"),
+}
 
+
+def _fields(cfg, conf):
+    """`cfg` with PEFT 0.21's defaults filled in; a field set that nanopeft does not honour, or a value it cannot
+    honour as PEFT does, is one ValueError naming it."""
     kind = cfg.get("peft_type")
-    if kind not in _LOADERS:
-        raise ValueError(f"load_peft: {where}: peft_type {kind!r} has no nanopeft form; {sorted(_LOADERS)} load")
-    unknown = sorted(k for k, v in cfg.items() if k not in _BASE_FIELDS | _SELECT_FIELDS | _FIELDS[kind]
+    if kind not in _FIELDS:
+        raise ValueError(f"load_peft: {conf}: peft_type {kind!r} has no nanopeft form; {sorted(_FIELDS)} load")
+    c = {**_COMMON, **_FIELDS[kind], **cfg}
+    unknown = sorted(k for k, v in cfg.items() if k not in _COMMON and k not in _FIELDS[kind]
                      and v not in (None, False, {}, [], ""))
-    if unknown:
-        raise ValueError(f"load_peft: {where}: {unknown}: not fields of PEFT 0.21's {kind}, so nanopeft cannot tell "
-                         "what they do; expected them absent or unset")
-    bad_lora = [f for f in _LORA_UNSUPPORTED if kind == "LORA" and cfg.get(f)]
-    if bad_lora:
-        raise ValueError(f"load_peft: LoRA option(s) {bad_lora} change the maths; nanopeft's LoRA has none of them "
-                         f"({where})")
-    c = {**_DEFAULTS[kind], **cfg}
-    # the modules it goes on
-    t = c.get("target_modules")
-    if t is None or t == "all-linear" or not _is_names(t):
-        bad("target_modules", "a list of module names or a regex (PEFT saves the modules it picked)")
-    if c.get("exclude_modules") is not None and not _is_names(c["exclude_modules"]):
-        bad("exclude_modules", "null, a list of module names or a regex")
-    layers = c.get("layers_to_transform")
-    if not (layers is None or _is_int(layers, 0) or isinstance(layers, list) and all(_is_int(x, 0) for x in layers)):
-        bad("layers_to_transform", "null, a layer index or a list of them")
-    pats = c.get("layers_pattern")
-    if not (pats is None or _is_regex(pats) or isinstance(pats, list) and all(_is_regex(p) for p in pats)):
-        bad("layers_pattern", "null, a regex or a list of them")
-    mts = c.get("modules_to_save")
-    if not (mts is None or isinstance(mts, list) and all(isinstance(m, str) and _is_regex(m) for m in mts)):
-        bad("modules_to_save", "null or a list of module names")
-    if not isinstance(c.get("fan_in_fan_out", False), bool):  # PEFT sets it from each module's type anyway
-        bad("fan_in_fan_out", "true or false")
-    if c.get("bias", "none") != "none":
-        bad("bias", "'none' (PEFT then also trains and saves the model's biases; nanopeft's adapters have none)")
-    # the method's own fields
-    if not _is_int(c["r"], 1):
-        bad("r", "an int >= 1")
-    if kind == "LORA":
-        if not (_is_number(c["lora_alpha"]) and c["lora_alpha"] > 0):
-            bad("lora_alpha", "a finite number > 0")
-        if not (_is_number(c["lora_dropout"]) and 0 <= c["lora_dropout"] < 1):
-            bad("lora_dropout", "a number in [0, 1)")
-        if not isinstance(c["use_rslora"], bool):
-            bad("use_rslora", "true or false")
-        if c["init_lora_weights"] not in (True, False, "gaussian"):  # the others also rewrite the base weights
-            bad("init_lora_weights", "true, false or 'gaussian' (PiSSA, OLoRA, LoftQ, EVA, CorDA... change the base "
-                "weights or the layer, which nanopeft does not do)")
-        for name, ok, what in (("rank_pattern", lambda v: _is_int(v, 1), "an int >= 1"),
-                               ("alpha_pattern", lambda v: _is_number(v) and v > 0, "a finite number > 0")):
-            c[name] = c[name] or {}
-            if not isinstance(c[name], dict):
-                bad(name, "an object {module regex: value}")
-            for k, v in c[name].items():
-                if not _is_regex(rf"(.*\.)?({k})$") or not ok(v):
-                    raise ValueError(f"load_peft: {where}: {name} {k!r}: {v!r}: expected a valid regex key and {what}")
-    elif kind == "VBLORA":
-        for name in ("num_vectors", "vector_length", "topk"):
-            if not _is_int(c[name], 1):
-                bad(name, "an int >= 1")
-        if c["topk"] > c["num_vectors"]:
-            bad("topk", f"at most num_vectors={c['num_vectors']}")
-        if not isinstance(c["save_only_topk_weights"], bool):
-            bad("save_only_topk_weights", "true or false")
-        if c["vblora_dropout"] != 0:
-            bad("vblora_dropout", "0 (nanopeft's VB-LoRA has no dropout)")
-    else:
-        if c["init_weights"] == "mini":
-            raise ValueError(f"load_peft: {where}: MiSS init_weights='mini' ties copies of one (r, mini_r) block "
-                             "across out; nanopeft's Bone has no such tie")
-        if c["init_weights"] not in (True, False, "bat"):
-            bad("init_weights", "true, false or 'bat'")
-        if c["init_weights"] != "bat" and c["miss_dropout"] != 0:  # "bat" has no dropout in PEFT either
-            bad("miss_dropout", "0 (nanopeft's Bone has no dropout)")
+    if unknown:  # use_dora, lora_bias, layer_replication ... change the maths; a newer PEFT's field, no one knows
+        raise ValueError(f"load_peft: {conf}: {unknown}: not fields nanopeft honours in PEFT 0.21's {kind}; expected "
+                         "them absent or unset")
+    for k, (ok, expected) in _VALUES.items():
+        if k in c and not ok(c[k], c):
+            raise ValueError(f"load_peft: {conf}: {k}={c[k]!r}: expected {expected}")
     return c
+
+
+def _config(cls, conf, **fields):
+    """cls(**{ours: value}) from fields {ours: (PEFT's field, value)}; a value it refuses is one line naming the
+    file and PEFT's field (each config names the value it refuses first: "LoRA: alpha='8' must be ...")."""
+    try:
+        return cls(**{k: v for k, (_, v) in fields.items()})
+    except ValueError as e:
+        m = re.match(r"[\w-]+: (\w+)=", str(e))
+        raise ValueError(f"load_peft: {conf}: {fields[m[1]][0] if m and m[1] in fields else list(fields)}: {e}")
+
+
+def _pattern(cfg, name, their, field, conf):
+    """(PEFT's field, value) for module `their`: the value of the first key of cfg[name] (rank_pattern,
+    alpha_pattern) that matches it, as PEFT's get_pattern_key takes it, else cfg[field]."""
+    for k, v in (cfg[name] or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({k})$", their):
+                return f"{name} {k!r}", v
+        except re.error as e:
+            raise ValueError(f"load_peft: {conf}: {name} {k!r}: {v!r}: expected a valid regex key ({e})")
+    return field, cfg[field]
 
 
 def _listed(names, their):
@@ -450,11 +419,11 @@ def _selected(cfg, their):
     return m is not None and (int(m["idx"]) == layers if isinstance(layers, int) else int(m["idx"]) in layers)
 
 
-def _select(model, cfg, sd, inv, suffixes, file):
-    """The modules holding tensors in `sd` that PEFT puts the adapter on. Tensors of the others are dropped, as
-    PEFT leaves them unread; a selected nn.Linear of the model without tensors is refused (PEFT would start it
-    from its initialisation)."""
-    found = _module_names(sd, suffixes)
+def _select(model, cfg, sd, inv, suffixes, file, extra=()):
+    """The modules holding tensors in `sd` that PEFT puts the adapter on; their keys (and `extra`) must be all that
+    is left in sd. Tensors of the other modules are dropped, as PEFT leaves them unread; a selected nn.Linear of
+    the model without tensors is refused (PEFT would start it from its initialisation)."""
+    found = sorted({k[len(PREFIX):-len(s)] for k in sd for s in suffixes if k.startswith(PREFIX) and k.endswith(s)})
     for their in found:
         if not _selected(cfg, their):
             for s in suffixes:
@@ -465,184 +434,107 @@ def _select(model, cfg, sd, inv, suffixes, file):
     if idle or not chosen:
         raise ValueError(f"load_peft: {file}: holds no tensors for {idle[:4] or 'any module'} that target_modules "
                          "selects in the model")
-    return chosen
+    expected = {*extra, *(f"{PREFIX}{their}{s}" for their in chosen for s in suffixes)}
+    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"load_peft: {file}: keys differ from what the model needs: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    return [(their, *_target(model, inv, their)) for their in chosen]
 
 
 def _target(model, inv, their):
-    """Our parts of their module {part: (our name, n_parts, fan_in_fan_out)}, and one part's in, out."""
+    """Our parts of their module {part: (our name, n_parts, fan_in_fan_out)}, n_parts, and one part's in, out."""
     parts = inv.get(their)
     lins = [model.get_submodule(o) for o, _, _ in (parts or {}).values()]
     if not lins or not all(isinstance(l, nn.Linear) for l in lins) or len({l.weight.shape for l in lins}) > 1:
         raise ValueError(f"load_peft: the adapter targets {their!r}, which maps to no nn.Linear (or unequal ones) "
                          "of the model; check the layout")
-    return parts, lins[0].in_features, lins[0].out_features
+    return parts, next(iter(parts.values()))[1], lins[0].in_features, lins[0].out_features
 
 
-def _module_names(sd, suffixes):
-    return sorted({k[len(PREFIX):-len(s)] for k in sd for s in suffixes if k.startswith(PREFIX) and k.endswith(s)})
-
-
-def _pattern(patterns, their, default):
-    for k, v in (patterns or {}).items():  # PEFT's get_pattern_key: the first key that matches
-        if re.match(rf"(.*\.)?({k})$", their):
-            return v
-    return default
-
-
-def _check(sd, expected, file):
-    """The file's keys, shapes and dtypes against what the model needs, before anything changes.
-    expected: key -> (shape, h): h None for a float tensor, else integer indices in [0, h)."""
-    missing, extra = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    if missing or extra:
-        raise ValueError(f"load_peft: {file}: keys differ from what the model needs: missing {missing[:4]}, "
-                         f"unexpected {extra[:4]}")
-    for key, (shape, h) in expected.items():
-        t = sd[key]
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"load_peft: {file}: {key} has shape {tuple(t.shape)}, the model needs {tuple(shape)}")
-        # bool and complex are neither: a float tensor or integer indices, as the key needs
-        index = not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
-        ok = t.is_floating_point() if h is None else index
-        if not ok:
-            raise ValueError(f"load_peft: {file}: {key} holds {t.dtype}; expected "
-                             f"{'a floating-point tensor' if h is None else 'integer indices'}")
-        if h is None and not torch.isfinite(t).all():
-            raise ValueError(f"load_peft: {file}: {key} holds non-finite values")
-        if h is not None and t.numel() and (t.min() < 0 or t.max() >= h):
-            raise ValueError(f"load_peft: {file}: {key} holds indices outside [0, {h})")
-
-
-def _load_lora(model, cfg, sd, inv, file):
-    expected, plan = {}, []
-    for their in _select(model, cfg, sd, inv, (".lora_A.weight", ".lora_B.weight"), file):
-        parts, d_in, d_out = _target(model, inv, their)
-        n = next(iter(parts.values()))[1]
-        r = _pattern(cfg["rank_pattern"], their, cfg["r"])
-        expected[f"{PREFIX}{their}.lora_A.weight"] = ((r, d_in), None)
-        expected[f"{PREFIX}{their}.lora_B.weight"] = ((n * d_out, r), None)
-        plan.append((their, parts, n, d_out, r))
-    _check(sd, expected, file)
+def _load_lora(model, cfg, sd, inv, conf, file):
     groups, ours_sd = {}, {}
-    for their, parts, n, d_out, r in plan:
-        A, B = sd[f"{PREFIX}{their}.lora_A.weight"], sd[f"{PREFIX}{their}.lora_B.weight"]
-        alpha = _pattern(cfg["alpha_pattern"], their, cfg["lora_alpha"])
-        s = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
+    for their, parts, n, d_in, d_out in _select(model, cfg, sd, inv, (".lora_A.weight", ".lora_B.weight"), file):
+        c = _config(lora.LoRAConfig, conf, r=_pattern(cfg, "rank_pattern", their, "r", conf),
+                    alpha=_pattern(cfg, "alpha_pattern", their, "lora_alpha", conf),
+                    dropout=("lora_dropout", cfg["lora_dropout"]))
+        s = c.alpha / math.sqrt(c.r) if cfg["use_rslora"] else c.alpha / c.r
+        A, B = sd[f"{PREFIX}{their}.lora_A.weight"], sd[f"{PREFIX}{their}.lora_B.weight"]  # (r, in), (n*out, r)
+        if n > 1 and A.shape[:1] != (c.r,):  # a whole module: lora.load_lora_state_dict checks r
+            raise ValueError(f"load_peft: {file}: {PREFIX}{their}.lora_A.weight has shape {tuple(A.shape)}; r={c.r}")
         for p in range(n):
-            Bp = B[p * d_out:(p + 1) * d_out]  # (out, r): this part's rows
-            keep = Bp.ne(0).any(0) if n > 1 else torch.ones(r, dtype=torch.bool)  # (r,): the columns it uses
-            if not keep.any():
+            Bp = B.unflatten(0, (n, -1))[p]  # (out, r): this part's rows
+            keep = Bp.ne(0).any(0) if n > 1 else slice(None)  # (r,): the columns it uses
+            if n > 1 and not keep.any():
                 continue  # ΔW_p = 0: leaving the part plain is exact
             if p not in parts:
                 raise ValueError(f"load_peft: {file}: part {p} of {their!r} has a non-zero B and maps to no module")
-            ours, rp = parts[p][0], int(keep.sum())
+            ours, rp = parts[p][0], c.r if n == 1 else int(keep.sum())
             groups.setdefault((rp, s * rp), []).append(ours)  # our alpha / r = PEFT's scale
             ours_sd[f"{ours}.lora_A"], ours_sd[f"{ours}.lora_B"] = A[keep], Bp[:, keep]  # (rp, in), (out, rp)
-    configs = {k: lora.LoRAConfig(r=k[0], alpha=k[1], dropout=cfg["lora_dropout"]) for k in groups}
-
-    def apply():
-        for k, names in groups.items():
-            lora.apply_lora(model, configs[k], names)
-        lora.load_lora_state_dict(model, ours_sd)
-    return apply
+    for (r, alpha), names in groups.items():
+        lora.apply_lora(model, lora.LoRAConfig(r=r, alpha=alpha, dropout=cfg["lora_dropout"]), names)
+    lora.load_lora_state_dict(model, ours_sd)
 
 
-def _load_vblora(model, cfg, sd, inv, file):
-    vcfg = vblora.VBLoRAConfig(r=cfg["r"], b=cfg["vector_length"], h=cfg["num_vectors"], k=cfg["topk"])
-    r, b, h, k = vcfg.r, vcfg.b, vcfg.h, vcfg.k
+def _load_vblora(model, cfg, sd, inv, conf, file):
+    c = _config(vblora.VBLoRAConfig, conf, r=("r", cfg["r"]), b=("vector_length", cfg["vector_length"]),
+                h=("num_vectors", cfg["num_vectors"]), k=("topk", cfg["topk"]))
     leaves = {"_topk_indices": "idx", "_topk_weights": "w"} if cfg["save_only_topk_weights"] else {"": "logits"}
-    last = {"": (h, None), "_topk_indices": (k, h), "_topk_weights": (k - 1, None)}  # last dim, index bound
-    expected, plan = {BANK_KEY: ((h, b), None)}, []
-    for their in _select(model, cfg, sd, inv, [f".vblora_logits_{s}{leaf}" for s in "AB" for leaf in leaves], file):
-        parts, d_in, d_out = _target(model, inv, their)
-        n = next(iter(parts.values()))[1]
-        if len(parts) < n or d_in % b or d_out % b:
-            raise ValueError(f"load_peft: VB-LoRA on {their!r} needs every one of its {n} part(s) in the model "
-                             f"and b={b} dividing in={d_in} and out={d_out}")
-        for leaf in leaves:
-            dim, bound = last[leaf]
-            expected[f"{PREFIX}{their}.vblora_logits_A{leaf}"] = ((r, d_in // b, dim), bound)
-            expected[f"{PREFIX}{their}.vblora_logits_B{leaf}"] = ((n * d_out // b, r, dim), bound)
-        plan.append((their, parts, d_out // b))
-    _check(sd, expected, file)
-    for key, t in sd.items():  # a top-k file: k distinct indices and k - 1 weights that leave the last >= 0
-        if key.endswith("_topk_indices") and (t.long().sort(-1).values.diff(dim=-1) == 0).any():
-            raise ValueError(f"load_peft: {file}: {key} repeats an index within a row; expected {k} distinct ones")
-        over = t.float().sum(-1).max() > 1 + 1e-5 if t.numel() else False  # a row's sum, rounding aside
-        if key.endswith("_topk_weights") and t.numel() and (t.min() < 0 or t.max() > 1 or over):
-            raise ValueError(f"load_peft: {file}: {key} holds weights outside [0, 1] or rows that sum above 1")
-    ours_sd, names = {"vblora_bank.vectors": sd[BANK_KEY]}, []
-    for their, parts, rows in plan:
+    suffixes = [f".vblora_logits_{s}{leaf}" for s in "AB" for leaf in leaves]
+    ours_sd, names = {"vblora_bank.vectors": sd.get(BANK_KEY)}, []
+    for their, parts, n, _, _ in _select(model, cfg, sd, inv, suffixes, file, extra=[BANK_KEY]):
+        if len(parts) < n:
+            raise ValueError(f"load_peft: VB-LoRA on {their!r} needs every one of its {n} parts in the model")
         for p, (ours, _, _) in sorted(parts.items()):
             names.append(ours)
             for leaf, short in leaves.items():
                 ours_sd[f"{ours}.vblora_{short}_A"] = sd[f"{PREFIX}{their}.vblora_logits_A{leaf}"]  # A is shared
                 B = sd[f"{PREFIX}{their}.vblora_logits_B{leaf}"]  # (n*out/b, r, .)
-                ours_sd[f"{ours}.vblora_{short}_B"] = B[p * rows:(p + 1) * rows]  # (out/b, r, .): part p's rows
-
-    def apply():
-        vblora.apply_vblora(model, vcfg, names)
-        vblora.load_vblora_state_dict(model, ours_sd)
-    return apply
+                ours_sd[f"{ours}.vblora_{short}_B"] = B.unflatten(0, (n, -1))[p]  # (out/b, r, .): part p's rows
+    vblora.apply_vblora(model, c, names)
+    vblora.load_vblora_state_dict(model, ours_sd)
 
 
-def _load_miss(model, cfg, sd, inv, file):
-    r, bat = cfg["r"], cfg["init_weights"] == "bat"
-    expected, ours_sd = {}, {}
-    for their in _select(model, cfg, sd, inv, (".miss_block",), file):
-        parts, d_in, d_out = _target(model, inv, their)
-        (ours, n, fifo), *more = parts.values()
+def _load_miss(model, cfg, sd, inv, conf, file):
+    bat = cfg["init_weights"] == "bat"
+    c = _config(bone.BoneConfig, conf, b=("r", cfg["r"]), variant=("init_weights", "bone" if bat else "unconstrained"))
+    blocks = {}
+    for their, parts, n, _, _ in _select(model, cfg, sd, inv, (".miss_block",), file):
+        (ours, _, fifo), *more = parts.values()
         if more or n > 1 or fifo:
             raise ValueError(f"load_peft: MiSS on {their!r}: MiSS takes only a whole nn.Linear, not a fused or "
                              "fan_in_fan_out module")
-        if d_in % r or d_out % r:
-            raise ValueError(f"load_peft: MiSS r={r} does not divide {their!r} (in={d_in}, out={d_out}); MiSS pads "
-                             "x there, and Bone's b×b blocks have no padding")
-        key = f"{PREFIX}{their}.miss_block"
-        expected[key] = (((d_out // r, r, r) if bat else (r, d_out)), None)
-        ours_sd[f"{ours}.bone_B"] = key
-    _check(sd, expected, file)
-    # bat: miss_block is bone_B; default (r, out) -> (out, r) -> (out/r, r, r): B_i = M[:, i-th block]^T
-    ours_sd = {n: sd[k] if bat else sd[k].T.reshape(-1, r, r) for n, k in ours_sd.items()}
-    bcfg = bone.BoneConfig(b=r, grouping="col", variant="bone" if bat else "unconstrained")
-
-    def apply():
-        bone.apply_bone(model, bcfg, [n.rpartition(".")[0] for n in ours_sd])
-        bone.load_bone_state_dict(model, ours_sd)
-    return apply
+        blocks[ours] = sd[f"{PREFIX}{their}.miss_block"]
+    bone.apply_bone(model, c, list(blocks))  # where r does not divide a width, MiSS pads x; Bone refuses
+    # bat: miss_block is bone_B; else M (r, out) -> (r, out/r, r) -> (out/r, r, r): B_i = M[:, i-th block]^T
+    bone.load_bone_state_dict(model, {f"{ours}.bone_B": M if bat else M.unflatten(1, (-1, c.b)).permute(1, 2, 0)
+                                      for ours, M in blocks.items()})
 
 
 _LOADERS = {"LORA": _load_lora, "VBLORA": _load_vblora, "MISS": _load_miss}
-PEFT_METHODS = {"LORA": "lora", "VBLORA": "vblora", "MISS": "bone"}  # peft_type -> the nanopeft method it loads as
 
 
-def peft_config(path):
-    """The adapter_config.json of a PEFT folder as a dict, or None when `path` is no such folder. A config that is
-    not a JSON object, or an adapter_model.safetensors without one, is a ValueError line naming the file."""
-    path = str(path)
-    file = os.path.join(path, CONFIG)
-    if not os.path.isdir(path):
-        return None
-    if not os.path.isfile(file):
-        if os.path.exists(os.path.join(path, WEIGHTS)):
-            raise ValueError(f"{path} holds {WEIGHTS} but no {CONFIG}; a PEFT folder needs both")
-        return None
-    try:
-        with open(file, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except ValueError as e:  # not JSON, not UTF-8
-        raise ValueError(f"{file} is not JSON ({e}); expected PEFT's config as a JSON object")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{file} holds a JSON {type(cfg).__name__}; expected PEFT's config as a JSON object")
-    return cfg
+def is_folder(path):
+    """Whether `path` is a PEFT folder: a folder holding adapter_config.json or adapter_model.safetensors."""
+    return os.path.isdir(str(path)) and any(os.path.exists(os.path.join(str(path), f)) for f in (CONFIG, WEIGHTS))
 
 
 def read_peft(path):
-    """(config, tensors) of the PEFT folder at `path`, read as data; any fault is one ValueError line naming the
-    file."""
-    cfg = peft_config(path)
-    if cfg is None:
-        raise ValueError(f"load_peft: {path}: no {CONFIG} there; a PEFT folder holds {CONFIG} and {WEIGHTS}")
-    file = os.path.join(str(path), WEIGHTS)
+    """{"config", "tensors"} of the PEFT folder at `path`, read as data, or None where `path` is no PEFT folder. A
+    file that is missing, empty or unreadable is one ValueError line naming it."""
+    conf, file = (os.path.join(str(path), f) for f in (CONFIG, WEIGHTS))
+    if not is_folder(path):
+        return None
+    if not os.path.isfile(conf):
+        raise ValueError(f"{path} holds {WEIGHTS} but no {CONFIG}; a PEFT folder needs both")
+    try:
+        with open(conf, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except ValueError as e:  # not JSON, not UTF-8
+        raise ValueError(f"{conf} is not JSON ({e}); expected PEFT's config as a JSON object")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{conf} holds a JSON {type(cfg).__name__}; expected PEFT's config as a JSON object")
     if not os.path.isfile(file) or os.path.getsize(file) == 0:
         raise ValueError(f"load_peft: {file}: {'an empty file' if os.path.isfile(file) else 'no such file'}; "
                          "expected the adapter's tensors (safetensors)")
@@ -651,7 +543,7 @@ def read_peft(path):
     except Exception as e:
         raise ValueError(f"load_peft: {file}: not a readable safetensors file (truncated, or a header that does "
                          f"not fit its data): {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
-    return cfg, sd
+    return dict(config=cfg, tensors=sd)
 
 
 def _saved_modules(model, cfg, sd, inv, file):
@@ -687,17 +579,28 @@ def _tied(model):
     return {i for i, c in seen.items() if c > 1}
 
 
-def apply_peft(model, cfg, sd, layout=None, where="the PEFT folder"):
-    """load_peft from a config dict and its tensors, as read from the folder `where` (named in messages)."""
-    file = os.path.join(str(where), WEIGHTS)
-    cfg = check_config(cfg, os.path.join(str(where), CONFIG))
+def apply_peft(model, peft, layout=None, where="the PEFT folder"):
+    """load_peft from `peft` = {"config", "tensors"}, as read from the folder `where` (named in messages)."""
+    conf, file = (os.path.join(str(where), f) for f in (CONFIG, WEIGHTS))
+    cfg = _fields(peft["config"], conf)
     if _adapters(model):
         raise ValueError("load_peft: the model already holds nanopeft adapters; load into a plain model")
-    sd, inv = dict(sd), _inverse(model, layout or identity_layout)
+    sd, inv = dict(peft["tensors"]), _inverse(model, layout or identity_layout)
     saved = _saved_modules(model, cfg, sd, inv, file)
-    apply = _LOADERS[cfg["peft_type"]](model, cfg, sd, inv, file)
-    # every check has passed: from here on the model changes
-    apply()
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        _LOADERS[cfg["peft_type"]](model, cfg, sd, inv, conf, file)
+    except (ValueError, RuntimeError, IndexError) as e:  # put the model back: each new layer gives back its base
+        for name, m in _adapters(model):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, m.base)
+        if hasattr(model, "vblora_bank"):
+            for hook in model.vblora_bank.hooks:
+                hook.remove()
+            del model.vblora_bank
+        for p, g in grads:
+            p.requires_grad_(g)
+        raise ValueError(str(e) if str(e).startswith("load_peft: ") else f"load_peft: {file}: {e}") from e
     for _, m in _adapters(model):
         m.train(m.base.training)  # a new layer takes the mode of the layer it wraps: eval stays eval
     tied = _tied(model)
@@ -715,6 +618,96 @@ def load_peft(model, path, layout=None):
     """Apply the PEFT folder at `path` (LORA, VBLORA or MISS) to the plain `model` as the matching nanopeft
     method and load its tensors, and its modules_to_save into the model's own modules (a tensor the module shares
     with another, as GPT-2's tied head, becomes the module's own, as in PEFT); returns the adapted names (ours).
-    Every field of the config is honoured as PEFT 0.21 honours it or refused by name; every check runs before the
-    model changes; the new layers take the training mode of the layers they wrap."""
-    return apply_peft(model, *read_peft(path), layout, path)
+    Every field of the config is honoured as PEFT 0.21 honours it or refused by name; a refusal leaves the model
+    as it was; the new layers take the training mode of the layers they wrap."""
+    peft = read_peft(path)
+    if peft is None:
+        raise ValueError(f"load_peft: {path}: no {CONFIG} there; a PEFT folder holds {CONFIG} and {WEIGHTS}")
+    return apply_peft(model, peft, layout, path)
+
+
+# -----------------------------------------------------------------------------
+# The scripts' rules: a PEFT folder as --init_from (or --adapter), --export; a fault is one line naming the flag
+
+
+def folder_sets(method, flag):
+    """Whether a PEFT folder's config decides --flag of a `method` run: its targets and shapes, not its lrs."""
+    return flag == "targets" or flag.startswith(method + "_") and not flag.endswith("lr")
+
+
+def read_folder(path, flag="--init_from"):
+    """read_peft(path), a fault being one line naming the flag."""
+    try:
+        return read_peft(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {flag} {path}: {e}")
+
+
+def base_of(init_from, peft):
+    """Where the base weights come from: the base_model_name_or_path of `peft` (a PEFT folder's {"config",
+    "tensors"}), else --init_from itself."""
+    base = init_from if peft is None else peft["config"].get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise SystemExit(f"error: --init_from {init_from}: its {CONFIG} names no base_model_name_or_path, so the "
+                         "base model is unknown")
+    return base
+
+
+def init_from(args):
+    """--init_from, resolved once per run -> (the PEFT folder it is, as {"config", "tensors"}, or None; where the
+    base weights come from). A folder's peft_type must be --method's, and no method flag may set what its config
+    sets (a MiSS folder is Bone-col); --export must name a folder that is not the run's source and holds no adapter
+    (unless --overwrite). Each fault is one line, before any work."""
+    path, peft = args.init_from, read_folder(args.init_from)
+    if peft is not None:  # the folder's adapter decides the method and its shapes
+        kind = peft["config"].get("peft_type")
+        method = PEFT_METHODS.get(kind)
+        if method != args.method:
+            hint = f"pass --method {method}" if method else f"nanopeft reads {', '.join(PEFT_METHODS)}"
+            raise SystemExit(f"error: --init_from {path} holds a PEFT {kind} adapter: {hint}")
+        cfg = {**_FIELDS[kind], **peft["config"]}
+        fields = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "b": "vector_length" if
+                  kind == "VBLORA" else "r", "h": "num_vectors", "k": "topk"}  # --{method}_{ours} -> PEFT's
+        for k in [k for k in vars(args) if folder_sets(args.method, k) and getattr(args, k) is not None]:
+            v, field = getattr(args, k), fields.get(k.partition("_")[2])
+            if v != cfg[field] if field else k == "targets" or v != "col":
+                sets = f"{field}={cfg[field]!r}" if field else "the targets" if k == "targets" else "Bone-col"
+                raise SystemExit(f"error: --{k} {v}: --init_from {path} is a PEFT folder, whose {CONFIG} sets {sets}; "
+                                 f"drop --{k}")
+    base = None if path == "scratch" else base_of(path, peft)
+    if args.export is not None:
+        kind, out = args.export
+        if kind not in ("peft", "lora"):
+            raise SystemExit(f"error: --export {kind} {out}: the kind is peft (PEFT's own format: LoRA, VB-LoRA, "
+                             f"Bone-col) or lora (any method's ΔW as plain LoRA)")
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise SystemExit(f"error: --export {kind} {out}: that path is a file; expected a folder (new or holding "
+                             f"an adapter to replace with --overwrite)")
+        sources = [s if os.path.isdir(s) else os.path.dirname(s) for s in (path, base) if s and os.path.exists(s)]
+        if any(os.path.realpath(out) == os.path.realpath(s) for s in sources):
+            raise SystemExit(f"error: --export {kind} {out}: that folder is where this run's --init_from {path} comes "
+                             f"from, which is never replaced; export to another folder")
+        held = [f for f in (CONFIG, WEIGHTS) if os.path.exists(os.path.join(out, f))]
+        if held and not args.overwrite:
+            raise SystemExit(f"error: --export {kind} {out}: that folder holds an adapter ({', '.join(held)}); pass "
+                             f"--overwrite to replace it")
+    return peft, base
+
+
+def check_export(args, model, layout):
+    """--export peft, refused before training where PEFT cannot hold the model's adapter (then lora can)."""
+    if args.export is not None and args.export[0] == "peft":
+        why_not = why_not_peft(model, layout)
+        if why_not:
+            raise SystemExit(f"error: --export peft: PEFT cannot hold this adapter on this model: {why_not}; use "
+                             f"--export lora {args.export[1]}")
+
+
+def export_adapter(args, model, layout, base, modules_to_save=None, log=print):
+    """Write the trained adapter for the Hugging Face model `layout` maps onto: PEFT's format, or plain LoRA."""
+    kind, path = args.export
+    if kind == "peft":
+        save_peft(model, path, layout, modules_to_save, base)
+    else:
+        save_lora(model, path, layout=layout, modules_to_save=modules_to_save, base_model_name_or_path=base)
+    log(f"exported the adapter as {'a PEFT' if kind == 'peft' else 'a plain LoRA'} folder: {path}")

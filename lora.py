@@ -46,9 +46,10 @@ class LoRAConfig:
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoRA: r={self.r!r} must be an int >= 1")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+        if isinstance(self.alpha, bool) or not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)
+                                                and self.alpha > 0):
             raise ValueError(f"LoRA: alpha={self.alpha!r} must be a finite number > 0")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+        if isinstance(self.dropout, bool) or not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise ValueError(f"LoRA: dropout={self.dropout!r} must lie in [0, 1)")
 
 
@@ -156,6 +157,8 @@ def load_lora_state_dict(model, sd):
         if t.shape != own[n].shape:
             raise ValueError(f"LoRA: {n!r} has shape {tuple(t.shape)}, the model's is {tuple(own[n].shape)} "
                              f"(different r?)")
+        if not t.is_floating_point():
+            raise ValueError(f"LoRA: {n!r} has dtype {t.dtype}, expected a floating-point tensor")
         if not torch.isfinite(t).all():
             raise ValueError(f"LoRA: {n!r} holds non-finite values (NaN or inf)")
     if any(m.merged for m in model.modules() if isinstance(m, LoRALinear)):

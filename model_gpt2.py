@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import MAX_PARAMS, Missing, read_safetensors, why
+from common import Missing, check_size, one_line, read_safetensors, why
 
 IGNORE = -100  # target id the loss skips (MR tokens, padding)
 
@@ -168,10 +168,6 @@ def convert_hf_state_dict(sd):
     return out
 
 
-def _n_params(c):
-    return (c["vocab_size"] + c["block_size"]) * c["n_embd"] + c["n_layer"] * 12 * c["n_embd"] ** 2
-
-
 def check_config(path, config, args=None):
     """A model config read from a file (a run's header), checked before GPT allocates it; args: the run's flags,
     which a scratch run's config was built from. Any fault is one line naming path and the field."""
@@ -192,21 +188,18 @@ def check_config(path, config, args=None):
     for k in ("block_size", "n_layer", "n_head", "n_embd"):
         if args is not None and k in vars(args) and getattr(args, k) != config[k]:
             bad(k, f"args.{k}={getattr(args, k)!r}, the flag the run built it from")
-    if _n_params(config) > MAX_PARAMS:
-        raise SystemExit(f"error: {path}: its header's config makes a model of {_n_params(config):.3g} parameters; "
-                         f"expected at most {MAX_PARAMS:.3g}")
+    n_embd = config["n_embd"]
+    check_size(path, config["n_layer"], n_embd, 4 * n_embd, config["vocab_size"] + config["block_size"])
 
 
 def _read_weights(path):
-    """(the state dict of a local checkpoint file, the model config its nanopeft header or torch file holds, or
-    None); any fault is one line naming the file."""
+    """(the state dict of a local checkpoint file, the model config its nanopeft header holds, or None); any fault
+    is one line naming the file."""
     try:
         if path.endswith(".safetensors"):
             header, sd = read_safetensors(path)  # a full fine-tune's adapter.safetensors: its config in the header
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-            header = sd if isinstance(sd, dict) and "adapter" in sd and "args" in sd else None  # an adapter.pt
-            sd = sd["adapter"] if header is not None else sd
+            header, sd = None, torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise SystemExit(f"error: --init_from {path}: holds pickled objects other than tensors; expected plain "
                          f"weights (nanopeft reads only tensors, weights_only=True)")
@@ -223,7 +216,7 @@ def _read_weights(path):
 
 def load_gpt2(path, dropout=0.0, n_head=None):
     """Our GPT from a local GPT-2 checkpoint: a model.safetensors / pytorch_model.bin (HF layout), the
-    folder holding one, or a full fine-tune's adapter.safetensors (or adapter.pt). n_head is not in the weights:
+    folder holding one, or a full fine-tune's adapter.safetensors. n_head is not in the weights:
     the argument, else a config.json beside the file, else the model config saved with a full fine-tune, else
     n_embd / 64 (every GPT-2 size has 64-dim heads). Any fault is one line naming the file."""
     if os.path.isdir(path):
@@ -263,7 +256,7 @@ def load_gpt2(path, dropout=0.0, n_head=None):
         model.load_state_dict(sd)
     except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
         raise SystemExit(f"error: --init_from {path}: does not fit a GPT-2 of n_layer {n_layer}, n_embd {C}: "
-                         f"{' '.join(str(e).split())[:300]}")
+                         f"{one_line(e)}")
     return model
 
 

@@ -36,7 +36,7 @@ Multi-GPU: process r of N takes micro-batches r, r+N, ... of one global order, s
 
 --out_dir: ckpt.pt (to resume) and adapter.safetensors (to use: the method's state dict, VB-LoRA's top-k
 form, full: the trained tensors; its header holds the flags and model config that rebuild the model, as
-load_finetuned() does, which reads the adapter.pt of earlier versions too); predictions.txt and
+load_finetuned() does); predictions.txt and
 references.txt (LoRA's form, for e2e-metrics' measure_scores.py as they are), metrics.json. --export peft|lora DIR writes the adapter
 for Hugging Face's GPT2LMHeadModel (q, k, v fused in its Conv1D c_attn); --init_from and --adapter take a
 PEFT folder (its base_model_name_or_path is the base).
@@ -54,10 +54,10 @@ import torch
 import torch.distributed as dist
 
 from common import (HelpFormatter, Missing, Online, adapter_bytes, add_method_args, adapter_state_dict,
-                    attach_method, autocast, base_checkpoint, check_export, checkpoint, export_adapter, fetch_all,
-                    fill_method_defaults, grad_sync, hms, load_adapter, load_adapter_state_dict, open_run,
-                    param_counts, peft_folder, progress_line, restore, save_atomic, setup_ddp, wrap_ddp)
-from interop import PEFT_METHODS, gpt2_layout
+                    attach_method, autocast, checkpoint, fetch_all, fill_method_defaults, grad_sync, hms, load_adapter,
+                    load_adapter_state_dict, open_run, param_counts, progress_line, restore, save_atomic, setup_ddp,
+                    wrap_ddp)
+from interop import PEFT_METHODS, base_of, check_export, export_adapter, gpt2_layout, init_from, read_folder
 from e2e import (collate, e2e_scores, encode_e2e, encode_lm_text, estimate_dev_loss, get_tokenizer, load_e2e,
                  lora_context, make_batches, write_outputs)
 from model_gpt2 import GPT, GPT2_HEADS, GPTConfig, beam_search, check_config, gpt2_weights, load_gpt2
@@ -130,7 +130,7 @@ def get_args(argv=None):
     a("--sample", default=None, help='decode this one MR, e.g. "name[The Eagle], food[French]" (a | between '
       "fields reads as a comma; without brackets: LoRA's form as typed), with --adapter or --out_dir's adapter; "
       "no training")
-    a("--adapter", default=None, help="for --sample: a run's adapter.safetensors (or adapter.pt) or a PEFT folder "
+    a("--adapter", default=None, help="for --sample: a run's adapter.safetensors or a PEFT folder "
       "(default: --out_dir/adapter.safetensors)")
     args = p.parse_args(argv)
     check_args(args)
@@ -174,7 +174,7 @@ def build_model(args, vocab_size, weights=None, config=None):
     from the local file `weights`. Seeds first, so a scratch base is the same model on every rebuild."""
     torch.manual_seed(args.seed)
     if args.init_from != "scratch":
-        return load_gpt2(weights or base_checkpoint(args.init_from), args.dropout)
+        return load_gpt2(weights or args.init_from, args.dropout)
     config = config or dict(block_size=args.block_size, vocab_size=vocab_size, n_layer=args.n_layer,
                             n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
     return GPT(GPTConfig(**config))
@@ -205,34 +205,31 @@ def lr_factor(step, warmup, total):
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def hub_name(init_from):
+def hub_name(init_from, base):
     """The base model's name as a PEFT folder records it: the Hub's id, or the local path (None: scratch)."""
-    if init_from == "scratch":
-        return None
-    return "openai-community/" + init_from if init_from in GPT2_HEADS else base_checkpoint(init_from)
+    return "openai-community/" + init_from if init_from in GPT2_HEADS else base
 
 
 def load_finetuned(path, device="cpu"):
-    """The fine-tuned model of a run's adapter.safetensors (or its folder, or an adapter.pt), or of a PEFT folder,
+    """The fine-tuned model of a run's adapter.safetensors (or its folder), or of a PEFT folder,
     ready to decode: the base model rebuilt from the run's flags (--init_from, or --seed and the saved config for
     scratch; a PEFT folder: its base_model_name_or_path), the method applied, the adapter loaded. A fault in the
     file is one line naming it."""
-    if os.path.isdir(path) and peft_folder(path, "--adapter") is None:
-        path = os.path.join(path, "adapter.safetensors")
-    cfg = peft_folder(path, "--adapter")
-    if cfg is not None:  # a PEFT folder is the adapter and names its base
-        if cfg.get("peft_type") not in PEFT_METHODS:
-            raise SystemExit(f"error: {path}: a PEFT {cfg.get('peft_type')} adapter; nanopeft reads "
-                             f"{', '.join(PEFT_METHODS)}")
-        args = get_args(["--init_from", path, "--method", PEFT_METHODS[cfg["peft_type"]]])
-        blob = dict(args=vars(args), config={"vocab_size": None}, adapter=None, peft=None)
+    peft = read_folder(path, "--adapter")
+    if peft is not None:  # a PEFT folder is the adapter and names its base
+        kind = peft["config"].get("peft_type")
+        if kind not in PEFT_METHODS:
+            raise SystemExit(f"error: {path}: a PEFT {kind} adapter; nanopeft reads {', '.join(PEFT_METHODS)}")
+        args = get_args(["--init_from", path, "--method", PEFT_METHODS[kind]])
+        blob = dict(args=vars(args), config={"vocab_size": None}, adapter=None, peft=peft)
     else:
+        path = os.path.join(path, "adapter.safetensors") if os.path.isdir(path) else path
         blob = load_adapter(path, ADAPTER_KEYS, METHOD_DEFAULTS)
     args = argparse.Namespace(**blob["args"])
     weights = None
     if args.init_from != "scratch":
         try:
-            weights = gpt2_weights(base_checkpoint(args.init_from, blob["peft"]), Online())
+            weights = gpt2_weights(base_of(args.init_from, blob["peft"]), Online())
         except Missing as e:
             raise SystemExit(f"error: {path} was trained on {e.code}")
     else:
@@ -277,8 +274,6 @@ def decode(model, prompts, eos, args, log=print):
 def sample(args, device):
     """--sample: decode one MR with a saved adapter and print the text."""
     path = args.adapter or os.path.join(args.out_dir, "adapter.safetensors")
-    if not args.adapter and not os.path.exists(path) and os.path.isfile(os.path.join(args.out_dir, "adapter.pt")):
-        path = os.path.join(args.out_dir, "adapter.pt")  # the file an earlier version wrote
     if not os.path.exists(path):
         raise SystemExit(f"error: --sample needs an adapter: no {path} (pass --adapter PATH, a run's "
                          f"adapter.safetensors or a PEFT folder, or --out_dir DIR)")
@@ -294,13 +289,13 @@ def sample(args, device):
     return dict(model=model, sample=text)
 
 
-def load_data(args, log):
-    """(tokenizer, train, dev, test contexts -> references, GPT-2 weights path or None), every download tried
-    before any missing one is reported. E2E in LoRA's form: (context, completion) rows."""
+def load_data(args, base, log):
+    """(tokenizer, train, dev, test contexts -> references, GPT-2 weights path or None: `base`'s), every
+    download tried before any missing one is reported. E2E in LoRA's form: (context, completion) rows."""
     t0 = time.time()
     jobs = dict(bpe=lambda online: get_tokenizer(args.bpe_dir, online),
                 weights=lambda online: None if args.init_from == "scratch" else
-                gpt2_weights(base_checkpoint(args.init_from), online))
+                gpt2_weights(base, online))
     if not args.lm_text:
         jobs["e2e"] = lambda online: load_e2e(args.data_dir, online)
     got = fetch_all(jobs)
@@ -360,10 +355,11 @@ def main(argv=None):
     if args.sample is not None:
         return sample(args, device)
     ckpt_path, adapter_path = (os.path.join(args.out_dir, f) for f in ("ckpt.pt", "adapter.safetensors"))
+    peft, base = init_from(args)  # a PEFT folder as --init_from, read once; the base weights' path
     ckpt = open_run(args, world_size)
 
     # ---- data
-    enc, train, dev, test_refs, weights = load_data(args, log)
+    enc, train, dev, test_refs, weights = load_data(args, base, log)
     eos = enc.eot_token
 
     # ---- model and method: seeded, so every rank builds the same base and adapter
@@ -372,7 +368,7 @@ def main(argv=None):
     if mrs:  # before training: the longest MR to decode and its output must fit the positions
         longest = max(len(enc.encode_ordinary(mr)) + 1 for mr in mrs)
         check_fits(model.config.block_size, longest, args, "the longest test MR")
-    peft = attach_method(model.to(device), args, gpt2_layout)  # a PEFT folder's adapter: stored with the run's
+    attach_method(model.to(device), args, gpt2_layout, peft)  # a PEFT folder's adapter: stored with the run's
     check_export(args, model, gpt2_layout)  # before training: an adapter PEFT cannot hold is refused now
     groups = param_groups(model, args)
     n_train, n_stored, n_base = param_counts(model, args.method)
@@ -462,7 +458,7 @@ def main(argv=None):
                               adapter_state_dict(model, args.method), peft), adapter_path)
     log(f"saved {adapter_path}")
     if args.export:  # for Hugging Face's GPT2LMHeadModel: its fused c_attn, its Conv1D layout
-        export_adapter(args, model, gpt2_layout, hub_name(args.init_from), log=log)
+        export_adapter(args, model, gpt2_layout, hub_name(args.init_from, base), log=log)
     model.eval()
     if mrs:
         result["predictions"], result["scores"] = score(model, enc, mrs, test_refs, step, args, log)

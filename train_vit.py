@@ -31,10 +31,10 @@ Choices made where the papers are silent:
   same steps as one with --grad_accum G*N. Only rank 0 logs, evaluates and saves.
 - adapter.safetensors holds the method's adapter state dict (the backbone for `full`, compact top-k for
   VB-LoRA) and the head ("head."), and in its header {"args", "method", "config", "classes", "test_acc"};
-  load_finetuned(path) rebuilds the model from it (a scratch backbone from --seed; an adapter.pt of earlier
-  versions too). ckpt.pt holds what --resume needs. Both are written atomically. --export peft|lora DIR
-  writes the adapter and head for Hugging Face's ViTForImageClassification (transformers >= 5 module names;
-  interop.vit_layout has the older ones); --init_from takes a PEFT folder too.
+  load_finetuned(path) rebuilds the model from it (a scratch backbone from --seed). ckpt.pt holds what
+  --resume needs. Both are written atomically. --export peft|lora DIR writes the adapter and head for Hugging
+  Face's ViTForImageClassification (transformers >= 5 module names; interop.vit_layout has the older ones);
+  --init_from takes a PEFT folder too.
 """
 import argparse
 import math
@@ -46,12 +46,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (MAX_PARAMS, HelpFormatter, adapter_bytes, add_method_args, adapter_state_dict, attach_method,
-                    autocast, base_checkpoint, check_export, checkpoint, export_adapter, fetch_all,
-                    fill_method_defaults, grad_sync, load_adapter, load_adapter_state_dict, open_run, param_counts,
-                    progress_line, restore, save_atomic, setup_ddp, wrap_ddp)
+from common import (HelpFormatter, adapter_bytes, add_method_args, adapter_state_dict, attach_method, autocast,
+                    check_size, checkpoint, fetch_all, fill_method_defaults, grad_sync, load_adapter,
+                    load_adapter_state_dict, one_line, open_run, param_counts, progress_line, restore, save_atomic,
+                    setup_ddp, wrap_ddp)
 from images import DATA_LAYOUT, DATASETS, load_data, parse_classes, preprocess
-from interop import vit_layout
+from interop import base_of, check_export, export_adapter, init_from, vit_layout
 from model_vit import HUB_MODELS, ViT, ViTConfig, build_model, read_checkpoint
 
 QV = "q_proj,v_proj"  # both papers adapt q and v on the ViT
@@ -182,42 +182,39 @@ def evaluate(model, x, y, args, ctx):
 
 
 def load_finetuned(path, device="cpu"):
-    """Rebuild a fine-tuned model from adapter.pt: a full fine-tune from its saved config and tensors;
+    """Rebuild a fine-tuned model from adapter.safetensors: a full fine-tune from its saved config and tensors;
     else the backbone from its --init_from (or --seed for scratch) with its saved n_head, the method
     applied as in training, then the adapter and the head loaded."""
     blob = load_adapter(path, ADAPTER_KEYS, METHOD_DEFAULTS)
     args = argparse.Namespace(**blob["args"])
-    saved_cfg = blob.get("config") or blob.get("model_cfg")  # model_cfg: the key's former name
+    saved_cfg = blob.get("config")
     torch.manual_seed(args.seed)
     try:  # an edited header: fields ViTConfig has not, sizes ViT refuses, tensors that do not fit, too big a model
         if args.method == "full" and saved_cfg:
             cfg = ViTConfig(**saved_cfg)
-            if cfg.n_layer * (4 * cfg.n_embd + 2 * cfg.mlp_dim) * cfg.n_embd > MAX_PARAMS:  # before allocating
-                raise ValueError(f"n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, mlp_dim={cfg.mlp_dim} make a model "
-                                 f"of over 2**33 parameters (MAX_PARAMS)")
+            check_size(path, cfg.n_layer, cfg.n_embd, cfg.mlp_dim)
             model = ViT(cfg)
             model.load_state_dict({**blob["adapter"], **{f"head.{k}": v for k, v in blob["head"].items()}})
             return model.to(device).eval()
-        weights = None if args.init_from == "scratch" else read_checkpoint(base_checkpoint(args.init_from,
-                                                                                           blob["peft"]))
+        weights = None if args.init_from == "scratch" else read_checkpoint(base_of(args.init_from, blob["peft"]))
         model = build_model(args, len(blob["classes"]), weights, n_head=saved_cfg and saved_cfg["n_head"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {path}: its header's config {saved_cfg} does not make this run's ViT: "
-                         f"{' '.join(str(e).split())[:300]}")
+                         f"{one_line(e)}")
     attach_method(model, args, vit_layout, blob["peft"])
     load_adapter_state_dict(model, args.method, blob["adapter"], path)
     model.head.load_state_dict(blob["head"])
     return model.to(device).eval()
 
 
-def load_inputs(args, ddp, master, device, log):
+def load_inputs(args, base, ddp, master, device, log):
     """(base weights, data on the device), every download tried before any missing one is reported. Under
     DDP rank 0 downloads first; the others then read its cache."""
     t0 = time.time()
     if ddp and not master:
         dist.barrier()
     got = fetch_all({"weights": lambda online: None if args.init_from == "scratch" else
-                     read_checkpoint(base_checkpoint(args.init_from), online),
+                     read_checkpoint(base, online),
                      "data": lambda online: load_data(args, online)})
     if ddp and master:
         dist.barrier()
@@ -248,14 +245,15 @@ def main(argv=None):
     args = get_args(argv)
     ddp, rank, world_size, device = setup_ddp(args.device)
     try:
+        peft, base = init_from(args)  # a PEFT folder as --init_from, read once; the base weights' path
         ckpt = open_run(args, world_size)
-        return train(args, ckpt, ddp, rank, world_size, device)
+        return train(args, peft, base, ckpt, ddp, rank, world_size, device)
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def train(args, ckpt, ddp, rank, world_size, device):
+def train(args, peft, base, ckpt, ddp, rank, world_size, device):
     master = rank == 0  # logs, evaluates and saves
     log = print if master else (lambda *a, **k: None)
     ctx = autocast(device)
@@ -263,7 +261,7 @@ def train(args, ckpt, ddp, rank, world_size, device):
     torch.backends.cudnn.allow_tf32 = True
 
     # ---- data and base weights
-    weights, data = load_inputs(args, ddp, master, device, log)
+    weights, data = load_inputs(args, base, ddp, master, device, log)
     x_train, y_train, x_test, y_test = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
     classes = data["classes"]
     global_batch = args.batch_size * args.grad_accum * world_size
@@ -275,7 +273,7 @@ def train(args, ckpt, ddp, rank, world_size, device):
     # ---- model and method; the same seed on every rank, so all start identical
     torch.manual_seed(args.seed)  # before build_model: a scratch backbone is rebuilt from the seed on reload
     model = build_model(args, len(classes), weights, classes=classes).to(device)
-    peft = attach_method(model, args, vit_layout)  # a PEFT folder's adapter: stored with the run's
+    attach_method(model, args, vit_layout, peft)  # a PEFT folder's adapter: stored with the run's
     check_export(args, model, vit_layout)  # before training: an adapter PEFT cannot hold is refused now
     model.head.requires_grad_(args.method != "none")
     groups = param_groups(model, args)
@@ -357,7 +355,7 @@ def train(args, ckpt, ddp, rank, world_size, device):
     log(f"saved {args.out_dir}/adapter.safetensors and ckpt.pt")
     if master and args.export:  # for Hugging Face's ViTForImageClassification: the head is its classifier
         export_adapter(args, model, vit_layout, None if args.init_from == "scratch" else
-                       HUB_MODELS.get(args.init_from, base_checkpoint(args.init_from)),
+                       HUB_MODELS.get(args.init_from, base),
                        modules_to_save={"classifier": model.head.state_dict()}, log=log)
     if ddp:
         dist.barrier()  # the other ranks wait for rank 0's last evaluation and save

@@ -37,7 +37,7 @@ Choices where the paper is silent:
   TRITON_INTERPRET=1) the same maths runs as kernels.vblora_compose and kernels.lowrank_linear.
 - delta_weight() is float32 (float64 for float64 layers); merge() adds it at that precision and rounds
   once. merge()/unmerge() are explicit (no auto-merge on eval()); a tied weight is never merged.
-- apply_vblora freezes everything except adapter tensors, so earlier adapters (any nanopeft method)
+- apply_vblora freezes everything except adapter tensors, so adapters applied before (any nanopeft method)
   stay trainable; one bank per model, so a second apply_vblora raises.
 """
 import math
@@ -235,8 +235,8 @@ def apply_vblora(model, cfg, targets):
         setattr(model.get_submodule(parent_name), child, layer)
     model.vblora_bank = bank
     bank.layers, bank.adapted_names = list(layers.values()), names
-    model.register_forward_pre_hook(bank.hand_out)  # one composition per forward of the model
-    model.register_forward_hook(bank.take_back, always_call=True)
+    bank.hooks = [model.register_forward_pre_hook(bank.hand_out),  # one composition per forward of the model
+                  model.register_forward_hook(bank.take_back, always_call=True)]  # handles: a failed load undoes it
     return bank
 
 
@@ -276,7 +276,8 @@ def vblora_state_dict(model, compact=True):
 @torch.no_grad()
 def load_vblora_state_dict(model, sd):
     """Load either form of vblora_state_dict (told apart by its keys); everything is checked before
-    anything is written: keys, shapes, dtypes, finite values, weights in [0, 1], indices in [0, h)."""
+    anything is written: keys, shapes, dtypes, finite values, weights in [0, 1] that leave the last >= 0,
+    k distinct indices in [0, h)."""
     key, bank = _find_bank(model)
     h, compact = bank.cfg.h, any(n.endswith(".vblora_idx_A") for n in sd)
     shapes = {key: bank.vectors.shape}
@@ -304,8 +305,9 @@ def load_vblora_state_dict(model, sd):
             raise ValueError(f"VB-LoRA: {n} holds {t.dtype}; expected a floating-point tensor")
         elif not torch.isfinite(t).all():
             raise ValueError(f"VB-LoRA: {n} holds non-finite values (NaN or inf)")
-        elif ".vblora_w_" in n and t.numel() and (t.min() < 0 or t.max() > 1):
-            raise ValueError(f"VB-LoRA: {n} holds weights outside [0, 1]")
+        elif ".vblora_w_" in n and t.numel() and (t.min() < 0 or t.max() > 1 or  # a row's sum, rounding aside:
+                                                  t.float().sum(-1).max() > 1 + t.shape[-1] * torch.finfo(t.dtype).eps):
+            raise ValueError(f"VB-LoRA: {n} holds weights outside [0, 1] or rows that sum above 1")
     if any(l.merged for _, l in _layers(model)):
         raise ValueError("VB-LoRA: a layer is merged; unmerge() before loading")
     bank.vectors.copy_(sd[key])
