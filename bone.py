@@ -14,9 +14,8 @@ is never kept alive; weight_prime() is the one place it is formed (col forward a
   - row: with t_j = x_j B_j^T (x_j the j-th b-chunk of x), x_j W'_ij^T = (x_j + t_j) W_ij^T + t_j, hence
     y = (x + t) W^T + tile_i(Σ_j t_j) + bias exactly: no W', no dW'; autograd does the backward.
   - col: B_i depends on the output block, so no such factorisation exists. BoneColFunction forms W' in
-    forward and again in backward, keeping only x, W and B. The paper keeps W': its Table 7 has Bone at
-    1.68× / 1.90× LoRA's memory and 0.70× / 0.60× its throughput (RWKV-1.6B / 3B), and "Bone (checkpoint)"
-    at LoRA's memory (1.01×) and 0.59× / 0.48× its throughput.
+    forward and again in backward, keeping only x, W and B. The paper keeps W', and its Table 7 shows the
+    cost in memory and throughput against LoRA (the ratios: docs/kernels.md).
   - Where it runs: these formulas in plain PyTorch on a CPU. On CUDA tensors (or under TRITON_INTERPRET=1)
     the "bone" variant runs the same maths in kernels.py: kernels.bone_row (row's x + t and Σ_j t_j) and
     kernels.bone_col_linear (W' formed in one pass, never saved). NANOPEFT_NO_TRITON=1 keeps the plain formulas.

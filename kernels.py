@@ -1164,14 +1164,13 @@ def bone_row(x, B):
 #   y = x W'^T + bias,   W'_ij = W_ij + W_ij B_i + B_i   (b x b blocks: i over out/b, j over in/b)
 #   W'_ij[p, q] = W_ij[p, q] + Σ_r W_ij[p, r] B_i[r, q] + B_i[p, q]
 #
-# W' has no factorisation through x. Design, measured on an H100 (bf16, N = 4096, 1024 -> 4096,
-# b = 64): a Triton matmul that formed each W' tile in registers ran at 60-80 TFLOP/s against cuBLAS's
-# 400-500 on the same products (the W' tile costs extra flops per row block and its registers spill). So
-# the three big products (x W'^T, g W', g^T x) stay with cuBLAS and the kernels do the memory-bound parts
-# around them, one pass each: the forward kernel forms W' from W (any dtype) and B, written once in the
-# compute dtype (the copy autocast would make of W anyway; torch needs five passes for it); the backward
-# kernel reduces dB from G = dW' = g^T x. W' and G are transient (one layer's worth); only x, W and B are
-# saved for backward.
+# W' has no factorisation through x. Design: a Triton matmul that formed each W' tile in registers ran at a
+# fraction of cuBLAS's rate on the same products (the W' tile costs extra flops per row block and its
+# registers spill; measured on an H100: docs/kernels.md). So the three big products (x W'^T, g W', g^T x)
+# stay with cuBLAS and the kernels do the memory-bound parts around them, one pass each: the forward kernel
+# forms W' from W (any dtype) and B, written once in the compute dtype (the copy autocast would make of W
+# anyway; torch needs five passes for it); the backward kernel reduces dB from G = dW' = g^T x. W' and G
+# are transient (one layer's worth); only x, W and B are saved for backward.
 
 @triton.jit
 def _bone_col_wprime_tile(w_ptr, b_ptr, i, j, p, q, IN, BB,
