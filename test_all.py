@@ -4097,6 +4097,31 @@ def test_load_peft_applies_only_the_modules_peft_selects(llama, tmp_path, case):
     torch.testing.assert_close(_logits(ours), want, atol=ATOL, rtol=0)
 
 
+SELECTION_NAMES = [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj",
+                                                                     "self_attn.kv_proj", f"experts.{1 - i}.w1")]
+SELECTION = [  # LoraConfig fields; PEFT's check_target_module_exists says which of SELECTION_NAMES + lm_head it picks
+    dict(target_modules=["q_proj", "v_proj"], exclude_modules="q_proj"),  # a regex excludes by full match
+    dict(target_modules=["q_proj", "v_proj"], exclude_modules=r".*\.0\..*"),
+    dict(target_modules=["v_proj"], exclude_modules=["_proj"]),  # a name matches whole dotted segments
+    dict(target_modules=["v_proj", "w1"], exclude_modules=["model.layers.0.self_attn.v_proj"]),
+    dict(target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1]),  # full name: any layer
+    dict(target_modules=["w1", "q_proj"], layers_to_transform=[1]),  # the layer is the first index, not the expert's
+    dict(target_modules=["w1", "q_proj"], layers_to_transform=1, layers_pattern="experts"),
+    dict(target_modules=["w1", "v_proj"], layers_to_transform=[0], layers_pattern=["h", "layers"]),
+    dict(target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"]),  # a module trained whole: no adapter
+    dict(target_modules=r".*\.(\d)\.self_attn\.[qk]v?_proj"),
+]
+
+
+@pytest.mark.parametrize("fields", SELECTION)
+def test_selected_is_pefts_check_target_module_exists(fields):
+    cfg = {k: fields.get(k) for k in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                                      "modules_to_save")}
+    names = SELECTION_NAMES + ["lm_head"]
+    want = [bool(peft.tuners.tuners_utils.check_target_module_exists(peft.LoraConfig(**fields), n)) for n in names]
+    assert [interop._selected(cfg, n) for n in names] == want and 0 < sum(want) < len(names)
+
+
 def _huge_header(path):
     header = json.dumps({"x": {"dtype": "F32", "shape": [10 ** 12], "data_offsets": [0, 4 * 10 ** 12]}}).encode()
     path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 16)
