@@ -3803,12 +3803,15 @@ def test_save_peft_loads_in_peft(llama, tmp_path, method):
 
 PEFT_CONFIGS = {  # adapters made by PEFT itself
     "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "lora_rslora": lambda: peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "up_proj"]),
-    "lora_patterns": lambda: peft.LoraConfig(r=4, lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 3},
-                                             target_modules=["q_proj", "v_proj"]),
+    "lora_rslora": lambda: peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, rank_pattern={"up_proj": 2},
+                                           target_modules=["q_proj", "up_proj"]),  # scales 8 / √4, 8 / √2
+    "lora_patterns": lambda: peft.LoraConfig(r=4, lora_alpha=8, rank_pattern={"v_proj": 2, "layers.1": 3},
+                                             alpha_pattern={"v_proj": 3}, target_modules=["q_proj", "v_proj"]),
     "vblora": lambda: peft.VBLoRAConfig(r=4, num_vectors=32, vector_length=16, topk=2,
                                         target_modules=["q_proj", "down_proj"]),
-    "vblora_topk": lambda: peft.VBLoRAConfig(r=4, num_vectors=256, vector_length=16, topk=2,
+    "vblora_k_is_h": lambda: peft.VBLoRAConfig(r=4, num_vectors=2, vector_length=16, topk=2,
+                                               target_modules=["q_proj", "down_proj"]),
+    "vblora_topk": lambda: peft.VBLoRAConfig(r=4, num_vectors=256, vector_length=16, topk=3,
                                              save_only_topk_weights=True, target_modules=["q_proj", "down_proj"]),
     "miss_bat": lambda: peft.MissConfig(r=16, init_weights="bat", target_modules=["q_proj", "up_proj"]),
     "miss": lambda: peft.MissConfig(r=16, target_modules=["q_proj", "up_proj"]),
@@ -3825,10 +3828,16 @@ def _peft_made(base, kind, folder, seed=3):
 @pytest.mark.parametrize("kind", list(PEFT_CONFIGS))
 def test_load_peft_matches_peft(llama, tmp_path, kind):
     ref = _peft_made(llama, kind, tmp_path)
-    if kind == "vblora_topk":  # PEFT's h = 256 files store int16 indices and k - 1 = 1 weight per sub-vector
+    if kind == "vblora_topk":  # PEFT's h = 256 files store int16 indices and k - 1 = 2 weights per sub-vector
         sd = load_file(tmp_path / "adapter_model.safetensors")
         assert {t.dtype for k, t in sd.items() if k.endswith("_topk_indices")} == {torch.int16}
-        assert {t.shape[-1] for k, t in sd.items() if k.endswith("_topk_weights")} == {1}
+        assert {t.shape[-1] for k, t in sd.items() if k.endswith("_topk_weights")} == {2}
+        key = next(k for k in sd if k.endswith("_topk_weights"))
+        sd[key][0, 0] = torch.tensor([0.75, 0.25])  # the reference: PEFT reads this row as 0.75, 0.25, 0
+        save_file(sd, tmp_path / "adapter_model.safetensors")
+        ref = _peft(llama, tmp_path)
+        sd[key][0, 0] = torch.tensor([0.75, 0.2500005])  # rounding: sums to 1 + 5e-7 (PEFT's log(1 - Σ) is NaN)
+        save_file(sd, tmp_path / "adapter_model.safetensors")
     ours = copy.deepcopy(llama)
     names = interop.load_peft(ours, tmp_path)
     assert len(names) == 4 and all(n.startswith("model.layers.") for n in names)
@@ -4189,16 +4198,21 @@ def test_load_peft_miss_r_zero_is_one_line(llama, tmp_path):
     assert not interop._adapters(model)
 
 
-@pytest.mark.parametrize("fault", ["weight_above_1", "repeated_index"])
-def test_load_peft_topk_file_checked_before_the_model_changes_and_a_retry_works(llama, tmp_path, fault):
-    ref = _peft_made(llama, "vblora_topk", tmp_path / "good")
+TENSOR_FAULTS = {  # a fault in a PEFT-made folder's tensors: (kind, key suffix, the edit)
+    "weight_above_1": ("vblora_topk", "_topk_weights", lambda t: t + 1.5),
+    "repeated_index": ("vblora_topk", "_topk_indices", lambda t: t[..., [0, 0, 2]]),
+    "miss_nan": ("miss", "miss_block", lambda t: torch.full_like(t, float("nan"))),
+}
+
+
+@pytest.mark.parametrize("fault", list(TENSOR_FAULTS))
+def test_load_peft_bad_tensors_checked_before_the_model_changes_and_a_retry_works(llama, tmp_path, fault):
+    kind, suffix, edit = TENSOR_FAULTS[fault]
+    ref = _peft_made(llama, kind, tmp_path / "good")
     shutil.copytree(tmp_path / "good", tmp_path / "bad")
     sd = load_file(tmp_path / "bad" / "adapter_model.safetensors")
-    key = next(k for k in sd if k.endswith("_topk_weights" if fault == "weight_above_1" else "_topk_indices"))
-    if fault == "weight_above_1":
-        sd[key] = sd[key] + 1.5
-    else:
-        sd[key][..., 1] = sd[key][..., 0]
+    key = next(k for k in sd if k.endswith(suffix))
+    sd[key] = edit(sd[key])
     save_file(sd, tmp_path / "bad" / "adapter_model.safetensors")
     model = copy.deepcopy(llama)
     snap = _snapshot(model)
@@ -4222,8 +4236,9 @@ def test_load_peft_new_layers_take_the_models_eval_mode(llama, tmp_path):
     torch.testing.assert_close(first, second, atol=0, rtol=0)
     torch.testing.assert_close(first, _logits(model), atol=ATOL, rtol=0)
     trained = copy.deepcopy(llama).train()
+    trained.model.layers[0].eval()  # each new layer takes its wrapped layer's mode, not the model's
     interop.load_peft(trained, tmp_path)
-    assert all(m.training for m in trained.modules())
+    assert [m.training for _, m in interop._adapters(trained)] == [False, False, True, True]
 
 
 def test_reexport_of_an_imported_fused_lora_keeps_its_rank(tmp_path):
