@@ -2481,6 +2481,8 @@ def test_gpt2_loss_mask_covers_exactly_the_reference():
         assert y[i, kept].tolist() == ref_tokens  # every reference token and the final EOS, nothing else
         assert kept.tolist() == list(range(n_prompt - 1, len(tokens) - 1))
         assert x[i, :len(tokens) - 1].tolist() == tokens[:-1]
+    # a prompt of max_len tokens leaves no reference token to learn from: dropped; one token less keeps one
+    assert e2e.encode_e2e([("abc", "x"), ("ab", "x")], enc, 4) == [([97, 98, eos, 32], 3)]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -2621,6 +2623,18 @@ def test_gpt2_beam_bans_repeats_before_the_softmax():
     assert model_gpt2.beam_search(model, [[5]], eos=0, beam=2, max_new_tokens=5, no_repeat_ngram=0) == [[1] * 5]
 
 
+def test_gpt2_beam_divides_by_the_length_to_the_penalty():
+    # Tokens: 0 EOS, 1 a, 2 c, 3 b, 4 d; prompts 5 and 6. c -> EOS; a -> b -> d -> EOS. Penalty 0.8:
+    # after 5, c .6, a .4: "c EOS" log .6 / 2^0.8 = -0.2934 beats "a b d EOS" log .4 / 4^0.8 = -0.3023;
+    # after 6, c .55, a .45: "a b d EOS" log .45 / 4^0.8 = -0.2634 beats "c EOS" log .55 / 2^0.8 = -0.3434
+    logp = torch.full((7, 7), -30.0, dtype=torch.float64)
+    logp[5, 2], logp[5, 1], logp[6, 2], logp[6, 1] = math.log(0.6), math.log(0.4), math.log(0.55), math.log(0.45)
+    logp[2, 0] = logp[1, 3] = logp[3, 4] = logp[4, 0] = logp[0, 0] = 0.0
+    assert math.log(0.6) / 2 ** 0.8 > math.log(0.4) / 4 ** 0.8 and math.log(0.45) / 4 ** 0.8 > math.log(0.55) / 2 ** 0.8
+    assert model_gpt2.beam_search(_Markov(logp), [[5], [6]], eos=0, beam=2, max_new_tokens=6, length_penalty=0.8,
+                                  no_repeat_ngram=0) == [[2], [1, 3, 4]]
+
+
 def test_gpt2_beam_needs_a_new_token():
     with pytest.raises(ValueError, match="max_new_tokens 0: must be >= 1"):
         model_gpt2.beam_search(_gpt2_tiny(), [[5, 6]], eos=3, beam=2, max_new_tokens=0)
@@ -2644,6 +2658,9 @@ def test_gpt2_bleu_by_hand():
     # tie in distance (lengths 2 and 4 around 3): the shorter is taken, so no brevity penalty
     bleu, _ = e2e.bleu_nist(["a b c"], [["a b", "a b c d"]])
     assert bleu == pytest.approx(1.0, abs=1e-12)
+    # the closest reference (7 words), not the shortest (2): BP exp(1 - 7/5), every precision 1
+    bleu, _ = e2e.bleu_nist(["a b c d e"], [["a b", "a b c d e f g"]])
+    assert bleu == pytest.approx(math.exp(1 - 7 / 5), abs=1e-12)  # 0.670320
     # tokenisation: case and punctuation (split off, except inside numbers) do not matter
     bleu, _ = e2e.bleu_nist(["The Cat, costs 2.50."], [["the cat , costs 2.50 ."]])
     assert bleu == pytest.approx(1.0, abs=1e-12)
@@ -2660,8 +2677,9 @@ def test_gpt2_nist_by_hand():
     _, nist = e2e.bleu_nist(["a b"], [["a b"]])
     assert nist == pytest.approx(1.0, abs=1e-12)  # (1 + 1) / 2 unigrams + 0
     beta = -math.log(0.5) / math.log(1.5) ** 2
-    _, nist = e2e.bleu_nist(["a"], [["a b"]])  # 1 / 1, length ratio 1/2
-    assert nist == pytest.approx(math.exp(-beta * math.log(0.5) ** 2), abs=1e-12)
+    for refs in (["a b"], ["a b", ""]):  # 1 / 1, length ratio 1/2; an empty reference is no reference
+        _, nist = e2e.bleu_nist(["a"], [refs])
+        assert nist == pytest.approx(math.exp(-beta * math.log(0.5) ** 2), abs=1e-12)  # 0.131905
     # reference words 2 + 6 + 2 = 10 over the mean references per MR (3 / 2): 20/3 words, ratio 4 / (20/3) = 0.6;
     # info(a) = info(b) = log2(10 / 3), info(a b) = log2(3 / 3) = 0
     _, nist = e2e.bleu_nist(["a b", "a b"], [["a b", "a b c d e f"], ["a b"]])
