@@ -2985,6 +2985,11 @@ def test_gpt2_resume_refuses_flags_that_alter_the_run(_gpt2_lora_run, tmp_path):
     assert "--lora_r 4 -> 8, --seed 1 -> 9 would alter" in msg
     res = _gpt2_main(argv + ["--max_iters", "6", "--eval_samples", "0", "--log_interval", "3"])  # extend: allowed
     assert res["step"] == 6
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    del ckpt["args"]["seed"]  # a flag the saved run did not have is one that changes
+    torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"--resume: --seed None -> 1 would alter"):
+        train_gpt2.main([str(a) for a in argv + ["--seed", "1"]])
 
 
 def test_gpt2_resume_with_other_shapes_is_one_line(_gpt2_lora_run, tmp_path):
@@ -4391,6 +4396,8 @@ HEADER_FAULTS = {  # an edit of a LoRA run's header -> what the one line must na
     "block_size_float": (lambda m: m["config"].update(block_size=1e12), "config.block_size=1000000000000.0: expected"),
     "block_size_int": (lambda m: (m["config"].update(block_size=10 ** 12), m["args"].update(block_size=10 ** 12)),
                        "parameters; expected at most"),
+    "n_layer": (lambda m: (m["config"].update(n_layer=10 ** 6), m["args"].update(n_layer=10 ** 6)),  # 12 * 32² * 10⁶
+                "makes a model of 1.23e+10 parameters; expected at most"),
 }
 
 
@@ -4475,8 +4482,8 @@ def test_gpt2_export_never_replaces_without_overwrite_nor_its_own_source(tmp_pat
     assert msg == f"error: --export lora {afile}: that path is a file; expected a folder (new or holding an adapter " \
                   "to replace with --overwrite)"
     source = _files(tmp_path / "peft")
-    for target in ("peft", "hf"):  # the run's --init_from and the base it names
-        msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", tmp_path / "peft",
+    for init, target in (("peft", "peft"), ("peft", "hf"), ("hf/model.safetensors", "hf")):  # its source, base
+        msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", tmp_path / init,
                                      "--export", "peft", tmp_path / target, "--overwrite"))
         assert "is where this run's --init_from" in msg
     assert not (tmp_path / "out").exists() and (half / "adapter_model.safetensors").read_bytes() == b"keep"
@@ -4658,8 +4665,8 @@ def test_kernels_answers_for_a_hugging_face_package_without_replacing_a_name_of_
     (site / "kernels" / "_internals").mkdir(parents=True)
     (site / "kernels" / "_internals" / "__init__.py").write_text("")
     (site / "kernels" / "_internals" / "load.py").write_text("def get_kernel(name):\n    return 'hub:' + name\n")
-    (site / "kernels" / "__init__.py").write_text(
-        "from kernels._internals.load import get_kernel\napplies = 'theirs'\n__version__ = '9.9'\n")
+    (site / "kernels" / "__init__.py").write_text(  # their __init__ reads its own __path__, as a package may
+        "from kernels._internals.load import get_kernel\napplies = 'theirs'\n__version__ = __path__[0][-7:] + '9.9'\n")
     (site / "kernels-9.9.dist-info").mkdir()
     (site / "kernels-9.9.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 9.9\n")
     out = _python(textwrap.dedent("""
@@ -4672,7 +4679,7 @@ def test_kernels_answers_for_a_hugging_face_package_without_replacing_a_name_of_
         except AttributeError as e:
             print("AttributeError")
         """), ROOT, env={"PYTHONPATH": str(site)})
-    assert out.split() == ["hub:x", "9.9", "kernels", "True", "AttributeError"], out
+    assert out.split() == ["hub:x", "kernels9.9", "kernels", "True", "AttributeError"], out
     # without their distribution this file is a plain module: no package path, no fallback lookup
     out = _python(textwrap.dedent("""
         import importlib.metadata as md
