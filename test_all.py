@@ -4935,6 +4935,7 @@ def test_reproduce_offline_without_data_names_everything_and_the_data_flag(monke
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
         load_dataset=lambda *a, **k: pytest.fail("a download was tried although the probe said offline")))
     monkeypatch.setattr(tiktoken, "get_encoding", lambda *a: pytest.fail("tiktoken asked to download"))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))  # this machine's cache may hold the BPE
     args = reproduce.p.parse_args(["--out_dir", str(tmp_path / "out")])
     t0 = time.time()
     with pytest.raises(SystemExit) as e:
