@@ -4140,7 +4140,8 @@ SELECTION = [  # LoraConfig fields; PEFT's check_target_module_exists says which
     dict(target_modules=["w1", "q_proj"], layers_to_transform=[1]),  # the layer is the first index, not the expert's
     dict(target_modules=["w1", "q_proj"], layers_to_transform=1, layers_pattern="experts"),
     dict(target_modules=["w1", "v_proj"], layers_to_transform=[0], layers_pattern=["h", "layers"]),
-    dict(target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"]),  # a module trained whole: no adapter
+    dict(target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head", "q"]),  # trained whole: no adapter
+    dict(target_modules=["q_proj", "w1"], layers_to_transform=[]),  # no layer list: every layer
     dict(target_modules=r".*\.(\d)\.self_attn\.[qk]v?_proj"),
 ]
 
@@ -4874,7 +4875,7 @@ def test_vit_init_from_a_full_run_keeps_its_head_only_for_the_same_classes(tmp_p
 
 @pytest.mark.parametrize("method, edit, why", [
     ("lora", lambda c: c.update(n_head=3), "n_head=3 must divide n_embd=32"),
-    ("full", lambda c: c.update(n_layer=10 ** 9), "over 2**33 parameters"),
+    ("full", lambda c: c.update(n_layer=10 ** 6), "over 2**33 parameters"),  # 10⁶ × 32 × (4 × 32 + 2 × 128)
     ("full", lambda c: c.update(foo=1), "unexpected keyword argument 'foo'"),
     ("full", lambda c: c.update(n_embd=64), "size mismatch"),
 ], ids=["n_head", "huge", "unknown_field", "n_embd"])
