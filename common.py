@@ -463,6 +463,16 @@ def wrap_ddp(model, device):
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
 
+def end_ddp(ddp):
+    """Every rank waits for the others, then leaves the process group: the scripts' one way to end DDP. The
+    barrier keeps a rank from exiting while another still runs; it narrows, but cannot close, a race in torch:
+    with gloo, DDP keeps the group's worker threads alive past destroy_process_group, and one that frees a
+    collective's tensor after Python has begun to shut down aborts the process."""
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def grad_sync(model, ddp, last):
     """All-reduce the gradients on the last micro-batch of a step only: no_sync() on the others."""
     return model.no_sync() if ddp and not last else nullcontext()

@@ -2585,6 +2585,8 @@ def test_gpt2_bad_lora_e2e_file_fails_before_training_naming_file_and_line(tmp_p
     (tmp_path / "valid.txt").write_bytes(content)
     msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora"))
     assert msg.startswith(f"error: {tmp_path / 'valid.txt'}") and message in msg, msg
+    # a prompt of max_len tokens leaves no completion token to learn from: dropped; one token less keeps one
+    assert e2e.encode_e2e([("abc", "x"), ("ab", "x")], _gpt2_enc(), 4) == [([97, 98, 256, 32], 3)]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -2725,6 +2727,18 @@ def test_gpt2_beam_bans_repeats_before_the_softmax():
     assert model_gpt2.beam_search(model, [[5]], eos=0, beam=2, max_new_tokens=5, no_repeat_ngram=0) == [[1] * 5]
 
 
+def test_gpt2_beam_divides_by_the_length_to_the_penalty():
+    # Tokens: 0 EOS, 1 a, 2 c, 3 b, 4 d; prompts 5 and 6. c -> EOS; a -> b -> d -> EOS. Penalty 0.8:
+    # after 5, c .6, a .4: "c EOS" log .6 / 2^0.8 = -0.2934 beats "a b d EOS" log .4 / 4^0.8 = -0.3023;
+    # after 6, c .55, a .45: "a b d EOS" log .45 / 4^0.8 = -0.2634 beats "c EOS" log .55 / 2^0.8 = -0.3434
+    logp = torch.full((7, 7), -30.0, dtype=torch.float64)
+    logp[5, 2], logp[5, 1], logp[6, 2], logp[6, 1] = math.log(0.6), math.log(0.4), math.log(0.55), math.log(0.45)
+    logp[2, 0] = logp[1, 3] = logp[3, 4] = logp[4, 0] = logp[0, 0] = 0.0
+    assert math.log(0.6) / 2 ** 0.8 > math.log(0.4) / 4 ** 0.8 and math.log(0.45) / 4 ** 0.8 > math.log(0.55) / 2 ** 0.8
+    assert model_gpt2.beam_search(_Markov(logp), [[5], [6]], eos=0, beam=2, max_new_tokens=6, length_penalty=0.8,
+                                  no_repeat_ngram=0) == [[2], [1, 3, 4]]
+
+
 def test_gpt2_beam_needs_a_new_token():
     with pytest.raises(ValueError, match="max_new_tokens 0: must be >= 1"):
         model_gpt2.beam_search(_gpt2_tiny(), [[5, 6]], eos=3, beam=2, max_new_tokens=0)
@@ -2748,6 +2762,9 @@ def test_gpt2_bleu_by_hand():
     # tie in distance (lengths 2 and 4 around 3): the shorter is taken, so no brevity penalty
     bleu, _ = e2e.bleu_nist(["a b c"], [["a b", "a b c d"]])
     assert bleu == pytest.approx(1.0, abs=1e-12)
+    # the closest reference (7 words), not the shortest (2): BP exp(1 - 7/5), every precision 1
+    bleu, _ = e2e.bleu_nist(["a b c d e"], [["a b", "a b c d e f g"]])
+    assert bleu == pytest.approx(math.exp(1 - 7 / 5), abs=1e-12)  # 0.670320
     # tokenisation: case and punctuation (split off, except inside numbers) do not matter
     bleu, _ = e2e.bleu_nist(["The Cat, costs 2.50."], [["the cat , costs 2.50 ."]])
     assert bleu == pytest.approx(1.0, abs=1e-12)
@@ -2764,8 +2781,9 @@ def test_gpt2_nist_by_hand():
     _, nist = e2e.bleu_nist(["a b"], [["a b"]])
     assert nist == pytest.approx(1.0, abs=1e-12)  # (1 + 1) / 2 unigrams + 0
     beta = -math.log(0.5) / math.log(1.5) ** 2
-    _, nist = e2e.bleu_nist(["a"], [["a b"]])  # 1 / 1, length ratio 1/2
-    assert nist == pytest.approx(math.exp(-beta * math.log(0.5) ** 2), abs=1e-12)
+    for refs in (["a b"], ["a b", ""]):  # 1 / 1, length ratio 1/2; an empty reference is no reference
+        _, nist = e2e.bleu_nist(["a"], [refs])
+        assert nist == pytest.approx(math.exp(-beta * math.log(0.5) ** 2), abs=1e-12)  # 0.131905
     # reference words 2 + 6 + 2 = 10 over the mean references per MR (3 / 2): 20/3 words, ratio 4 / (20/3) = 0.6;
     # info(a) = info(b) = log2(10 / 3), info(a b) = log2(3 / 3) = 0
     _, nist = e2e.bleu_nist(["a b", "a b"], [["a b", "a b c d e f"], ["a b"]])
@@ -3073,6 +3091,11 @@ def test_gpt2_resume_refuses_flags_that_alter_the_run(_gpt2_lora_run, tmp_path):
     assert "--lora_r 4 -> 8, --seed 1 -> 9 would alter" in msg
     res = _gpt2_main(argv + ["--max_iters", "6", "--eval_samples", "0", "--log_interval", "3"])  # extend: allowed
     assert res["step"] == 6
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    del ckpt["args"]["seed"]  # a flag the saved run did not have is one that changes
+    torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"--resume: --seed None -> 1 would alter"):
+        train_gpt2.main([str(a) for a in argv + ["--seed", "1"]])
 
 
 def test_gpt2_resume_with_other_shapes_is_one_line(_gpt2_lora_run, tmp_path):
@@ -3906,12 +3929,15 @@ def test_save_peft_loads_in_peft(llama, tmp_path, method):
 
 PEFT_CONFIGS = {  # adapters made by PEFT itself
     "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "lora_rslora": lambda: peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "up_proj"]),
-    "lora_patterns": lambda: peft.LoraConfig(r=4, lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 3},
-                                             target_modules=["q_proj", "v_proj"]),
+    "lora_rslora": lambda: peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, rank_pattern={"up_proj": 2},
+                                           target_modules=["q_proj", "up_proj"]),  # scales 8 / √4, 8 / √2
+    "lora_patterns": lambda: peft.LoraConfig(r=4, lora_alpha=8, rank_pattern={"v_proj": 2, "layers.1": 3},
+                                             alpha_pattern={"v_proj": 3}, target_modules=["q_proj", "v_proj"]),
     "vblora": lambda: peft.VBLoRAConfig(r=4, num_vectors=32, vector_length=16, topk=2,
                                         target_modules=["q_proj", "down_proj"]),
-    "vblora_topk": lambda: peft.VBLoRAConfig(r=4, num_vectors=256, vector_length=16, topk=2,
+    "vblora_k_is_h": lambda: peft.VBLoRAConfig(r=4, num_vectors=2, vector_length=16, topk=2,
+                                               target_modules=["q_proj", "down_proj"]),
+    "vblora_topk": lambda: peft.VBLoRAConfig(r=4, num_vectors=256, vector_length=16, topk=3,
                                              save_only_topk_weights=True, target_modules=["q_proj", "down_proj"]),
     "miss_bat": lambda: peft.MissConfig(r=16, init_weights="bat", target_modules=["q_proj", "up_proj"]),
     "miss": lambda: peft.MissConfig(r=16, target_modules=["q_proj", "up_proj"]),
@@ -3928,10 +3954,16 @@ def _peft_made(base, kind, folder, seed=3):
 @pytest.mark.parametrize("kind", list(PEFT_CONFIGS))
 def test_load_peft_matches_peft(llama, tmp_path, kind):
     ref = _peft_made(llama, kind, tmp_path)
-    if kind == "vblora_topk":  # PEFT's h = 256 files store int16 indices and k - 1 = 1 weight per sub-vector
+    if kind == "vblora_topk":  # PEFT's h = 256 files store int16 indices and k - 1 = 2 weights per sub-vector
         sd = load_file(tmp_path / "adapter_model.safetensors")
         assert {t.dtype for k, t in sd.items() if k.endswith("_topk_indices")} == {torch.int16}
-        assert {t.shape[-1] for k, t in sd.items() if k.endswith("_topk_weights")} == {1}
+        assert {t.shape[-1] for k, t in sd.items() if k.endswith("_topk_weights")} == {2}
+        key = next(k for k in sd if k.endswith("_topk_weights"))
+        sd[key][0, 0] = torch.tensor([0.75, 0.25])  # the reference: PEFT reads this row as 0.75, 0.25, 0
+        save_file(sd, tmp_path / "adapter_model.safetensors")
+        ref = _peft(llama, tmp_path)
+        sd[key][0, 0] = torch.tensor([0.75, 0.2500005])  # rounding: sums to 1 + 5e-7 (PEFT's log(1 - Σ) is NaN)
+        save_file(sd, tmp_path / "adapter_model.safetensors")
     ours = copy.deepcopy(llama)
     names = interop.load_peft(ours, tmp_path)
     assert len(names) == 4 and all(n.startswith("model.layers.") for n in names)
@@ -4200,6 +4232,32 @@ def test_load_peft_applies_only_the_modules_peft_selects(llama, tmp_path, case):
     torch.testing.assert_close(_logits(ours), want, atol=ATOL, rtol=0)
 
 
+SELECTION_NAMES = [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj",
+                                                                     "self_attn.kv_proj", f"experts.{1 - i}.w1")]
+SELECTION = [  # LoraConfig fields; PEFT's check_target_module_exists says which of SELECTION_NAMES + lm_head it picks
+    dict(target_modules=["q_proj", "v_proj"], exclude_modules="q_proj"),  # a regex excludes by full match
+    dict(target_modules=["q_proj", "v_proj"], exclude_modules=r".*\.0\..*"),
+    dict(target_modules=["v_proj"], exclude_modules=["_proj"]),  # a name matches whole dotted segments
+    dict(target_modules=["v_proj", "w1"], exclude_modules=["model.layers.0.self_attn.v_proj"]),
+    dict(target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1]),  # full name: any layer
+    dict(target_modules=["w1", "q_proj"], layers_to_transform=[1]),  # the layer is the first index, not the expert's
+    dict(target_modules=["w1", "q_proj"], layers_to_transform=1, layers_pattern="experts"),
+    dict(target_modules=["w1", "v_proj"], layers_to_transform=[0], layers_pattern=["h", "layers"]),
+    dict(target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head", "q"]),  # trained whole: no adapter
+    dict(target_modules=["q_proj", "w1"], layers_to_transform=[]),  # no layer list: every layer
+    dict(target_modules=r".*\.(\d)\.self_attn\.[qk]v?_proj"),
+]
+
+
+@pytest.mark.parametrize("fields", SELECTION)
+def test_selected_is_pefts_check_target_module_exists(fields):
+    cfg = {k: fields.get(k) for k in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                                      "modules_to_save")}
+    names = SELECTION_NAMES + ["lm_head"]
+    want = [bool(peft.tuners.tuners_utils.check_target_module_exists(peft.LoraConfig(**fields), n)) for n in names]
+    assert [interop._selected(cfg, n) for n in names] == want and 0 < sum(want) < len(names)
+
+
 def _huge_header(path):
     header = json.dumps({"x": {"dtype": "F32", "shape": [10 ** 12], "data_offsets": [0, 4 * 10 ** 12]}}).encode()
     path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 16)
@@ -4267,16 +4325,21 @@ def test_load_peft_miss_r_zero_is_one_line(llama, tmp_path):
     assert not interop._adapters(model)
 
 
-@pytest.mark.parametrize("fault", ["weight_above_1", "repeated_index"])
-def test_load_peft_topk_file_checked_before_the_model_changes_and_a_retry_works(llama, tmp_path, fault):
-    ref = _peft_made(llama, "vblora_topk", tmp_path / "good")
+TENSOR_FAULTS = {  # a fault in a PEFT-made folder's tensors: (kind, key suffix, the edit)
+    "weight_above_1": ("vblora_topk", "_topk_weights", lambda t: t + 1.5),
+    "repeated_index": ("vblora_topk", "_topk_indices", lambda t: t[..., [0, 0, 2]]),
+    "miss_nan": ("miss", "miss_block", lambda t: torch.full_like(t, float("nan"))),
+}
+
+
+@pytest.mark.parametrize("fault", list(TENSOR_FAULTS))
+def test_load_peft_bad_tensors_checked_before_the_model_changes_and_a_retry_works(llama, tmp_path, fault):
+    kind, suffix, edit = TENSOR_FAULTS[fault]
+    ref = _peft_made(llama, kind, tmp_path / "good")
     shutil.copytree(tmp_path / "good", tmp_path / "bad")
     sd = load_file(tmp_path / "bad" / "adapter_model.safetensors")
-    key = next(k for k in sd if k.endswith("_topk_weights" if fault == "weight_above_1" else "_topk_indices"))
-    if fault == "weight_above_1":
-        sd[key] = sd[key] + 1.5
-    else:
-        sd[key][..., 1] = sd[key][..., 0]
+    key = next(k for k in sd if k.endswith(suffix))
+    sd[key] = edit(sd[key])
     save_file(sd, tmp_path / "bad" / "adapter_model.safetensors")
     model = copy.deepcopy(llama)
     snap = _snapshot(model)
@@ -4301,8 +4364,9 @@ def test_load_peft_new_layers_take_the_models_eval_mode(llama, tmp_path):
     torch.testing.assert_close(first, second, atol=0, rtol=0)
     torch.testing.assert_close(first, _logits(model), atol=ATOL, rtol=0)
     trained = copy.deepcopy(llama).train()
+    trained.model.layers[0].eval()  # each new layer takes its wrapped layer's mode, not the model's
     interop.load_peft(trained, tmp_path)
-    assert all(m.training for m in trained.modules())
+    assert [m.training for _, m in interop._adapters(trained)] == [False, False, True, True]
 
 
 def test_reexport_of_an_imported_fused_lora_keeps_its_rank(tmp_path):
@@ -4433,6 +4497,8 @@ HEADER_FAULTS = {  # an edit of a LoRA run's header -> what the one line must na
     "block_size_float": (lambda m: m["config"].update(block_size=1e12), "config.block_size=1000000000000.0: expected"),
     "block_size_int": (lambda m: (m["config"].update(block_size=10 ** 12), m["args"].update(block_size=10 ** 12)),
                        "parameters; expected at most"),
+    "n_layer": (lambda m: (m["config"].update(n_layer=10 ** 6), m["args"].update(n_layer=10 ** 6)),  # 12 * 32² * 10⁶
+                "makes a model of 1.23e+10 parameters; expected at most"),
 }
 
 
@@ -4517,8 +4583,8 @@ def test_gpt2_export_never_replaces_without_overwrite_nor_its_own_source(tmp_pat
     assert msg == f"error: --export lora {afile}: that path is a file; expected a folder (new or holding an adapter " \
                   "to replace with --overwrite)"
     source = _files(tmp_path / "peft")
-    for target in ("peft", "hf"):  # the run's --init_from and the base it names
-        msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", tmp_path / "peft",
+    for init, target in (("peft", "peft"), ("peft", "hf"), ("hf/model.safetensors", "hf")):  # its source, base
+        msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora", "--init_from", tmp_path / init,
                                      "--export", "peft", tmp_path / target, "--overwrite"))
         assert "is where this run's --init_from" in msg
     assert not (tmp_path / "out").exists() and (half / "adapter_model.safetensors").read_bytes() == b"keep"
@@ -4691,8 +4757,8 @@ def test_kernels_answers_for_a_hugging_face_package_without_replacing_a_name_of_
     (site / "kernels" / "_internals").mkdir(parents=True)
     (site / "kernels" / "_internals" / "__init__.py").write_text("")
     (site / "kernels" / "_internals" / "load.py").write_text("def get_kernel(name):\n    return 'hub:' + name\n")
-    (site / "kernels" / "__init__.py").write_text(
-        "from kernels._internals.load import get_kernel\napplies = 'theirs'\n__version__ = '9.9'\n")
+    (site / "kernels" / "__init__.py").write_text(  # their __init__ reads its own __path__, as a package may
+        "from kernels._internals.load import get_kernel\napplies = 'theirs'\n__version__ = __path__[0][-7:] + '9.9'\n")
     (site / "kernels-9.9.dist-info").mkdir()
     (site / "kernels-9.9.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 9.9\n")
     out = _python(textwrap.dedent("""
@@ -4705,7 +4771,7 @@ def test_kernels_answers_for_a_hugging_face_package_without_replacing_a_name_of_
         except AttributeError as e:
             print("AttributeError")
         """), ROOT, env={"PYTHONPATH": str(site)})
-    assert out.split() == ["hub:x", "9.9", "kernels", "True", "AttributeError"], out
+    assert out.split() == ["hub:x", "kernels9.9", "kernels", "True", "AttributeError"], out
     # without their distribution this file is a plain module: no package path, no fallback lookup
     out = _python(textwrap.dedent("""
         import importlib.metadata as md
@@ -4900,7 +4966,7 @@ def test_vit_init_from_a_full_run_keeps_its_head_only_for_the_same_classes(tmp_p
 
 @pytest.mark.parametrize("method, edit, why", [
     ("lora", lambda c: c.update(n_head=3), "n_head=3 must divide n_embd=32"),
-    ("full", lambda c: c.update(n_layer=10 ** 9), "parameters; expected at most"),
+    ("full", lambda c: c.update(n_layer=10 ** 6), "parameters; expected at most"),  # 10⁶ × 32 × (4 × 32 + 2 × 128)
     ("full", lambda c: c.update(foo=1), "unexpected keyword argument 'foo'"),
     ("full", lambda c: c.update(n_embd=64), "size mismatch"),
 ], ids=["n_head", "huge", "unknown_field", "n_embd"])
@@ -4961,6 +5027,7 @@ def test_reproduce_offline_without_data_names_everything_and_the_data_flag(monke
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
         load_dataset=lambda *a, **k: pytest.fail("a download was tried although the probe said offline")))
     monkeypatch.setattr(tiktoken, "get_encoding", lambda *a: pytest.fail("tiktoken asked to download"))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))  # this machine's cache may hold the BPE
     args = reproduce.p.parse_args(["--out_dir", str(tmp_path / "out")])
     t0 = time.time()
     with pytest.raises(SystemExit) as e:

@@ -54,9 +54,9 @@ import torch
 import torch.distributed as dist
 
 from common import (HelpFormatter, Missing, Online, adapter_bytes, add_method_args, adapter_state_dict,
-                    attach_method, autocast, checkpoint, fetch_all, fill_method_defaults, grad_sync, hms, load_adapter,
-                    load_adapter_state_dict, open_run, param_counts, progress_line, restore, save_atomic, setup_ddp,
-                    wrap_ddp)
+                    attach_method, autocast, checkpoint, end_ddp, fetch_all, fill_method_defaults, grad_sync, hms,
+                    load_adapter, load_adapter_state_dict, open_run, param_counts, progress_line, restore, save_atomic,
+                    setup_ddp, wrap_ddp)
 from interop import PEFT_METHODS, base_of, check_export, export_adapter, gpt2_layout, init_from, read_folder
 from e2e import (collate, e2e_scores, encode_e2e, encode_lm_text, estimate_dev_loss, get_tokenizer, load_e2e,
                  lora_context, make_batches, write_outputs)
@@ -441,9 +441,7 @@ def main(argv=None):
             log(f"step {step}: dev loss {last_dev:.4f}")
             save_atomic(checkpoint(args, step, world_size, model, opt, device), ckpt_path)
             t_log = time.time()  # tok/s counts training only
-    if ddp:  # leave together: a rank that tears gloo down while another still runs can abort at exit
-        dist.barrier()
-        dist.destroy_process_group()
+    end_ddp(ddp)
     result = dict(model=model, step=step, predictions=[], scores={}, n_trainable=n_train, n_stored=n_stored,
                   train_loss=train_loss, dev_loss=last_dev, curve=curve, dev_curve=dev_curve, train_time=train_time,
                   tokens_per_s=tokens_seen / train_time if train_time else None)

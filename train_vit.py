@@ -47,7 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from common import (HelpFormatter, adapter_bytes, add_method_args, adapter_state_dict, attach_method, autocast,
-                    check_size, checkpoint, fetch_all, fill_method_defaults, grad_sync, load_adapter,
+                    check_size, checkpoint, end_ddp, fetch_all, fill_method_defaults, grad_sync, load_adapter,
                     load_adapter_state_dict, one_line, open_run, param_counts, progress_line, restore, save_atomic,
                     setup_ddp, wrap_ddp)
 from images import DATA_LAYOUT, DATASETS, load_data, parse_classes, preprocess
@@ -244,13 +244,11 @@ def main(argv=None):
     # ---- setup: flags, processes, the out_dir guard
     args = get_args(argv)
     ddp, rank, world_size, device = setup_ddp(args.device)
-    try:
-        peft, base = init_from(args)  # a PEFT folder as --init_from, read once; the base weights' path
-        ckpt = open_run(args, world_size)
-        return train(args, peft, base, ckpt, ddp, rank, world_size, device)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
+    peft, base = init_from(args)  # a PEFT folder as --init_from, read once; the base weights' path
+    ckpt = open_run(args, world_size)
+    result = train(args, peft, base, ckpt, ddp, rank, world_size, device)
+    end_ddp(ddp)
+    return result
 
 
 def train(args, peft, base, ckpt, ddp, rank, world_size, device):
@@ -357,8 +355,6 @@ def train(args, peft, base, ckpt, ddp, rank, world_size, device):
         export_adapter(args, model, vit_layout, None if args.init_from == "scratch" else
                        HUB_MODELS.get(args.init_from, base),
                        modules_to_save={"classifier": model.head.state_dict()}, log=log)
-    if ddp:
-        dist.barrier()  # the other ranks wait for rank 0's last evaluation and save
     return {"model": model, "test_acc": acc, "step": step, "n_trainable": n_train - n_head, "n_head": n_head,
             "n_stored": n_stored, "train_loss": train_loss, "curve": curve, "train_time": train_time,
             "img_per_s": seen / train_time if train_time else None}
