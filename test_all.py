@@ -1,16 +1,18 @@
-"""The one test file: `pytest test_all.py`.
+"""The one test file: `pytest test_all.py`. Its sections, in this order, and the -k word that selects one:
 
-Sections, in this order:
 1. the shared contract, every method from one METHODS table (zero start, targets, freezing, gradients, merge,
-   save/load, refusals);
-2. one section per paper, LoRA and SeRA, SiVA, Bone, VB-LoRA: formulas against independent references, float64
-   gradcheck, the papers' parameter counts, init rules, helpers, ablations;
-3. kernels.py: one parametrised test (op x odd shapes x dtype, forward and every gradient against the
-   reference, on the CPU under TRITON_INTERPRET=1), the checks one op needs, and an H100 compile of every kernel;
-4. dispatch: how the method files hand over to kernels.py;
-5. GPT-2 on E2E (model_gpt2.py, e2e.py, train_gpt2.py) and the ViT (model_vit.py, images.py, train_vit.py), with
-   common.py's fetching, checkpoints, resume and DDP, on tiny synthetic data;
-6. beside the ecosystem (no triton, transformers, another `kernels`); 7. reproduce.py.
+   save/load, refusals): -k contract;
+2. one section per paper: formulas against independent references, float64 gradcheck, the papers' counts, init
+   rules, helpers: -k "lora and not vblora", -k sera, -k siva, -k bone, -k vblora (each also selects the
+   method's rows in the other sections);
+3. kernels.py and bench.py: every op, forward and every gradient, against its reference (on the CPU under
+   TRITON_INTERPRET=1), and an H100 compile of every kernel: -k kernel;
+4. dispatch, how the method files hand over to kernels.py: -k dispatch;
+5. GPT-2 on E2E: model_gpt2.py, e2e.py, train_gpt2.py, and common.py's fetching, runs and DDP: -k gpt2;
+6. the ViT: model_vit.py, images.py, train_vit.py: -k vit;
+7. interop.py: PEFT's folder format in and out, against PEFT itself, and the scripts' --export: -k peft;
+8. beside the ecosystem: a user's clone, no triton, transformers and Hugging Face's `kernels`;
+9. reproduce.py: -k reproduce.
 """
 import os
 # Kernel tests run on the CPU under Triton's interpreter (set before triton is imported), or compiled on a GPU
@@ -2231,6 +2233,23 @@ def test_aot_every_kernel_compiles_for_h100():
     assert n[0] == n[1] and sum(out.count("\nok ") + out.startswith("ok ") for out, _ in outs) == n[0]
 
 
+# ---- bench.py
+
+
+def test_kernels_bench_without_peft_says_why_its_rows_are_missing(monkeypatch, capsys):
+    import bench
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+    rows = [name for name, _ in bench.methods()]
+    assert rows and not any(r.startswith("peft") for r in rows)
+    assert "note: no peft-* rows: `import peft` failed (ModuleNotFoundError" in capsys.readouterr().out
+
+
+def test_kernels_bench_peft_rows_from_the_repository_root_without_triton():
+    _needs_hf()
+    out = _python(NO_TRITON + "import bench\nprint([n for n, _ in bench.methods()])\n", ROOT)
+    assert "'peft-lora'" in out and "'peft-vblora'" in out and "note:" not in out, out
+
+
 # ================================================================================================
 # Dispatch: how the method files hand over to kernels.py
 # ================================================================================================
@@ -2552,7 +2571,6 @@ _LORA_REFS = [  # (test.txt's form?, CSV ref, LoRA's completion of it)
 ]
 
 
-
 @pytest.mark.parametrize("test, mr, ref, line", _LORA_LINES + [(t, "name[X]", r, "name : X||" + c) for t, r, c in _LORA_REFS])
 def test_gpt2_lora_line_gives_the_line_of_loras_e2e_files(test, mr, ref, line):
     assert e2e.lora_line(mr, ref, test=test) == line
@@ -2607,6 +2625,60 @@ def test_gpt2_bad_e2e_file_fails_before_training_naming_file_and_line(tmp_path, 
         _gpt2_write_e2e(tmp_path)
 
 
+def test_gpt2_lm_text_blocks_cover_the_text_and_every_next_token_is_a_target(tmp_path):
+    (tmp_path / "a.txt").write_text("abcdefghij" * 7)
+    (tmp_path / "b.txt").write_text("xyz" * 9)
+    enc = _gpt2_enc()
+    train, dev = e2e.encode_lm_text([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], enc, 4)
+    tokens = list(b"abcdefghij" * 7) + [256] + list(b"xyz" * 9) + [256]  # 99 tokens: 24 blocks, 3 left over
+    blocks = [tokens[i:i + 4] for i in range(0, 96, 4)]
+    assert [t for t, _ in train] == [b for i, b in enumerate(blocks) if i % 20 != 19]
+    assert [t for t, _ in dev] == [blocks[19]]  # every 20th block is held out
+    x, y = e2e.collate(train[:3], enc.eot_token)
+    assert (y != model_gpt2.IGNORE).all() and torch.equal(y[:, :-1], x[:, 1:])  # a target at every position
+    assert y[:, -1].tolist() == [t[-1] for t, _ in train[:3]]
+
+
+def test_gpt2_lm_text_reads_the_endoftext_marker_as_one_eos_token(tmp_path):
+    (tmp_path / "docs.txt").write_text("ab<|endoftext|>\ncd<|endoftext|>\n<|fim|>")
+    (tmp_path / "plain.txt").write_text("ab <|endoftext" * 3)  # no whole marker: plain text, as before
+    enc = _gpt2_enc()
+    train, dev = e2e.encode_lm_text([str(tmp_path / "docs.txt")], enc, 2)
+    tokens = [97, 98, 256, 10, 99, 100, 256, 10] + list(b"<|fim|>") + [256]  # another <|...|> stays plain text
+    assert [t for t, _ in train] == [tokens[i:i + 2] for i in range(0, 16, 2)]
+    train, _ = e2e.encode_lm_text([str(tmp_path / "plain.txt")], enc, 4)
+    assert sum((t for t, _ in train), []) == (list(b"ab <|endoftext") * 3 + [256])[:40]
+
+
+def test_gpt2_lm_text_bad_input_is_one_line(tmp_path):
+    (tmp_path / "short.txt").write_text("abc")
+    with pytest.raises(SystemExit, match=r"^error: --lm_text: 4 tokens make 1 block\(s\) of 4; need 2"):
+        e2e.encode_lm_text([str(tmp_path / "short.txt")], _gpt2_enc(), 4)
+    with pytest.raises(SystemExit, match=r"^error: --lm_text .*nope.txt' is not a non-empty file$"):
+        train_gpt2.check_args(train_gpt2.get_args(["--lm_text", f"{tmp_path / 'short.txt'},{tmp_path / 'nope.txt'}"]))
+
+
+def test_gpt2_lm_pretraining_then_fine_tuning_from_its_adapter(tmp_path):
+    (tmp_path / "text.txt").write_text("the cafe serves french food near the river. " * 40)
+    res = _gpt2_main(["--lm_text", tmp_path / "text.txt", "--method", "full", "--init_from", "scratch",
+                            "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--max_len",
+                            "32", "--batch_size", "4", "--max_iters", "6", "--lr", "1e-2", "--warmup_iters", "1",
+                            "--label_smoothing", "0", "--log_interval", "2", "--eval_iters", "2", "--device", "cpu",
+                            "--out_dir", tmp_path / "base"])
+    assert res["predictions"] == [] and [s for s, _ in res["curve"]] == [2, 4, 6]
+    assert res["curve"][-1][1] < res["curve"][0][1] and res["train_loss"] == res["curve"][-1][1]
+    assert res["dev_loss"] is not None and res["n_trainable"] == res["n_stored"] > 0 and res["tokens_per_s"] > 0
+    with open(tmp_path / "trainset.csv", "w") as f:
+        f.write("mr,ref\r\n" + "".join(f'"name[C{i}], food[French]","C{i} serves French food."\r\n' for i in range(6)))
+    for split in ("devset.csv", "testset_w_refs.csv"):
+        (tmp_path / split).write_text((tmp_path / "trainset.csv").read_text())
+    ft = _gpt2_main(["--method", "none", "--init_from", tmp_path / "base" / "adapter.safetensors", "--data_dir", tmp_path,
+                           "--eval_samples", "0", "--eval_iters", "1", "--device", "cpu", "--out_dir", tmp_path / "ft"])
+    pre, got = res["model"].state_dict(), ft["model"].state_dict()
+    assert got.keys() == pre.keys() and all(torch.equal(got[k], pre[k]) for k in pre)  # the pretrained base
+    assert ft["model"].config.n_head == 2 and ft["model"].config.block_size == 64
+
+
 # ---- train_gpt2.py, flags: every bad value is one line before anything is loaded or trained
 
 
@@ -2637,6 +2709,14 @@ def test_gpt2_method_config_error_is_one_line(tmp_path):
     assert msg.startswith("error: --method sera: ") and "split=3" in msg
     args = train_gpt2.get_args(["--method", "sera", "--sera_r", "4"])
     assert args.sera_split is None and common.METHODS["sera"][0](args).split == 4  # split = r by default
+
+
+@pytest.mark.parametrize("mr", ["", "   ", " | ", ", "])
+def test_gpt2_empty_sample_is_refused_before_any_file_is_read(monkeypatch, mr):
+    monkeypatch.setattr(train_gpt2, "fetch_all", lambda *a, **k: pytest.fail("a file was read"))
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.main(["--sample", mr, "--adapter", "nowhere/adapter.safetensors"])
+    assert str(e.value.code) == f'error: --sample {mr!r} is an empty MR; give one such as "name[The Eagle] | food[French]"'
 
 
 # ---- model_gpt2.py, decoding
@@ -3845,6 +3925,84 @@ def test_vit_bad_init_from_file_is_one_line(tmp_path):
     assert msg.startswith(f"error: --init_from {path}: not a readable checkpoint") and "\n" not in msg
 
 
+def test_vit_offline_fails_within_seconds_with_one_message(monkeypatch, tmp_path):
+    probes = []
+    monkeypatch.setattr(common, "network_ok", lambda *a, **k: probes.append(1) or False)
+
+    def download(repo, filename, local_files_only=False, **k):
+        assert local_files_only, "a download was tried although the probe said offline"
+        raise FileNotFoundError("not in the cache")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda *a, **k: pytest.fail("datasets.load_dataset called although the probe said offline")))
+    t0 = time.time()
+    msg = _vit_exit(["--method", "lora", "--out_dir", str(tmp_path / "out")])
+    assert time.time() - t0 < 5 and probes == [1]
+    lines = msg.splitlines()
+    assert lines[0] == "error: no network (could not reach huggingface.co); these could not be fetched:", msg
+    assert len(lines) == 3 and "google/vit-base-patch16-224-in21k" in lines[1] and "--init_from scratch" in lines[1]
+    assert "uoft-cs/cifar10" in lines[2] and "--data PATH" in lines[2]
+
+
+def test_vit_classes_subset_is_relabelled_in_the_order_given():
+    assert images.parse_classes("5-7,2") == [5, 6, 7, 2]
+    data = {"classes": ["a", "b", "c", "d"], "x_train": torch.arange(8).view(8, 1), "y_train": torch.tensor([0, 1, 2, 3] * 2),
+            "x_test": torch.arange(4).view(4, 1), "y_test": torch.tensor([3, 2, 1, 0])}
+    out = images.select_classes(data, [3, 1], "test data")
+    assert out["classes"] == ["d", "b"]
+    assert out["y_train"].tolist() == [1, 0, 1, 0] and out["x_train"].view(-1).tolist() == [1, 3, 5, 7]
+    assert out["y_test"].tolist() == [0, 1] and out["x_test"].view(-1).tolist() == [0, 2]
+    with pytest.raises(SystemExit, match=r"^error: --classes: test data has 4 classes \(0..3\), not 4$"):
+        images.select_classes(data, [0, 4], "test data")
+    for bad, why in (("3-1", "not an index or a range"), ("a", "not an index or a range"), ("1,0-2", "listed twice")):
+        with pytest.raises(SystemExit, match=rf"^error: --classes {bad}: .*{why}"):
+            train_vit.get_args(["--classes", bad])
+
+
+def test_vit_init_from_a_full_run_keeps_its_head_only_for_the_same_classes(tmp_path):
+    npz = tmp_path / "data.npz"
+    g = np.random.default_rng(0)
+    np.savez(npz, x_train=g.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8), y_train=np.arange(16) % 4,
+             x_test=g.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), y_test=np.arange(8) % 4,
+             class_names=np.array(["c0", "c1", "c2", "c3"]))
+    common = ["--image_size", "16", "--data", str(npz), "--batch_size", "4", "--log_interval", "1", "--device", "cpu"]
+    base = train_vit.main(["--method", "full", "--init_from", "scratch", "--n_layer", "1", "--n_embd", "32", "--n_head",
+                           "2", "--patch_size", "4", "--classes", "0-1", "--max_iters", "2", "--lr", "1e-2",
+                           "--out_dir", str(tmp_path / "base"), *common])
+    assert base["model"].head.weight.abs().sum() > 0 and base["model"].head.out_features == 2
+    pt = str(tmp_path / "base" / "adapter.safetensors")
+    for classes, keeps_head in (("2,3", False), ("0,1", True)):
+        r = train_vit.main(["--method", "none", "--init_from", pt, "--classes", classes,
+                            "--out_dir", str(tmp_path / classes), *common])
+        pre, got = base["model"].state_dict(), r["model"].state_dict()
+        assert all(torch.equal(got[k], pre[k]) for k in pre if not k.startswith("head."))
+        assert torch.equal(got["head.weight"], pre["head.weight"]) == keeps_head
+        assert keeps_head or not got["head.weight"].any()  # fresh: zero-initialised
+
+
+@pytest.mark.parametrize("method, edit, why", [
+    ("lora", lambda c: c.update(n_head=3), "n_head=3 must divide n_embd=32"),
+    ("full", lambda c: c.update(n_layer=10 ** 6), "parameters; expected at most"),  # 10⁶ × 32 × (4 × 32 + 2 × 128)
+    ("full", lambda c: c.update(foo=1), "unexpected keyword argument 'foo'"),
+    ("full", lambda c: c.update(n_embd=64), "size mismatch"),
+], ids=["n_head", "huge", "unknown_field", "n_embd"])
+def test_vit_edited_header_config_is_one_line(tmp_path, method, edit, why):
+    npz = tmp_path / "data.npz"
+    g = np.random.default_rng(0)
+    np.savez(npz, x_train=g.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), y_train=np.arange(8) % 2,
+             x_test=g.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8), y_test=np.arange(4) % 2,
+             class_names=np.array(["c0", "c1"]))
+    train_vit.main(["--method", method, "--init_from", "scratch", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
+                    "--patch_size", "4", "--image_size", "16", "--data", str(npz), "--batch_size", "4", "--max_iters",
+                    "1", "--device", "cpu", "--out_dir", str(tmp_path / "run")])
+    path = tmp_path / "edited.safetensors"
+    _rewrite_header(tmp_path / "run" / "adapter.safetensors", path, lambda m: edit(m["config"]))
+    with pytest.raises(SystemExit) as e:
+        train_vit.load_finetuned(str(path))
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: {path}: its header's config") and why in msg and "\n" not in msg, msg
+
+
 # ================================================================================================
 # interop.py: PEFT's folder format in and out, a plain-LoRA export; against Hugging Face PEFT itself
 # ================================================================================================
@@ -3984,7 +4142,7 @@ def test_save_lora_loads_in_peft(llama, tmp_path, method, capsys):
 
 
 @pytest.mark.parametrize("method, rank", [("bone_col", None), ("bone_row", None), ("lora", 2), ("sera", 3)])
-def test_save_lora_svd_error_is_the_true_error(llama, tmp_path, method, rank, capsys):
+def test_peft_save_lora_svd_error_is_the_true_error(llama, tmp_path, method, rank, capsys):
     ours = _ours(llama, method)
     errors = interop.save_lora(ours, tmp_path, rank=rank)
     line = capsys.readouterr().out
@@ -4024,7 +4182,7 @@ def _gpt_logits(model):
         return model.eval()(input_ids=IDS).logits[:, -1]
 
 
-def test_fused_gpt2_lora(tmp_path):
+def test_peft_fused_gpt2_lora(tmp_path):
     hf, fresh = _gpt2_pair()
     ours = fresh()
     torch.testing.assert_close(_gpt_logits(ours), _gpt_logits(hf), atol=ATOL, rtol=0)  # the same base model
@@ -4050,7 +4208,7 @@ def test_fused_gpt2_lora(tmp_path):
         torch.testing.assert_close(_gpt_logits(back), want, atol=ATOL, rtol=0)
 
 
-def test_fused_gpt2_refusals_and_the_way_out(tmp_path):
+def test_peft_fused_gpt2_refusals_and_the_way_out(tmp_path):
     hf, fresh = _gpt2_pair()
     for apply, why in ((lambda m: vblora.apply_vblora(m, vblora.VBLoRAConfig(r=4, b=16, h=32), ["q_proj", "v_proj"]),
                         "zero sub-vectors"),
@@ -4091,7 +4249,7 @@ def _vit_weights(hf, n_layer=2):
     return model_vit.hf_to_vit(v4)
 
 
-def test_vit_layout_and_modules_to_save(tmp_path):
+def test_peft_vit_layout_and_modules_to_save(tmp_path):
     torch.manual_seed(0)
     hf = transformers.ViTForImageClassification(transformers.ViTConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
@@ -4369,7 +4527,7 @@ def test_load_peft_new_layers_take_the_models_eval_mode(llama, tmp_path):
     assert [m.training for _, m in interop._adapters(trained)] == [False, False, True, True]
 
 
-def test_reexport_of_an_imported_fused_lora_keeps_its_rank(tmp_path):
+def test_peft_reexport_of_an_imported_fused_lora_keeps_its_rank(tmp_path):
     hf, fresh = _gpt2_pair()
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
     ref = peft.get_peft_model(copy.deepcopy(hf), cfg)
@@ -4463,7 +4621,7 @@ def test_gpt2_run_folder_loads_as_its_adapter(_gpt2_lora_run):
 @pytest.mark.parametrize("kind, expected", [("empty", "is an empty file, not an adapter.safetensors"),
                                             ("truncated", "is not a readable adapter.safetensors"),
                                             ("no_header", "is not a nanopeft adapter.safetensors: no args")])
-def test_bad_adapter_safetensors_is_one_line(_gpt2_lora_run, tmp_path, kind, expected):
+def test_gpt2_bad_adapter_safetensors_is_one_line(_gpt2_lora_run, tmp_path, kind, expected):
     path = tmp_path / "adapter.safetensors"
     good = (_gpt2_lora_run.out / "adapter.safetensors").read_bytes()
     if kind == "no_header":
@@ -4657,7 +4815,6 @@ def test_vit_export_peft_of_siva_is_refused_before_training(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-
 # ================================================================================================
 # Beside the ecosystem: a user's clone (no workshop folder), no triton, transformers, another `kernels`
 # ================================================================================================
@@ -4813,178 +4970,10 @@ def test_a_method_file_copied_beside_another_kernels_module_runs_its_own_formula
     assert out.split() == ["True", "True", "True"], out
 
 
-def test_vit_offline_fails_within_seconds_with_one_message(monkeypatch, tmp_path):
-    probes = []
-    monkeypatch.setattr(common, "network_ok", lambda *a, **k: probes.append(1) or False)
-
-    def download(repo, filename, local_files_only=False, **k):
-        assert local_files_only, "a download was tried although the probe said offline"
-        raise FileNotFoundError("not in the cache")
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
-        load_dataset=lambda *a, **k: pytest.fail("datasets.load_dataset called although the probe said offline")))
-    t0 = time.time()
-    msg = _vit_exit(["--method", "lora", "--out_dir", str(tmp_path / "out")])
-    assert time.time() - t0 < 5 and probes == [1]
-    lines = msg.splitlines()
-    assert lines[0] == "error: no network (could not reach huggingface.co); these could not be fetched:", msg
-    assert len(lines) == 3 and "google/vit-base-patch16-224-in21k" in lines[1] and "--init_from scratch" in lines[1]
-    assert "uoft-cs/cifar10" in lines[2] and "--data PATH" in lines[2]
-
-
-def test_bench_without_peft_says_why_its_rows_are_missing(monkeypatch, capsys):
-    import bench
-    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
-    rows = [name for name, _ in bench.methods()]
-    assert rows and not any(r.startswith("peft") for r in rows)
-    assert "note: no peft-* rows: `import peft` failed (ModuleNotFoundError" in capsys.readouterr().out
-
-
-def test_bench_peft_rows_from_the_repository_root_without_triton():
-    _needs_hf()
-    out = _python(NO_TRITON + "import bench\nprint([n for n, _ in bench.methods()])\n", ROOT)
-    assert "'peft-lora'" in out and "'peft-vblora'" in out and "note:" not in out, out
-
-
-@pytest.mark.parametrize("mr", ["", "   ", " | ", ", "])
-def test_gpt2_empty_sample_is_refused_before_any_file_is_read(monkeypatch, mr):
-    monkeypatch.setattr(train_gpt2, "fetch_all", lambda *a, **k: pytest.fail("a file was read"))
-    with pytest.raises(SystemExit) as e:
-        train_gpt2.main(["--sample", mr, "--adapter", "nowhere/adapter.pt"])
-    assert str(e.value.code) == f'error: --sample {mr!r} is an empty MR; give one such as "name[The Eagle] | food[French]"'
-
-
-
 # ================================================================================================
 # reproduce.py
 # ================================================================================================
-# The flags it needs from the training scripts (plain-LM pretraining, init from a full run's adapter,
-# class subsets with a fresh head) and its cache of finished runs. Its --quick mode runs end to end in .ci/run.
-
-
-def _repro_bytes_enc():
-    """Byte-level tiktoken encoding: ids 0..255 = bytes, 256 = <|endoftext|>; no BPE files needed."""
-    return tiktoken.Encoding(name="nanopeft_repro_bytes", pat_str=r"\S+|\s+",
-                             mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={"<|endoftext|>": 256})
-
-
-def _repro_gpt2_main(argv):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_gpt2, "get_tokenizer", lambda bpe_dir=None, online=None: _repro_bytes_enc())
-        return train_gpt2.main([str(a) for a in argv])
-
-
-def test_lm_text_blocks_cover_the_text_and_every_next_token_is_a_target(tmp_path):
-    (tmp_path / "a.txt").write_text("abcdefghij" * 7)
-    (tmp_path / "b.txt").write_text("xyz" * 9)
-    enc = _repro_bytes_enc()
-    train, dev = e2e.encode_lm_text([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], enc, 4)
-    tokens = list(b"abcdefghij" * 7) + [256] + list(b"xyz" * 9) + [256]  # 99 tokens: 24 blocks, 3 left over
-    blocks = [tokens[i:i + 4] for i in range(0, 96, 4)]
-    assert [t for t, _ in train] == [b for i, b in enumerate(blocks) if i % 20 != 19]
-    assert [t for t, _ in dev] == [blocks[19]]  # every 20th block is held out
-    x, y = e2e.collate(train[:3], enc.eot_token)
-    assert (y != model_gpt2.IGNORE).all() and torch.equal(y[:, :-1], x[:, 1:])  # a target at every position
-    assert y[:, -1].tolist() == [t[-1] for t, _ in train[:3]]
-
-
-def test_lm_text_reads_the_endoftext_marker_as_one_eos_token(tmp_path):
-    (tmp_path / "docs.txt").write_text("ab<|endoftext|>\ncd<|endoftext|>\n<|fim|>")
-    (tmp_path / "plain.txt").write_text("ab <|endoftext" * 3)  # no whole marker: plain text, as before
-    enc = _repro_bytes_enc()
-    train, dev = e2e.encode_lm_text([str(tmp_path / "docs.txt")], enc, 2)
-    tokens = [97, 98, 256, 10, 99, 100, 256, 10] + list(b"<|fim|>") + [256]  # another <|...|> stays plain text
-    assert [t for t, _ in train] == [tokens[i:i + 2] for i in range(0, 16, 2)]
-    train, _ = e2e.encode_lm_text([str(tmp_path / "plain.txt")], enc, 4)
-    assert sum((t for t, _ in train), []) == (list(b"ab <|endoftext") * 3 + [256])[:40]
-
-
-def test_lm_text_bad_input_is_one_line(tmp_path):
-    (tmp_path / "short.txt").write_text("abc")
-    with pytest.raises(SystemExit, match=r"^error: --lm_text: 4 tokens make 1 block\(s\) of 4; need 2"):
-        e2e.encode_lm_text([str(tmp_path / "short.txt")], _repro_bytes_enc(), 4)
-    with pytest.raises(SystemExit, match=r"^error: --lm_text .*nope.txt' is not a non-empty file$"):
-        train_gpt2.check_args(train_gpt2.get_args(["--lm_text", f"{tmp_path / 'short.txt'},{tmp_path / 'nope.txt'}"]))
-
-
-def test_lm_pretraining_then_fine_tuning_from_its_adapter(tmp_path):
-    (tmp_path / "text.txt").write_text("the cafe serves french food near the river. " * 40)
-    res = _repro_gpt2_main(["--lm_text", tmp_path / "text.txt", "--method", "full", "--init_from", "scratch",
-                            "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--max_len",
-                            "32", "--batch_size", "4", "--max_iters", "6", "--lr", "1e-2", "--warmup_iters", "1",
-                            "--label_smoothing", "0", "--log_interval", "2", "--eval_iters", "2", "--device", "cpu",
-                            "--out_dir", tmp_path / "base"])
-    assert res["predictions"] == [] and [s for s, _ in res["curve"]] == [2, 4, 6]
-    assert res["curve"][-1][1] < res["curve"][0][1] and res["train_loss"] == res["curve"][-1][1]
-    assert res["dev_loss"] is not None and res["n_trainable"] == res["n_stored"] > 0 and res["tokens_per_s"] > 0
-    with open(tmp_path / "trainset.csv", "w") as f:
-        f.write("mr,ref\r\n" + "".join(f'"name[C{i}], food[French]","C{i} serves French food."\r\n' for i in range(6)))
-    for split in ("devset.csv", "testset_w_refs.csv"):
-        (tmp_path / split).write_text((tmp_path / "trainset.csv").read_text())
-    ft = _repro_gpt2_main(["--method", "none", "--init_from", tmp_path / "base" / "adapter.safetensors", "--data_dir", tmp_path,
-                           "--eval_samples", "0", "--eval_iters", "1", "--device", "cpu", "--out_dir", tmp_path / "ft"])
-    pre, got = res["model"].state_dict(), ft["model"].state_dict()
-    assert got.keys() == pre.keys() and all(torch.equal(got[k], pre[k]) for k in pre)  # the pretrained base
-    assert ft["model"].config.n_head == 2 and ft["model"].config.block_size == 64
-
-
-def test_vit_classes_subset_is_relabelled_in_the_order_given():
-    assert images.parse_classes("5-7,2") == [5, 6, 7, 2]
-    data = {"classes": ["a", "b", "c", "d"], "x_train": torch.arange(8).view(8, 1), "y_train": torch.tensor([0, 1, 2, 3] * 2),
-            "x_test": torch.arange(4).view(4, 1), "y_test": torch.tensor([3, 2, 1, 0])}
-    out = images.select_classes(data, [3, 1], "test data")
-    assert out["classes"] == ["d", "b"]
-    assert out["y_train"].tolist() == [1, 0, 1, 0] and out["x_train"].view(-1).tolist() == [1, 3, 5, 7]
-    assert out["y_test"].tolist() == [0, 1] and out["x_test"].view(-1).tolist() == [0, 2]
-    with pytest.raises(SystemExit, match=r"^error: --classes: test data has 4 classes \(0..3\), not 4$"):
-        images.select_classes(data, [0, 4], "test data")
-    for bad, why in (("3-1", "not an index or a range"), ("a", "not an index or a range"), ("1,0-2", "listed twice")):
-        with pytest.raises(SystemExit, match=rf"^error: --classes {bad}: .*{why}"):
-            train_vit.get_args(["--classes", bad])
-
-
-def test_vit_init_from_a_full_run_keeps_its_head_only_for_the_same_classes(tmp_path):
-    npz = tmp_path / "data.npz"
-    g = np.random.default_rng(0)
-    np.savez(npz, x_train=g.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8), y_train=np.arange(16) % 4,
-             x_test=g.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), y_test=np.arange(8) % 4,
-             class_names=np.array(["c0", "c1", "c2", "c3"]))
-    common = ["--image_size", "16", "--data", str(npz), "--batch_size", "4", "--log_interval", "1", "--device", "cpu"]
-    base = train_vit.main(["--method", "full", "--init_from", "scratch", "--n_layer", "1", "--n_embd", "32", "--n_head",
-                           "2", "--patch_size", "4", "--classes", "0-1", "--max_iters", "2", "--lr", "1e-2",
-                           "--out_dir", str(tmp_path / "base"), *common])
-    assert base["model"].head.weight.abs().sum() > 0 and base["model"].head.out_features == 2
-    pt = str(tmp_path / "base" / "adapter.safetensors")
-    for classes, keeps_head in (("2,3", False), ("0,1", True)):
-        r = train_vit.main(["--method", "none", "--init_from", pt, "--classes", classes,
-                            "--out_dir", str(tmp_path / classes), *common])
-        pre, got = base["model"].state_dict(), r["model"].state_dict()
-        assert all(torch.equal(got[k], pre[k]) for k in pre if not k.startswith("head."))
-        assert torch.equal(got["head.weight"], pre["head.weight"]) == keeps_head
-        assert keeps_head or not got["head.weight"].any()  # fresh: zero-initialised
-
-
-@pytest.mark.parametrize("method, edit, why", [
-    ("lora", lambda c: c.update(n_head=3), "n_head=3 must divide n_embd=32"),
-    ("full", lambda c: c.update(n_layer=10 ** 6), "parameters; expected at most"),  # 10⁶ × 32 × (4 × 32 + 2 × 128)
-    ("full", lambda c: c.update(foo=1), "unexpected keyword argument 'foo'"),
-    ("full", lambda c: c.update(n_embd=64), "size mismatch"),
-], ids=["n_head", "huge", "unknown_field", "n_embd"])
-def test_vit_edited_header_config_is_one_line(tmp_path, method, edit, why):
-    npz = tmp_path / "data.npz"
-    g = np.random.default_rng(0)
-    np.savez(npz, x_train=g.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), y_train=np.arange(8) % 2,
-             x_test=g.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8), y_test=np.arange(4) % 2,
-             class_names=np.array(["c0", "c1"]))
-    train_vit.main(["--method", method, "--init_from", "scratch", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
-                    "--patch_size", "4", "--image_size", "16", "--data", str(npz), "--batch_size", "4", "--max_iters",
-                    "1", "--device", "cpu", "--out_dir", str(tmp_path / "run")])
-    path = tmp_path / "edited.safetensors"
-    _rewrite_header(tmp_path / "run" / "adapter.safetensors", path, lambda m: edit(m["config"]))
-    with pytest.raises(SystemExit) as e:
-        train_vit.load_finetuned(str(path))
-    msg = str(e.value.code)
-    assert msg.startswith(f"error: {path}: its header's config") and why in msg and "\n" not in msg, msg
+# Its data preparation, cache of finished runs, sweep and slot accuracy. Its --quick mode runs end to end in .ci/run.
 
 
 def test_reproduce_cache_reuses_a_finished_run_and_redoes_a_changed_one(tmp_path):
