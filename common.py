@@ -242,18 +242,14 @@ def load_adapter_state_dict(model, method, sd, path="the adapter"):
                          f"{one_line(e)}")
 
 
-def stored_param_count(model, method):
-    """Parameters a user ships: VB-LoRA's in float32 equivalents of its top-k form, else the tensors saved."""
-    if method == "vblora":
-        return vblora.vblora_stored_param_count(model)
-    return sum(t.numel() for t in adapter_state_dict(model, method).values())
-
-
 def param_counts(model, method):
-    """(trainable, stored, base model) parameters: the headline numbers of a PEFT method."""
+    """(trainable, stored, base model) parameters: the headline numbers of a PEFT method. Stored: what a user
+    ships, VB-LoRA's in float32 equivalents of its top-k form."""
     n_base = sum(p.numel() for n, p in model.named_parameters() if not any(s in n for s in ADAPTER_PREFIXES))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return n_train, stored_param_count(model, method), n_base
+    n_stored = (vblora.vblora_stored_param_count(model) if method == "vblora" else
+                sum(t.numel() for t in adapter_state_dict(model, method).values()))
+    return n_train, n_stored, n_base
 
 
 # -----------------------------------------------------------------------------

@@ -24,8 +24,6 @@ Conventions read from PEFT's code (docs/load-peft.md: the fields honoured and re
   with B_i = M[:, i-th block]^T.
 - VB-LoRA's save_only_topk_weights files hold vblora's compact form (k indices, the first k-1 softmax weights):
   they load for inference only. save_peft writes full logits.
-- modules_to_save (a module trained whole, e.g. a new classifier head) is the module's own state dict, and is
-  copied into the model's module; PEFT trains a copy, so a weight the module shares becomes its own first.
 
 layout: our module names -> the target model's. layout(our_name) -> (their_name, part, n_parts, fan_in_fan_out):
 this Linear is rows [part*out, (part+1)*out) of their module, which fuses n_parts equal parts (Hugging Face GPT-2's
@@ -256,7 +254,8 @@ def save_lora(model, path, rank=None, layout=None, modules_to_save=None, base_mo
     """Every adapted layer's ΔW, any method, as one plain PEFT LoRA folder (scale 1: lora_alpha = r per module).
     Exact where the method factorises within `rank`: LoRA (r), SeRA (r), VB-LoRA (r), SiVA (k); else (Bone, a
     forker's method, or a smaller rank) the SVD of ΔW truncated to `rank` (default: Bone's b, else ΔW's numerical
-    rank), and one printed line with the largest relative Frobenius error. Returns {our name: relative error}, 0.0 where exact."""
+    rank), and one printed line with the largest relative Frobenius error. Returns {our name: relative error},
+    0.0 where exact."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"save_lora: rank={rank!r} must be None or an int >= 1")
     layers = _adapters(model)
@@ -514,7 +513,8 @@ def _load_miss(model, cfg, c, sd, inv, file):
         blocks[ours] = sd[f"{PREFIX}{their}.miss_block"]
     bone.apply_bone(model, c, list(blocks))  # where r does not divide a width, MiSS pads x; Bone refuses
     # bat: miss_block is bone_B; else M (r, out) -> (r, out/r, r) -> (out/r, r, r): B_i = M[:, i-th block]^T
-    bone.load_bone_state_dict(model, {f"{ours}.bone_B": M if c.variant == "bone" else M.unflatten(1, (-1, c.b)).permute(1, 2, 0)
+    bat = c.variant == "bone"
+    bone.load_bone_state_dict(model, {f"{ours}.bone_B": M if bat else M.unflatten(1, (-1, c.b)).permute(1, 2, 0)
                                       for ours, M in blocks.items()})
 
 
