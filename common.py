@@ -196,8 +196,8 @@ def fill_method_defaults(args, defaults):
 
 
 def attach_method(model, args, layout=None, peft=None):
-    """Freeze the model (all of it trains for --method full), then attach `peft` (a PEFT folder's {"config",
-    "tensors"}: its own shapes, mapped by `layout`) or the method on --targets."""
+    """Freeze the model (all of it trains for --method full), then attach `peft` (a PEFT folder as read_peft
+    returns it: its own shapes, mapped by `layout`) or the method on --targets."""
     model.requires_grad_(args.method == "full")
     if peft is not None:
         try:
@@ -242,18 +242,14 @@ def load_adapter_state_dict(model, method, sd, path="the adapter"):
                          f"{one_line(e)}")
 
 
-def stored_param_count(model, method):
-    """Parameters a user ships: VB-LoRA's in float32 equivalents of its top-k form, else the tensors saved."""
-    if method == "vblora":
-        return vblora.vblora_stored_param_count(model)
-    return sum(t.numel() for t in adapter_state_dict(model, method).values())
-
-
 def param_counts(model, method):
-    """(trainable, stored, base model) parameters: the headline numbers of a PEFT method."""
+    """(trainable, stored, base model) parameters: the headline numbers of a PEFT method. Stored: what a user
+    ships, VB-LoRA's in float32 equivalents of its top-k form."""
     n_base = sum(p.numel() for n, p in model.named_parameters() if not any(s in n for s in ADAPTER_PREFIXES))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return n_train, stored_param_count(model, method), n_base
+    n_stored = (vblora.vblora_stored_param_count(model) if method == "vblora" else
+                sum(t.numel() for t in adapter_state_dict(model, method).values()))
+    return n_train, n_stored, n_base
 
 
 # -----------------------------------------------------------------------------
@@ -297,7 +293,7 @@ def save_atomic(obj, path):
 def adapter_bytes(meta, tensors, peft=None):
     """An adapter.safetensors file: the tensors, and in the file's own header `meta` (the run's flags, method,
     model config...) as JSON under "nanopeft", so the tensors and what they need to be used never part. A run
-    from a PEFT folder also stores that folder (`peft`, as attach_method returned it): its config in the header,
+    from a PEFT folder also stores that folder (`peft`, as read_peft returned it): its config in the header,
     its tensors under "peft.", so the run loads without the folder."""
     if peft is not None:
         meta = dict(meta, peft=peft["config"])
@@ -328,11 +324,15 @@ def load_adapter(path, keys, methods):
     if missing:
         raise SystemExit(f"error: {path} is not a nanopeft adapter.safetensors: no {', '.join(missing)} in its header")
     check_header(path, meta, methods)
-    peft = meta.get("peft")
+    peft = None
+    if meta.get("peft") is not None:  # the PEFT folder the run started from, checked as read_peft checks it
+        try:
+            peft = interop.check_peft(meta["peft"], {k[5:]: v for k, v in tensors.items() if k.startswith("peft.")},
+                                      meta["args"].get("init_from"))
+        except ValueError as e:
+            raise SystemExit(f"error: {path}: {e}")
     return dict(meta, adapter={k: v for k, v in tensors.items() if not k.startswith(("head.", "peft."))},
-                head={k[5:]: v for k, v in tensors.items() if k.startswith("head.")},
-                peft=None if peft is None else dict(config=peft, tensors={k[5:]: v for k, v in tensors.items()
-                                                                          if k.startswith("peft.")}))
+                head={k[5:]: v for k, v in tensors.items() if k.startswith("head.")}, peft=peft)
 
 
 def check_header(path, meta, methods):

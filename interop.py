@@ -14,28 +14,16 @@ nanopeft <-> PEFT 0.21 (every other config field at PEFT's default):
                                                                    one key, base_model.vblora_vector_bank (h, b)
     Bone-col, "bone"           MISS r=b, init_weights="bat"        miss_block (out/b, b, b) = bone_B
     Bone-col, "unconstrained"  MISS r=b, init_weights=True         miss_block (b, out) = bone_B.reshape(out, b)^T
-    SeRA, SiVA, Bone-row,      none: save_lora writes their ΔW as plain LoRA
-    Bone "hadamard"
+    SeRA, SiVA, Bone-row,      none: save_lora writes their ΔW as plain LoRA, as it does any layer's that has a
+    Bone "hadamard"            .base and a delta_weight() (a forker's method)
 
-Conventions read from PEFT's code:
+Conventions read from PEFT's code (docs/load-peft.md: the fields honoured and refused, and how it is tested):
 - LoRA's scale is lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora; load_peft sets our alpha so that
-  alpha / r is that scale. rank_pattern / alpha_pattern give per-module r and alpha: PEFT takes the first key k
-  with re.match(rf"(.*\\.)?({k})$", module name); we write escaped full module names, which match only themselves.
-- MiSS "bat": W'_ij = W_ij + W_ij B_i + B_i per b×b block, Bone-col exactly. MiSS default: y += (Σ_j x_j) M with
-  M (r, out), so ΔW_ij = M[:, i-th block]^T: Bone-col "unconstrained". Where r does not divide in, MiSS pads x;
-  Bone has no padding, so such files are refused. "mini" ties copies of one (r, mini_r) block, which our Bone
-  cannot tie, so it is refused too.
-- VB-LoRA with save_only_topk_weights stores <logits>_topk_indices (uint8 for h < 256, int16 for h < 2^15) and
-  <logits>_topk_weights, the first k-1 softmax weights of each row (the last is 1 - Σ). Such a file is for
-  inference only: we load logits log(w) at the indices and the dtype's lowest value elsewhere, which give the same
-  top-k and the same weights, but never select anew. save_peft writes full logits.
-- modules_to_save (a module trained whole, e.g. a new classifier head) is saved as the module's own state dict,
-  "base_model.model.<module>.<param>", and listed by name in the config. load_peft copies such tensors into the
-  matching module of the model (found through the layout), checked like the adapter's. PEFT trains a copy of the
-  module, so a weight the module shares (GPT-2's lm_head is wte) becomes the module's own first.
-- Which modules take the adapter: PEFT's check_target_module_exists, read field for field (target_modules as a
-  list of name suffixes or a regex, exclude_modules, layers_to_transform with layers_pattern, modules_to_save
-  never). Tensors of the modules it leaves out are left unread, as in PEFT.
+  alpha / r is that scale.
+- MiSS "bat" is Bone-col exactly. MiSS's default, y += (Σ_j x_j) M with M (r, out), is Bone-col "unconstrained"
+  with B_i = M[:, i-th block]^T.
+- VB-LoRA's save_only_topk_weights files hold vblora's compact form (k indices, the first k-1 softmax weights):
+  they load for inference only. save_peft writes full logits.
 
 layout: our module names -> the target model's. layout(our_name) -> (their_name, part, n_parts, fan_in_fan_out):
 this Linear is rows [part*out, (part+1)*out) of their module, which fuses n_parts equal parts (Hugging Face GPT-2's
@@ -103,7 +91,12 @@ def vit_layout(name, transformers4=False):
 
 
 def _adapters(model):
-    return [(n, m) for n, m in model.named_modules() if type(m) in _NAMES]
+    """Every adapted layer of `model`: nanopeft's, or a forker's method, each with its .base and delta_weight()."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "delta_weight")]
+
+
+def _kind(m):
+    return _NAMES.get(type(m), type(m).__name__)
 
 
 def _write(path, peft_type, cfg, tensors, modules_to_save, base_model_name_or_path):
@@ -161,7 +154,7 @@ def _lora_folder(path, factors, where, dropout, modules_to_save, base_model_name
 
 def _why_not_peft(m, n_parts, fifo, first):
     """Why PEFT has no exact form for layer m, or None."""
-    if isinstance(m, (sera.SeRALinear, siva.SiVALinear)):
+    if not isinstance(m, (lora.LoRALinear, vblora.VBLoRALinear, bone.BoneLinear)):
         return "PEFT has no such method"
     if isinstance(m, vblora.VBLoRALinear) and n_parts > 1:
         return ("it is one part of a fused module; the other parts would need zero sub-vectors, which a top-k "
@@ -183,7 +176,7 @@ def why_not_peft(model, layout=None):
     where, layers = layout or identity_layout, _adapters(model)
     if not layers:
         return "the model holds no nanopeft adapter"
-    kinds = sorted({_NAMES[type(m)] for _, m in layers})
+    kinds = sorted({_kind(m) for _, m in layers})
     if len(kinds) > 1:
         return f"a PEFT folder holds one method; the model mixes {kinds}. save_lora writes any mix as one plain LoRA"
     for ours, m in layers:
@@ -249,8 +242,9 @@ def _lowrank(m, rank):
     if exact is not None and (rank is None or rank >= exact[0].shape[0]):
         return exact[0], exact[1], None
     dW = m.delta_weight().double()  # (out, in)
-    R = min(rank or m.cfg.b, *dW.shape)  # no rank given: only Bone comes here, and gets its block size b
     U, S, Vh = torch.linalg.svd(dW, full_matrices=False)  # (out, n), (n,), (n, in)
+    # no rank given: Bone takes its block size b; a method without factors here, ΔW's numerical rank
+    R = min(rank or (m.cfg.b if isinstance(m, bone.BoneLinear) else int((S > 1e-6 * S[0]).sum()) or 1), len(S))
     err = (S[R:].norm() / S.norm()).item() if S.norm() > 0 else 0.0
     return Vh[:R].to(ct), (U[:, :R] * S[:R]).to(ct), err
 
@@ -258,9 +252,10 @@ def _lowrank(m, rank):
 @torch.no_grad()
 def save_lora(model, path, rank=None, layout=None, modules_to_save=None, base_model_name_or_path=None):
     """Every adapted layer's ΔW, any method, as one plain PEFT LoRA folder (scale 1: lora_alpha = r per module).
-    Exact where the method factorises within `rank`: LoRA (r), SeRA (r), VB-LoRA (r), SiVA (k); else (Bone, or a
-    smaller rank) the SVD of ΔW truncated to `rank` (Bone's default: b), and one printed line with the largest
-    relative Frobenius error. Returns {our name: relative error}, 0.0 where exact."""
+    Exact where the method factorises within `rank`: LoRA (r), SeRA (r), VB-LoRA (r), SiVA (k); else (Bone, a
+    forker's method, or a smaller rank) the SVD of ΔW truncated to `rank` (default: Bone's b, else ΔW's numerical
+    rank), and one printed line with the largest relative Frobenius error. Returns {our name: relative error},
+    0.0 where exact."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"save_lora: rank={rank!r} must be None or an int >= 1")
     layers = _adapters(model)
@@ -271,7 +266,7 @@ def save_lora(model, path, rank=None, layout=None, modules_to_save=None, base_mo
         A, B, err = _lowrank(m, rank)
         factors[ours], errors[ours] = (A, B, 1.0), err or 0.0
         if err is not None and (worst is None or err > worst[0]):
-            worst = (err, ours, _NAMES[type(m)], A.shape[0])
+            worst = (err, ours, _kind(m), A.shape[0])
     _lora_folder(path, factors, layout or identity_layout, 0.0, modules_to_save, base_model_name_or_path)
     if worst:
         err, ours, kind, r = worst
@@ -291,9 +286,9 @@ def _inverse(model, where):
 
 
 # -----------------------------------------------------------------------------
-# Reading a PEFT folder in one pass: each field honoured as PEFT 0.21 honours it or refused by name, the values left
-# to our configs and the tensors to the method loaders; a fault is one ValueError line naming the file and the field,
-# and leaves the model as it was
+# Reading a PEFT folder in one pass. read_peft checks every field as PEFT 0.21 honours it and builds the method's
+# config from the values, once, as the folder is read; apply_peft leaves the tensors to the method loaders, which
+# need the model, and puts the model back on a failure. A fault is one ValueError line naming the file and the field
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_METHODS = {"LORA": "lora", "VBLORA": "vblora", "MISS": "bone"}  # peft_type -> the nanopeft method it loads as
@@ -390,6 +385,22 @@ def _pattern(cfg, name, their, field, conf):
     return field, cfg[field]
 
 
+def _method_config(c, sd, conf):
+    """The method's config from the fields `c`: VB-LoRA's or Bone's; LoRA's, one per module that the tensors `sd`
+    are for and PEFT selects, with that module's r and alpha."""
+    if c["peft_type"] == "VBLORA":
+        return _config(vblora.VBLoRAConfig, conf, r=("r", c["r"]), b=("vector_length", c["vector_length"]),
+                       h=("num_vectors", c["num_vectors"]), k=("topk", c["topk"]))
+    if c["peft_type"] == "MISS":
+        return _config(bone.BoneConfig, conf, b=("r", c["r"]),
+                       variant=("init_weights", "bone" if c["init_weights"] == "bat" else "unconstrained"))
+    found = sorted({k[len(PREFIX):-len(".lora_A.weight")] for k in sd if k.startswith(PREFIX)
+                    and k.endswith(".lora_A.weight")})
+    return {their: _config(lora.LoRAConfig, conf, r=_pattern(c, "rank_pattern", their, "r", conf),
+                           alpha=_pattern(c, "alpha_pattern", their, "lora_alpha", conf),
+                           dropout=("lora_dropout", c["lora_dropout"])) for their in found if _selected(c, their)}
+
+
 def _listed(names, their):
     return their in names or any(their.endswith("." + n) for n in names)
 
@@ -443,21 +454,19 @@ def _select(model, cfg, sd, inv, suffixes, file, extra=()):
 
 
 def _target(model, inv, their):
-    """Our parts of their module {part: (our name, n_parts, fan_in_fan_out)}, n_parts, and one part's in, out."""
+    """Our parts of their module {part: (our name, n_parts, fan_in_fan_out)}, and n_parts."""
     parts = inv.get(their)
     lins = [model.get_submodule(o) for o, _, _ in (parts or {}).values()]
     if not lins or not all(isinstance(l, nn.Linear) for l in lins) or len({l.weight.shape for l in lins}) > 1:
         raise ValueError(f"load_peft: the adapter targets {their!r}, which maps to no nn.Linear (or unequal ones) "
                          "of the model; check the layout")
-    return parts, next(iter(parts.values()))[1], lins[0].in_features, lins[0].out_features
+    return parts, next(iter(parts.values()))[1]
 
 
-def _load_lora(model, cfg, sd, inv, conf, file):
+def _load_lora(model, cfg, configs, sd, inv, file):
     groups, ours_sd = {}, {}
-    for their, parts, n, d_in, d_out in _select(model, cfg, sd, inv, (".lora_A.weight", ".lora_B.weight"), file):
-        c = _config(lora.LoRAConfig, conf, r=_pattern(cfg, "rank_pattern", their, "r", conf),
-                    alpha=_pattern(cfg, "alpha_pattern", their, "lora_alpha", conf),
-                    dropout=("lora_dropout", cfg["lora_dropout"]))
+    for their, parts, n in _select(model, cfg, sd, inv, (".lora_A.weight", ".lora_B.weight"), file):
+        c = configs[their]  # this module's r and alpha (rank_pattern, alpha_pattern)
         s = c.alpha / math.sqrt(c.r) if cfg["use_rslora"] else c.alpha / c.r
         A, B = sd[f"{PREFIX}{their}.lora_A.weight"], sd[f"{PREFIX}{their}.lora_B.weight"]  # (r, in), (n*out, r)
         if n > 1 and A.shape[:1] != (c.r,):  # a whole module: lora.load_lora_state_dict checks r
@@ -477,13 +486,11 @@ def _load_lora(model, cfg, sd, inv, conf, file):
     lora.load_lora_state_dict(model, ours_sd)
 
 
-def _load_vblora(model, cfg, sd, inv, conf, file):
-    c = _config(vblora.VBLoRAConfig, conf, r=("r", cfg["r"]), b=("vector_length", cfg["vector_length"]),
-                h=("num_vectors", cfg["num_vectors"]), k=("topk", cfg["topk"]))
+def _load_vblora(model, cfg, c, sd, inv, file):
     leaves = {"_topk_indices": "idx", "_topk_weights": "w"} if cfg["save_only_topk_weights"] else {"": "logits"}
     suffixes = [f".vblora_logits_{s}{leaf}" for s in "AB" for leaf in leaves]
     ours_sd, names = {"vblora_bank.vectors": sd.get(BANK_KEY)}, []
-    for their, parts, n, _, _ in _select(model, cfg, sd, inv, suffixes, file, extra=[BANK_KEY]):
+    for their, parts, n in _select(model, cfg, sd, inv, suffixes, file, extra=[BANK_KEY]):
         if len(parts) < n:
             raise ValueError(f"load_peft: VB-LoRA on {their!r} needs every one of its {n} parts in the model")
         for p, (ours, _, _) in sorted(parts.items()):
@@ -496,11 +503,9 @@ def _load_vblora(model, cfg, sd, inv, conf, file):
     vblora.load_vblora_state_dict(model, ours_sd)
 
 
-def _load_miss(model, cfg, sd, inv, conf, file):
-    bat = cfg["init_weights"] == "bat"
-    c = _config(bone.BoneConfig, conf, b=("r", cfg["r"]), variant=("init_weights", "bone" if bat else "unconstrained"))
+def _load_miss(model, cfg, c, sd, inv, file):
     blocks = {}
-    for their, parts, n, _, _ in _select(model, cfg, sd, inv, (".miss_block",), file):
+    for their, parts, n in _select(model, cfg, sd, inv, (".miss_block",), file):
         (ours, _, fifo), *more = parts.values()
         if more or n > 1 or fifo:
             raise ValueError(f"load_peft: MiSS on {their!r}: MiSS takes only a whole nn.Linear, not a fused or "
@@ -508,6 +513,7 @@ def _load_miss(model, cfg, sd, inv, conf, file):
         blocks[ours] = sd[f"{PREFIX}{their}.miss_block"]
     bone.apply_bone(model, c, list(blocks))  # where r does not divide a width, MiSS pads x; Bone refuses
     # bat: miss_block is bone_B; else M (r, out) -> (r, out/r, r) -> (out/r, r, r): B_i = M[:, i-th block]^T
+    bat = c.variant == "bone"
     bone.load_bone_state_dict(model, {f"{ours}.bone_B": M if bat else M.unflatten(1, (-1, c.b)).permute(1, 2, 0)
                                       for ours, M in blocks.items()})
 
@@ -521,8 +527,9 @@ def is_folder(path):
 
 
 def read_peft(path):
-    """{"config", "tensors"} of the PEFT folder at `path`, read as data, or None where `path` is no PEFT folder. A
-    file that is missing, empty or unreadable is one ValueError line naming it."""
+    """The PEFT folder at `path` read and checked (check_peft), or None where `path` is no PEFT folder. A file that
+    is missing, empty or unreadable, or a field nanopeft cannot honour as PEFT does, is one ValueError line naming
+    the file and the field."""
     conf, file = (os.path.join(str(path), f) for f in (CONFIG, WEIGHTS))
     if not is_folder(path):
         return None
@@ -543,7 +550,16 @@ def read_peft(path):
     except Exception as e:
         raise ValueError(f"load_peft: {file}: not a readable safetensors file (truncated, or a header that does "
                          f"not fit its data): {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
-    return dict(config=cfg, tensors=sd)
+    return check_peft(cfg, sd, path)
+
+
+def check_peft(config, tensors, where="the PEFT folder"):
+    """A PEFT folder's config and tensors, read from the folder `where` (named in messages), with every field of
+    the config checked: {"config": as read, "tensors", "fields": every field, PEFT 0.21's default where absent,
+    "method": the method's config (LoRA's: {module: config})}. The tensors are left to the method loaders."""
+    conf = os.path.join(str(where), CONFIG)
+    fields = _fields(config, conf)
+    return dict(config=config, tensors=tensors, fields=fields, method=_method_config(fields, tensors, conf))
 
 
 def _saved_modules(model, cfg, sd, inv, file):
@@ -580,16 +596,15 @@ def _tied(model):
 
 
 def apply_peft(model, peft, layout=None, where="the PEFT folder"):
-    """load_peft from `peft` = {"config", "tensors"}, as read from the folder `where` (named in messages)."""
-    conf, file = (os.path.join(str(where), f) for f in (CONFIG, WEIGHTS))
-    cfg = _fields(peft["config"], conf)
+    """load_peft from `peft`, as check_peft returns it, read from the folder `where` (named in messages)."""
+    file, cfg = os.path.join(str(where), WEIGHTS), peft["fields"]
     if _adapters(model):
         raise ValueError("load_peft: the model already holds nanopeft adapters; load into a plain model")
     sd, inv = dict(peft["tensors"]), _inverse(model, layout or identity_layout)
     saved = _saved_modules(model, cfg, sd, inv, file)
     grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        _LOADERS[cfg["peft_type"]](model, cfg, sd, inv, conf, file)
+        _LOADERS[cfg["peft_type"]](model, cfg, peft["method"], sd, inv, file)
     except (ValueError, RuntimeError, IndexError) as e:  # put the model back: each new layer gives back its base
         for name, m in _adapters(model):
             parent, _, child = name.rpartition(".")
@@ -630,6 +645,10 @@ def load_peft(model, path, layout=None):
 # The scripts' rules: a PEFT folder as --init_from (or --adapter), --export; a fault is one line naming the flag
 
 
+_FLAG_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "vblora_r": "r",
+                "vblora_b": "vector_length", "vblora_h": "num_vectors", "vblora_k": "topk", "bone_b": "r"}  # PEFT's
+
+
 def folder_sets(method, flag):
     """Whether a PEFT folder's config decides --flag of a `method` run: its targets and shapes, not its lrs."""
     return flag == "targets" or flag.startswith(method + "_") and not flag.endswith("lr")
@@ -654,24 +673,20 @@ def base_of(init_from, peft):
 
 
 def init_from(args):
-    """--init_from, resolved once per run -> (the PEFT folder it is, as {"config", "tensors"}, or None; where the
+    """--init_from, resolved once per run -> (the PEFT folder it is, as read_peft returns it, or None; where the
     base weights come from). A folder's peft_type must be --method's, and no method flag may set what its config
     sets (a MiSS folder is Bone-col); --export must name a folder that is not the run's source and holds no adapter
     (unless --overwrite). Each fault is one line, before any work."""
-    path, peft = args.init_from, read_folder(args.init_from)
-    if peft is not None:  # the folder's adapter decides the method and its shapes
-        kind = peft["config"].get("peft_type")
-        method = PEFT_METHODS.get(kind)
-        if method != args.method:
-            hint = f"pass --method {method}" if method else f"nanopeft reads {', '.join(PEFT_METHODS)}"
-            raise SystemExit(f"error: --init_from {path} holds a PEFT {kind} adapter: {hint}")
-        cfg = {**_FIELDS[kind], **peft["config"]}
-        fields = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "b": "vector_length" if
-                  kind == "VBLORA" else "r", "h": "num_vectors", "k": "topk"}  # --{method}_{ours} -> PEFT's
+    path, peft = args.init_from, read_folder(args.init_from)  # its config checked here, before any work
+    if peft is not None:  # the folder's adapter decides the method, its targets and its shapes
+        c = peft["fields"]
+        if PEFT_METHODS[c["peft_type"]] != args.method:
+            raise SystemExit(f"error: --init_from {path} holds a PEFT {c['peft_type']} adapter: pass --method "
+                             f"{PEFT_METHODS[c['peft_type']]}")
         for k in [k for k in vars(args) if folder_sets(args.method, k) and getattr(args, k) is not None]:
-            v, field = getattr(args, k), fields.get(k.partition("_")[2])
-            if v != cfg[field] if field else k == "targets" or v != "col":
-                sets = f"{field}={cfg[field]!r}" if field else "the targets" if k == "targets" else "Bone-col"
+            v, field = getattr(args, k), _FLAG_FIELDS.get(k)  # --targets and --bone_grouping have none
+            if k == "targets" or v != (c[field] if field else "col"):  # a MiSS folder is Bone-col
+                sets = f"{field}={c[field]!r}" if field else "the targets" if k == "targets" else "Bone-col"
                 raise SystemExit(f"error: --{k} {v}: --init_from {path} is a PEFT folder, whose {CONFIG} sets {sets}; "
                                  f"drop --{k}")
     base = None if path == "scratch" else base_of(path, peft)

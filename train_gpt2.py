@@ -217,10 +217,7 @@ def load_finetuned(path, device="cpu"):
     file is one line naming it."""
     peft = read_folder(path, "--adapter")
     if peft is not None:  # a PEFT folder is the adapter and names its base
-        kind = peft["config"].get("peft_type")
-        if kind not in PEFT_METHODS:
-            raise SystemExit(f"error: {path}: a PEFT {kind} adapter; nanopeft reads {', '.join(PEFT_METHODS)}")
-        args = get_args(["--init_from", path, "--method", PEFT_METHODS[kind]])
+        args = get_args(["--init_from", path, "--method", PEFT_METHODS[peft["fields"]["peft_type"]]])
         blob = dict(args=vars(args), config={"vocab_size": None}, adapter=None, peft=peft)
     else:
         path = os.path.join(path, "adapter.safetensors") if os.path.isdir(path) else path
