@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 
 import torch
 import torch.nn as nn
@@ -345,35 +346,34 @@ _VALUES = {  # field -> (whether nanopeft honours value v, given the config c, a
 }
 
 
-def _fields(cfg, conf):
+def _fields(cfg):
     """`cfg` with PEFT 0.21's defaults filled in; a field set that nanopeft does not honour, or a value it cannot
     honour as PEFT does, is one ValueError naming it."""
     kind = cfg.get("peft_type")
     if kind not in _FIELDS:
-        raise ValueError(f"load_peft: {conf}: peft_type {kind!r} has no nanopeft form; {sorted(_FIELDS)} load")
+        raise ValueError(f"peft_type {kind!r} has no nanopeft form; {sorted(_FIELDS)} load")
     c = {**_COMMON, **_FIELDS[kind], **cfg}
     unknown = sorted(k for k, v in cfg.items() if k not in _COMMON and k not in _FIELDS[kind]
                      and v not in (None, False, {}, [], ""))
     if unknown:  # use_dora, lora_bias, layer_replication ... change the maths; a newer PEFT's field, no one knows
-        raise ValueError(f"load_peft: {conf}: {unknown}: not fields nanopeft honours in PEFT 0.21's {kind}; expected "
-                         "them absent or unset")
+        raise ValueError(f"{unknown}: not fields nanopeft honours in PEFT 0.21's {kind}; expected them absent or unset")
     for k, (ok, expected) in _VALUES.items():
         if k in c and not ok(c[k], c):
-            raise ValueError(f"load_peft: {conf}: {k}={c[k]!r}: expected {expected}")
+            raise ValueError(f"{k}={c[k]!r}: expected {expected}")
     return c
 
 
-def _config(cls, conf, **fields):
-    """cls(**{ours: value}) from fields {ours: (PEFT's field, value)}; a value it refuses is one line naming the
-    file and PEFT's field (each config names the value it refuses first: "LoRA: alpha='8' must be ...")."""
+def _config(cls, **fields):
+    """cls(**{ours: value}) from fields {ours: (PEFT's field, value)}; a value it refuses is named by PEFT's field
+    (each config names the value it refuses first: "LoRA: alpha='8' must be ...")."""
     try:
         return cls(**{k: v for k, (_, v) in fields.items()})
     except ValueError as e:
         m = re.match(r"[\w-]+: (\w+)=", str(e))
-        raise ValueError(f"load_peft: {conf}: {fields[m[1]][0] if m and m[1] in fields else list(fields)}: {e}")
+        raise ValueError(f"{fields[m[1]][0] if m and m[1] in fields else list(fields)}: {e}")
 
 
-def _pattern(cfg, name, their, field, conf):
+def _pattern(cfg, name, their, field):
     """(PEFT's field, value) for module `their`: the value of the first key of cfg[name] (rank_pattern,
     alpha_pattern) that matches it, as PEFT's get_pattern_key takes it, else cfg[field]."""
     for k, v in (cfg[name] or {}).items():
@@ -381,23 +381,23 @@ def _pattern(cfg, name, their, field, conf):
             if re.match(rf"(.*\.)?({k})$", their):
                 return f"{name} {k!r}", v
         except re.error as e:
-            raise ValueError(f"load_peft: {conf}: {name} {k!r}: {v!r}: expected a valid regex key ({e})")
+            raise ValueError(f"{name} {k!r}: {v!r}: expected a valid regex key ({e})")
     return field, cfg[field]
 
 
-def _method_config(c, sd, conf):
+def _method_config(c, sd):
     """The method's config from the fields `c`: VB-LoRA's or Bone's; LoRA's, one per module that the tensors `sd`
     are for and PEFT selects, with that module's r and alpha."""
     if c["peft_type"] == "VBLORA":
-        return _config(vblora.VBLoRAConfig, conf, r=("r", c["r"]), b=("vector_length", c["vector_length"]),
+        return _config(vblora.VBLoRAConfig, r=("r", c["r"]), b=("vector_length", c["vector_length"]),
                        h=("num_vectors", c["num_vectors"]), k=("topk", c["topk"]))
     if c["peft_type"] == "MISS":
-        return _config(bone.BoneConfig, conf, b=("r", c["r"]),
+        return _config(bone.BoneConfig, b=("r", c["r"]),
                        variant=("init_weights", "bone" if c["init_weights"] == "bat" else "unconstrained"))
     found = sorted({k[len(PREFIX):-len(".lora_A.weight")] for k in sd if k.startswith(PREFIX)
                     and k.endswith(".lora_A.weight")})
-    return {their: _config(lora.LoRAConfig, conf, r=_pattern(c, "rank_pattern", their, "r", conf),
-                           alpha=_pattern(c, "alpha_pattern", their, "lora_alpha", conf),
+    return {their: _config(lora.LoRAConfig, r=_pattern(c, "rank_pattern", their, "r"),
+                           alpha=_pattern(c, "alpha_pattern", their, "lora_alpha"),
                            dropout=("lora_dropout", c["lora_dropout"])) for their in found if _selected(c, their)}
 
 
@@ -430,7 +430,7 @@ def _selected(cfg, their):
     return m is not None and (int(m["idx"]) == layers if isinstance(layers, int) else int(m["idx"]) in layers)
 
 
-def _select(model, cfg, sd, inv, suffixes, file, extra=()):
+def _select(model, cfg, sd, inv, suffixes, extra=()):
     """The modules holding tensors in `sd` that PEFT puts the adapter on; their keys (and `extra`) must be all that
     is left in sd. Tensors of the other modules are dropped, as PEFT leaves them unread; a selected nn.Linear of
     the model without tensors is refused (PEFT would start it from its initialisation)."""
@@ -443,13 +443,11 @@ def _select(model, cfg, sd, inv, suffixes, file, extra=()):
                   all(isinstance(model.get_submodule(o), nn.Linear) for o, _, _ in parts.values()))
     chosen = [their for their in found if _selected(cfg, their)]
     if idle or not chosen:
-        raise ValueError(f"load_peft: {file}: holds no tensors for {idle[:4] or 'any module'} that target_modules "
-                         "selects in the model")
+        raise ValueError(f"holds no tensors for {idle[:4] or 'any module'} that target_modules selects in the model")
     expected = {*extra, *(f"{PREFIX}{their}{s}" for their in chosen for s in suffixes)}
     missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
     if missing or unexpected:
-        raise ValueError(f"load_peft: {file}: keys differ from what the model needs: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
+        raise ValueError(f"keys differ from what the model needs: missing {missing[:4]}, unexpected {unexpected[:4]}")
     return [(their, *_target(model, inv, their)) for their in chosen]
 
 
@@ -458,26 +456,26 @@ def _target(model, inv, their):
     parts = inv.get(their)
     lins = [model.get_submodule(o) for o, _, _ in (parts or {}).values()]
     if not lins or not all(isinstance(l, nn.Linear) for l in lins) or len({l.weight.shape for l in lins}) > 1:
-        raise ValueError(f"load_peft: the adapter targets {their!r}, which maps to no nn.Linear (or unequal ones) "
-                         "of the model; check the layout")
+        raise ValueError(f"the adapter targets {their!r}, which maps to no nn.Linear (or unequal ones) of the model; "
+                         "check the layout")
     return parts, next(iter(parts.values()))[1]
 
 
-def _load_lora(model, cfg, configs, sd, inv, file):
+def _load_lora(model, cfg, configs, sd, inv):
     groups, ours_sd = {}, {}
-    for their, parts, n in _select(model, cfg, sd, inv, (".lora_A.weight", ".lora_B.weight"), file):
+    for their, parts, n in _select(model, cfg, sd, inv, (".lora_A.weight", ".lora_B.weight")):
         c = configs[their]  # this module's r and alpha (rank_pattern, alpha_pattern)
         s = c.alpha / math.sqrt(c.r) if cfg["use_rslora"] else c.alpha / c.r
         A, B = sd[f"{PREFIX}{their}.lora_A.weight"], sd[f"{PREFIX}{their}.lora_B.weight"]  # (r, in), (n*out, r)
         if n > 1 and A.shape[:1] != (c.r,):  # a whole module: lora.load_lora_state_dict checks r
-            raise ValueError(f"load_peft: {file}: {PREFIX}{their}.lora_A.weight has shape {tuple(A.shape)}; r={c.r}")
+            raise ValueError(f"{PREFIX}{their}.lora_A.weight has shape {tuple(A.shape)}; r={c.r}")
         for p in range(n):
             Bp = B.unflatten(0, (n, -1))[p]  # (out, r): this part's rows
             keep = Bp.ne(0).any(0) if n > 1 else slice(None)  # (r,): the columns it uses
             if n > 1 and not keep.any():
                 continue  # ΔW_p = 0: leaving the part plain is exact
             if p not in parts:
-                raise ValueError(f"load_peft: {file}: part {p} of {their!r} has a non-zero B and maps to no module")
+                raise ValueError(f"part {p} of {their!r} has a non-zero B and maps to no module")
             ours, rp = parts[p][0], c.r if n == 1 else int(keep.sum())
             groups.setdefault((rp, s * rp), []).append(ours)  # our alpha / r = PEFT's scale
             ours_sd[f"{ours}.lora_A"], ours_sd[f"{ours}.lora_B"] = A[keep], Bp[:, keep]  # (rp, in), (out, rp)
@@ -486,13 +484,13 @@ def _load_lora(model, cfg, configs, sd, inv, file):
     lora.load_lora_state_dict(model, ours_sd)
 
 
-def _load_vblora(model, cfg, c, sd, inv, file):
+def _load_vblora(model, cfg, c, sd, inv):
     leaves = {"_topk_indices": "idx", "_topk_weights": "w"} if cfg["save_only_topk_weights"] else {"": "logits"}
     suffixes = [f".vblora_logits_{s}{leaf}" for s in "AB" for leaf in leaves]
     ours_sd, names = {"vblora_bank.vectors": sd.get(BANK_KEY)}, []
-    for their, parts, n in _select(model, cfg, sd, inv, suffixes, file, extra=[BANK_KEY]):
+    for their, parts, n in _select(model, cfg, sd, inv, suffixes, extra=[BANK_KEY]):
         if len(parts) < n:
-            raise ValueError(f"load_peft: VB-LoRA on {their!r} needs every one of its {n} parts in the model")
+            raise ValueError(f"VB-LoRA on {their!r} needs every one of its {n} parts in the model")
         for p, (ours, _, _) in sorted(parts.items()):
             names.append(ours)
             for leaf, short in leaves.items():
@@ -503,13 +501,13 @@ def _load_vblora(model, cfg, c, sd, inv, file):
     vblora.load_vblora_state_dict(model, ours_sd)
 
 
-def _load_miss(model, cfg, c, sd, inv, file):
+def _load_miss(model, cfg, c, sd, inv):
     blocks = {}
-    for their, parts, n in _select(model, cfg, sd, inv, (".miss_block",), file):
+    for their, parts, n in _select(model, cfg, sd, inv, (".miss_block",)):
         (ours, _, fifo), *more = parts.values()
         if more or n > 1 or fifo:
-            raise ValueError(f"load_peft: MiSS on {their!r}: MiSS takes only a whole nn.Linear, not a fused or "
-                             "fan_in_fan_out module")
+            raise ValueError(f"MiSS on {their!r}: MiSS takes only a whole nn.Linear, not a fused or fan_in_fan_out "
+                             "module")
         blocks[ours] = sd[f"{PREFIX}{their}.miss_block"]
     bone.apply_bone(model, c, list(blocks))  # where r does not divide a width, MiSS pads x; Bone refuses
     # bat: miss_block is bone_B; else M (r, out) -> (r, out/r, r) -> (out/r, r, r): B_i = M[:, i-th block]^T
@@ -557,12 +555,14 @@ def check_peft(config, tensors, where="the PEFT folder"):
     """A PEFT folder's config and tensors, read from the folder `where` (named in messages), with every field of
     the config checked: {"config": as read, "tensors", "fields": every field, PEFT 0.21's default where absent,
     "method": the method's config (LoRA's: {module: config})}. The tensors are left to the method loaders."""
-    conf = os.path.join(str(where), CONFIG)
-    fields = _fields(config, conf)
-    return dict(config=config, tensors=tensors, fields=fields, method=_method_config(fields, tensors, conf))
+    try:
+        fields = _fields(config)
+        return dict(config=config, tensors=tensors, fields=fields, method=_method_config(fields, tensors))
+    except ValueError as e:  # one place names the file
+        raise ValueError(f"load_peft: {os.path.join(str(where), CONFIG)}: {e}") from None
 
 
-def _saved_modules(model, cfg, sd, inv, file):
+def _saved_modules(model, cfg, sd, inv):
     """Pop the modules_to_save tensors from sd, each as (our module, parameter name, tensor)."""
     entries, own, out = cfg.get("modules_to_save") or [], model.state_dict(), []
     for key in [k for k in sd if k.startswith(PREFIX)]:
@@ -579,32 +579,23 @@ def _saved_modules(model, cfg, sd, inv, file):
         t = sd.pop(key)
         t = t.T if fifo and param == "weight" else t  # a Conv1D weight is (in, out)
         if target is None or t.shape != target.shape or not t.is_floating_point() or not torch.isfinite(t).all():
-            raise ValueError(f"load_peft: {file}: modules_to_save {key} ({tuple(t.shape)}, {t.dtype}) fits no "
-                             "tensor of the model, or holds non-finite values; check the layout")
+            raise ValueError(f"modules_to_save {key} ({tuple(t.shape)}, {t.dtype}) fits no tensor of the model, or "
+                             "holds non-finite values; check the layout")
         module, _, name = f"{ours}.{param}".rpartition(".")
         out.append((model.get_submodule(module), name, t))
     return out
 
 
-def _tied(model):
-    """ids of the tensors that more than one name of `model` holds (GPT-2's lm_head.weight is wte.weight)."""
-    seen = {}
-    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for _, t in tensors:
-        seen[id(t)] = seen.get(id(t), 0) + 1
-    return {i for i, c in seen.items() if c > 1}
-
-
 def apply_peft(model, peft, layout=None, where="the PEFT folder"):
     """load_peft from `peft`, as check_peft returns it, read from the folder `where` (named in messages)."""
-    file, cfg = os.path.join(str(where), WEIGHTS), peft["fields"]
+    cfg = peft["fields"]
     if _adapters(model):
         raise ValueError("load_peft: the model already holds nanopeft adapters; load into a plain model")
     sd, inv = dict(peft["tensors"]), _inverse(model, layout or identity_layout)
-    saved = _saved_modules(model, cfg, sd, inv, file)
     grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        _LOADERS[cfg["peft_type"]](model, cfg, peft["method"], sd, inv, file)
+        saved = _saved_modules(model, cfg, sd, inv)
+        _LOADERS[cfg["peft_type"]](model, cfg, peft["method"], sd, inv)
     except (ValueError, RuntimeError, IndexError) as e:  # put the model back: each new layer gives back its base
         for name, m in _adapters(model):
             parent, _, child = name.rpartition(".")
@@ -615,14 +606,16 @@ def apply_peft(model, peft, layout=None, where="the PEFT folder"):
             del model.vblora_bank
         for p, g in grads:
             p.requires_grad_(g)
-        raise ValueError(str(e) if str(e).startswith("load_peft: ") else f"load_peft: {file}: {e}") from e
+        raise ValueError(f"load_peft: {os.path.join(str(where), WEIGHTS)}: {e}") from e  # one place names the file
     for _, m in _adapters(model):
         m.train(m.base.training)  # a new layer takes the mode of the layer it wraps: eval stays eval
-    tied = _tied(model)
+    holders = Counter(id(t) for _, t in [*model.named_parameters(remove_duplicate=False),
+                                         *model.named_buffers(remove_duplicate=False)])
     with torch.no_grad():
         for module, name, t in saved:
             old = getattr(module, name)
-            if id(old) in tied:  # PEFT trains a copy of the module: the other holder keeps the shared tensor
+            if holders[id(old)] > 1:  # tied (GPT-2's lm_head.weight is wte.weight): PEFT trains a copy of the
+                # module, and the other holder keeps the shared tensor
                 setattr(module, name, nn.Parameter(t.to(old).clone(), requires_grad=old.requires_grad))
             else:
                 old.copy_(t)
