@@ -1,19 +1,13 @@
 """What the two training scripts share, spelled one way (nanochat's common.py and checkpoint_manager.py).
 
-- Fetching: a local file or folder named by a flag is used as it is, without a look at the network;
-  otherwise every cache is tried first, and the network is probed once, on the first need, with one TCP
-  connection to the Hugging Face Hub (3 s at most), so an offline run never sits through a library's
-  retries. Every input is tried before any is reported: one message lists all that could not be had, each
-  with the flag that replaces it.
-- The method registry: each method's flags (prefixed by the method: --lora_r, --vblora_k ...), its config
-  built from them, apply, adapter state dict and load; the counts every run prints.
-- Runs: the --out_dir guard (a run never overwrites another unless --overwrite, and --resume
-  continues it only with the flags that keep it the same run), atomic checkpoints loaded with
-  weights_only=True, and the resume of trainable tensors, optimizer, step and RNG.
+- Fetching: a local file or folder named by a flag is used as it is; otherwise every cache first, and one probe
+  of the Hugging Face Hub (3 s at most) on the first need, so an offline run never sits through a library's
+  retries. One message lists every input that could not be had, each with the flag that replaces it.
+- The method registry: each method's flags (--lora_r, --vblora_k ...), its config built from them, apply,
+  adapter state dict and load; the counts every run prints.
+- Runs: the --out_dir guard (--overwrite to start over, --resume only with flags that keep it the same run),
+  atomic checkpoints loaded with weights_only=True, and the resume of trainable tensors, optimizer, step and RNG.
 - DDP under torchrun (nanoGPT's pattern): nccl on CUDA with each process on cuda:LOCAL_RANK, gloo on CPU.
-
-    got = fetch_all({"bpe": lambda online: get_tokenizer(args.bpe_dir, online),
-                     "e2e": lambda online: load_e2e(args.data_dir, online)})
 """
 import argparse
 import inspect
@@ -310,8 +304,8 @@ def read_safetensors(path):
 
 
 def load_adapter(path, keys, methods):
-    """{meta..., "adapter": tensors, "head": the "head."-prefixed ones, "peft"} from an adapter.safetensors. Any
-    fault is one line naming path."""
+    """{meta..., "adapter": tensors, "head": the "head."-prefixed ones, "peft"} from an adapter.safetensors (methods:
+    the script's). Any fault is one line naming path and, in the header, the field."""
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         raise SystemExit(f"error: {path} is {'an empty file' if os.path.isfile(path) else 'not a file'}, not an "
                          f"adapter.safetensors")
@@ -323,22 +317,8 @@ def load_adapter(path, keys, methods):
     missing = [k for k in keys if not isinstance(meta, dict) or k not in meta and k not in ("adapter", "head")]
     if missing:
         raise SystemExit(f"error: {path} is not a nanopeft adapter.safetensors: no {', '.join(missing)} in its header")
-    check_header(path, meta, methods)
-    peft = None
-    if meta.get("peft") is not None:  # the PEFT folder the run started from, checked as read_peft checks it
-        try:
-            peft = interop.check_peft(meta["peft"], {k[5:]: v for k, v in tensors.items() if k.startswith("peft.")},
-                                      meta["args"].get("init_from"))
-        except ValueError as e:
-            raise SystemExit(f"error: {path}: {e}")
-    return dict(meta, adapter={k: v for k, v in tensors.items() if not k.startswith(("head.", "peft."))},
-                head={k[5:]: v for k, v in tensors.items() if k.startswith("head.")}, peft=peft)
 
-
-def check_header(path, meta, methods):
-    """The header fields every loader reads, each checked for what it must hold (methods: the script's); one line
-    naming path and field."""
-    def bad(field, value, expected):
+    def bad(field, value, expected):  # the header fields every loader reads, each checked for what it must hold
         raise SystemExit(f"error: {path}: its header's {field}={value!r}: expected {expected}")
 
     if "args" in meta and not isinstance(meta["args"], dict):
@@ -355,44 +335,45 @@ def check_header(path, meta, methods):
         bad("config", meta["config"], "an object of the model's config")
     if meta.get("peft") is not None and not isinstance(meta["peft"], dict):
         bad("peft", meta["peft"], "the adapter_config.json of the PEFT folder the run started from")
-
-
-def load_checkpoint(path):
-    """torch.load a checkpoint as data only; an empty, truncated or foreign file is one line naming it."""
-    if os.path.getsize(path) == 0:
-        raise SystemExit(f"error: {path} is an empty file, not a checkpoint (a save cut short?)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, a pickled payload
-        raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or not a torch file): {why(e)}")
-    missing = [k for k in CKPT_KEYS if not isinstance(obj, dict) or k not in obj]
-    if missing:
-        raise SystemExit(f"error: {path} is not a nanopeft ckpt.pt: no {', '.join(missing)}")
-    return obj
-
-
-def check_resume(saved_args, args):
-    """Refuse a resume whose flags would alter the run, naming each changed flag and both values."""
-    new = vars(args)
-    changed = [f"--{k} {saved_args.get(k)} -> {new.get(k)}" for k in sorted(set(saved_args) | set(new))
-               if k not in RESUME_MAY_CHANGE and saved_args.get(k) != new.get(k)]
-    if changed:
-        free = sorted(k for k in RESUME_MAY_CHANGE - {"resume", "overwrite", "sample", "adapter", "export"} if k in new)
-        raise SystemExit(f"error: --resume: {', '.join(changed)} would alter the saved run; only "
-                         f"{', '.join('--' + k for k in free)} may change (or start over with --overwrite)")
+    peft = None
+    if meta.get("peft") is not None:  # the PEFT folder the run started from, checked as read_peft checks it
+        try:
+            peft = interop.check_peft(meta["peft"], {k[5:]: v for k, v in tensors.items() if k.startswith("peft.")},
+                                      meta["args"].get("init_from"))
+        except ValueError as e:
+            raise SystemExit(f"error: {path}: {e}")
+    return dict(meta, adapter={k: v for k, v in tensors.items() if not k.startswith(("head.", "peft."))},
+                head={k[5:]: v for k, v in tensors.items() if k.startswith("head.")}, peft=peft)
 
 
 def open_run(args, world_size, files=("ckpt.pt", "adapter.safetensors")):
-    """The --out_dir guard. -> the checkpoint to resume (--resume), or None for a new run; a folder that
-    holds a run is refused unless --resume or --overwrite."""
+    """The --out_dir guard. -> the checkpoint to resume (--resume), loaded as data only, or None for a new run; a
+    folder that holds a run is refused unless --resume or --overwrite, and a resume whose flags would alter the run
+    is refused naming each changed flag and both values."""
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume and --overwrite: pass one of them")
     if args.resume:
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
-        ckpt = load_checkpoint(ckpt_path)
-        check_resume(ckpt["args"], args)
+        if os.path.getsize(ckpt_path) == 0:
+            raise SystemExit(f"error: {ckpt_path} is an empty file, not a checkpoint (a save cut short?)")
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, not a torch file, a pickled payload
+            raise SystemExit(f"error: {ckpt_path} is not a readable checkpoint (truncated or not a torch file): "
+                             f"{why(e)}")
+        missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:
+            raise SystemExit(f"error: {ckpt_path} is not a nanopeft ckpt.pt: no {', '.join(missing)}")
+        saved, new = ckpt["args"], vars(args)
+        changed = [f"--{k} {saved.get(k)} -> {new.get(k)}" for k in sorted(set(saved) | set(new))
+                   if k not in RESUME_MAY_CHANGE and saved.get(k) != new.get(k)]
+        if changed:
+            free = sorted(k for k in RESUME_MAY_CHANGE - {"resume", "overwrite", "sample", "adapter", "export"}
+                          if k in new)
+            raise SystemExit(f"error: --resume: {', '.join(changed)} would alter the saved run; only "
+                             f"{', '.join('--' + k for k in free)} may change (or start over with --overwrite)")
         if ckpt.get("world_size", 1) != world_size:
             raise SystemExit(f"error: --resume: {ckpt_path} was written by a run of {ckpt.get('world_size', 1)} "
                              f"process(es), this one has {world_size}: the global batch would change")

@@ -17,13 +17,8 @@ nanopeft <-> PEFT 0.21 (every other config field at PEFT's default):
     SeRA, SiVA, Bone-row,      none: save_lora writes their ΔW as plain LoRA, as it does any layer's that has a
     Bone "hadamard"            .base and a delta_weight() (a forker's method)
 
-Conventions read from PEFT's code (docs/load-peft.md: the fields honoured and refused, and how it is tested):
-- LoRA's scale is lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora; load_peft sets our alpha so that
-  alpha / r is that scale.
-- MiSS "bat" is Bone-col exactly. MiSS's default, y += (Σ_j x_j) M with M (r, out), is Bone-col "unconstrained"
-  with B_i = M[:, i-th block]^T.
-- VB-LoRA's save_only_topk_weights files hold vblora's compact form (k indices, the first k-1 softmax weights):
-  they load for inference only. save_peft writes full logits.
+The fields load_peft honours and refuses, as read from PEFT's code, and how it is tested: docs/load-peft.md.
+MiSS's default, y += (Σ_j x_j) M with M (r, out), is Bone-col "unconstrained" with B_i = M[:, i-th block]^T.
 
 layout: our module names -> the target model's. layout(our_name) -> (their_name, part, n_parts, fan_in_fan_out):
 this Linear is rows [part*out, (part+1)*out) of their module, which fuses n_parts equal parts (Hugging Face GPT-2's
@@ -113,10 +108,6 @@ def _write(path, peft_type, cfg, tensors, modules_to_save, base_model_name_or_pa
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def _number(x):
-    return int(x) if float(x).is_integer() else x
-
-
 def _lora_folder(path, factors, where, dropout, modules_to_save, base_model_name_or_path):
     """Write {our name: (A (r, in), B (out, r), scale)} as one PEFT LoRA folder, fusing the parts of a module."""
     groups = {}
@@ -144,7 +135,8 @@ def _lora_folder(path, factors, where, dropout, modules_to_save, base_model_name
         for (p, _, _, a, b, sp), col in zip(parts, cols):
             B[p * out:(p + 1) * out, col:col + a.shape[0]] = b * (sp / s)  # one scale s per module: fold the ratio
         tensors[f"{PREFIX}{their}.lora_A.weight"], tensors[f"{PREFIX}{their}.lora_B.weight"] = A, B
-        rank[their], alpha[their] = A.shape[0], _number(s * A.shape[0])  # scale = lora_alpha / R = s
+        rank[their], alpha[their] = A.shape[0], s * A.shape[0]  # scale = lora_alpha / R = s
+        alpha[their] = int(alpha[their]) if float(alpha[their]).is_integer() else alpha[their]
     first = next(iter(groups))
     cfg = {"r": rank[first], "lora_alpha": alpha[first], "lora_dropout": dropout, "use_rslora": False,
            "fan_in_fan_out": any(where(n)[3] for n in factors), "bias": "none", "target_modules": sorted(groups),
@@ -252,11 +244,9 @@ def _lowrank(m, rank):
 
 @torch.no_grad()
 def save_lora(model, path, rank=None, layout=None, modules_to_save=None, base_model_name_or_path=None):
-    """Every adapted layer's ΔW, any method, as one plain PEFT LoRA folder (scale 1: lora_alpha = r per module).
-    Exact where the method factorises within `rank`: LoRA (r), SeRA (r), VB-LoRA (r), SiVA (k); else (Bone, a
-    forker's method, or a smaller rank) the SVD of ΔW truncated to `rank` (default: Bone's b, else ΔW's numerical
-    rank), and one printed line with the largest relative Frobenius error. Returns {our name: relative error},
-    0.0 where exact."""
+    """Every adapted layer's ΔW, any method, as one plain PEFT LoRA folder (scale 1: lora_alpha = r per module):
+    exact where the method factorises within `rank`, else ΔW's SVD truncated (see _lowrank), with one printed line
+    of the largest relative Frobenius error. Returns {our name: relative error}, 0.0 where exact."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"save_lora: rank={rank!r} must be None or an int >= 1")
     layers = _adapters(model)
@@ -287,9 +277,8 @@ def _inverse(model, where):
 
 
 # -----------------------------------------------------------------------------
-# Reading a PEFT folder in one pass. read_peft checks every field as PEFT 0.21 honours it and builds the method's
-# config from the values, once, as the folder is read; apply_peft leaves the tensors to the method loaders, which
-# need the model, and puts the model back on a failure. A fault is one ValueError line naming the file and the field
+# Reading a PEFT folder in one pass: read_peft checks the config and builds the method's config; apply_peft leaves
+# the tensors to the method loaders and puts the model back on a failure. A fault is one line naming file and field
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_METHODS = {"LORA": "lora", "VBLORA": "vblora", "MISS": "bone"}  # peft_type -> the nanopeft method it loads as
@@ -525,9 +514,8 @@ def is_folder(path):
 
 
 def read_peft(path):
-    """The PEFT folder at `path` read and checked (check_peft), or None where `path` is no PEFT folder. A file that
-    is missing, empty or unreadable, or a field nanopeft cannot honour as PEFT does, is one ValueError line naming
-    the file and the field."""
+    """The PEFT folder at `path` read and checked (check_peft), or None where `path` is no PEFT folder; a fault is
+    one ValueError line naming the file and the field."""
     conf, file = (os.path.join(str(path), f) for f in (CONFIG, WEIGHTS))
     if not is_folder(path):
         return None
@@ -624,10 +612,8 @@ def apply_peft(model, peft, layout=None, where="the PEFT folder"):
 
 def load_peft(model, path, layout=None):
     """Apply the PEFT folder at `path` (LORA, VBLORA or MISS) to the plain `model` as the matching nanopeft
-    method and load its tensors, and its modules_to_save into the model's own modules (a tensor the module shares
-    with another, as GPT-2's tied head, becomes the module's own, as in PEFT); returns the adapted names (ours).
-    Every field of the config is honoured as PEFT 0.21 honours it or refused by name; a refusal leaves the model
-    as it was; the new layers take the training mode of the layers they wrap."""
+    method, its modules_to_save into the model's own modules; returns the adapted names (ours). Every field is
+    honoured as PEFT 0.21 honours it or refused by name, and a refusal leaves the model as it was."""
     peft = read_peft(path)
     if peft is None:
         raise ValueError(f"load_peft: {path}: no {CONFIG} there; a PEFT folder holds {CONFIG} and {WEIGHTS}")
