@@ -437,17 +437,15 @@ def _select(model, cfg, sd, inv, suffixes, extra=()):
     missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
     if missing or unexpected:
         raise ValueError(f"keys differ from what the model needs: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    return [(their, *_target(model, inv, their)) for their in chosen]
-
-
-def _target(model, inv, their):
-    """Our parts of their module {part: (our name, n_parts, fan_in_fan_out)}, and n_parts."""
-    parts = inv.get(their)
-    lins = [model.get_submodule(o) for o, _, _ in (parts or {}).values()]
-    if not lins or not all(isinstance(l, nn.Linear) for l in lins) or len({l.weight.shape for l in lins}) > 1:
-        raise ValueError(f"the adapter targets {their!r}, which maps to no nn.Linear (or unequal ones) of the model; "
-                         "check the layout")
-    return parts, next(iter(parts.values()))[1]
+    targets = []  # (their module, our parts {part: (our name, n_parts, fan_in_fan_out)}, n_parts)
+    for their in chosen:
+        parts = inv.get(their)
+        lins = [model.get_submodule(o) for o, _, _ in (parts or {}).values()]
+        if not lins or not all(isinstance(l, nn.Linear) for l in lins) or len({l.weight.shape for l in lins}) > 1:
+            raise ValueError(f"the adapter targets {their!r}, which maps to no nn.Linear (or unequal ones) of the "
+                             "model; check the layout")
+        targets.append((their, parts, next(iter(parts.values()))[1]))
+    return targets
 
 
 def _load_lora(model, cfg, configs, sd, inv):
@@ -540,9 +538,8 @@ def read_peft(path):
 
 
 def check_peft(config, tensors, where="the PEFT folder"):
-    """A PEFT folder's config and tensors, read from the folder `where` (named in messages), with every field of
-    the config checked: {"config": as read, "tensors", "fields": every field, PEFT 0.21's default where absent,
-    "method": the method's config (LoRA's: {module: config})}. The tensors are left to the method loaders."""
+    """A PEFT folder's config, checked, and tensors, from the folder `where` -> {"config": as read, "tensors",
+    "fields": every field, PEFT 0.21's default where absent, "method": the method's config (LoRA's: per module)}."""
     try:
         fields = _fields(config)
         return dict(config=config, tensors=tensors, fields=fields, method=_method_config(fields, tensors))
