@@ -2592,6 +2592,8 @@ def test_gpt2_lora_lines_encode_as_gpt2_encode_py_and_the_loss_sees_the_completi
         assert y[i, kept].tolist() == target  # every completion token and the final EOS, nothing else
         assert kept.tolist() == list(range(len(prompt) - 1, len(prompt + target) - 1))
         assert x[i, :len(prompt + target) - 1].tolist() == (prompt + target)[:-1]
+    # a prompt of max_len tokens leaves no completion token to learn from: dropped; one token less keeps one
+    assert e2e.encode_e2e([("abc", "x"), ("ab", "x")], _gpt2_enc(), 4) == [([97, 98, 256, 32], 3)]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -2603,8 +2605,6 @@ def test_gpt2_bad_lora_e2e_file_fails_before_training_naming_file_and_line(tmp_p
     (tmp_path / "valid.txt").write_bytes(content)
     msg = _gpt2_error(_gpt2_argv(tmp_path, tmp_path / "out", "lora"))
     assert msg.startswith(f"error: {tmp_path / 'valid.txt'}") and message in msg, msg
-    # a prompt of max_len tokens leaves no completion token to learn from: dropped; one token less keeps one
-    assert e2e.encode_e2e([("abc", "x"), ("ab", "x")], _gpt2_enc(), 4) == [([97, 98, 256, 32], 3)]
 
 
 @pytest.mark.parametrize("content, message", [
