@@ -10,10 +10,10 @@ The data is E2E as microsoft/LoRA's examples/NLG ships it (data/e2e/{train,valid
 one `context||completion` line per official CSV row, the MR's fields renamed and both sides tokenized
 (lora_line; docs/e2e-data.md gives its measured match). An example is tokens(context) + EOS +
 tokens(' ' + completion) + EOS, as LoRA's gpt2_encode.py --add_bos --add_eos, and the loss is on the
-completion and its final EOS only (collate). Batches are bucketed (make_batches: shuffle, sort by length within windows of 50
-batches, shuffle the batches) and right-padded to the longest example; causal attention never lets a real
-token see a later pad. For plain language modelling, encode_lm_text cuts text files into blocks (the
-literal `<|endoftext|>` in a file is EOS, between documents).
+completion and its final EOS only (collate). Batches are bucketed (make_batches: shuffle, sort by length
+within windows of 50 batches, shuffle the batches) and right-padded to the longest example; causal attention
+never lets a real token see a later pad. For plain language modelling, encode_lm_text cuts text files into
+blocks (the literal `<|endoftext|>` in a file is EOS, between documents).
 
 Metrics (on the test set, references grouped per MR; printed in the papers' units: BLEU, METEOR,
 ROUGE-L x100). What the official e2e-metrics scripts do and how this file differs:
@@ -31,7 +31,7 @@ ROUGE-L x100). What the official e2e-metrics scripts do and how this file differ
   paraphrase table, or function-word weighting). Meteor 1.5 English parameters (alpha .85, beta .2,
   gamma .6), greedy chunk-minimising alignment, best reference per MR, corpus score from summed
   statistics. Official METEOR also credits stems, synonyms and paraphrases and weights function words,
-  so the two differ, in either direction (the README gives measured figures).
+  so the two differ, in either direction (docs/e2e-scores.md gives measured figures).
 - ROUGE-L: per MR, F_beta (beta 1.2) of the max precision and the max recall over its references, taken
   separately (coco's rule); averaged over MRs.
 - CIDEr-D: 1-4-grams counted with repeats, tf-idf with document frequencies over the test MRs' reference
@@ -211,8 +211,8 @@ def lora_split(line):
 
 
 def lora_pairs(rows, test=False):
-    """[(context, completion)] of official [(mr, ref)] rows, through lora_line."""
-    return [lora_split(lora_line(mr, ref, test)) for mr, ref in rows]
+    """[(context, completion)] of official [(mr, ref)] rows: lora_line's two sides, as lora_split reads them."""
+    return [(lora_context(mr, test), lora_tokenize(ref, test)) for mr, ref in rows]
 
 
 def read_lora_txt(path):

@@ -36,10 +36,10 @@ Multi-GPU: process r of N takes micro-batches r, r+N, ... of one global order, s
 
 --out_dir: ckpt.pt (to resume) and adapter.safetensors (to use: the method's state dict, VB-LoRA's top-k
 form, full: the trained tensors; its header holds the flags and model config that rebuild the model, as
-load_finetuned() does); predictions.txt and
-references.txt (LoRA's form, for e2e-metrics' measure_scores.py as they are), metrics.json. --export peft|lora DIR writes the adapter
-for Hugging Face's GPT2LMHeadModel (q, k, v fused in its Conv1D c_attn); --init_from and --adapter take a
-PEFT folder (its base_model_name_or_path is the base).
+load_finetuned() does); predictions.txt and references.txt (LoRA's form, for e2e-metrics' measure_scores.py
+as they are), metrics.json. --export peft|lora DIR writes the adapter for Hugging Face's GPT2LMHeadModel
+(q, k, v fused in its Conv1D c_attn); --init_from and --adapter take a PEFT folder (its base_model_name_or_path
+is the base).
 """
 import argparse
 import functools
@@ -251,7 +251,7 @@ def check_fits(block_size, prompt_len, args, what):
 
 def decode(model, prompts, eos, args, log=print):
     """Beam search over all prompts in batches of similar length, with a progress line and ETA. In fp32, as
-    LoRA decodes: bf16 logits are too coarse to rank ten beams reliably."""
+    LoRA decodes: bf16 logits are coarse for ranking ten beams."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths, little left-padding
     outs = [None] * len(prompts)
     n_batches = math.ceil(len(order) / args.decode_batch)
