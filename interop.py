@@ -54,38 +54,6 @@ def identity_layout(name):
     return name, 0, 1, False
 
 
-def gpt2_layout(name):
-    """Our compact GPT-2 (model_gpt2.GPT) -> Hugging Face's GPT2LMHeadModel: q, k, v are parts 0, 1, 2 of the
-    Conv1D attn.c_attn (weight (C, 3C), output [q | k | v]); every Conv1D is fan_in_fan_out."""
-    m = re.fullmatch(r"(transformer\.h\.\d+\.attn)\.([qkv])_proj", name)
-    if m:
-        return f"{m[1]}.c_attn", "qkv".index(m[2]), 3, True
-    conv1d = re.fullmatch(r"transformer\.h\.\d+\.(attn\.c_proj|mlp\.c_fc|mlp\.c_proj)", name)
-    return name, 0, 1, bool(conv1d)
-
-
-_VIT = {  # ours -> Hugging Face's, in transformers >= 5 | < 5 (the names in the Hub's ViT checkpoints)
-    "attn.q_proj": ("attention.q_proj", "attention.attention.query"),
-    "attn.k_proj": ("attention.k_proj", "attention.attention.key"),
-    "attn.v_proj": ("attention.v_proj", "attention.attention.value"),
-    "attn.out_proj": ("attention.o_proj", "attention.output.dense"),
-    "mlp.fc1": ("mlp.fc1", "intermediate.dense"),
-    "mlp.fc2": ("mlp.fc2", "output.dense"),
-}
-
-
-def vit_layout(name, transformers4=False):
-    """Our compact ViT (model_vit.ViT) -> Hugging Face's ViTForImageClassification; head -> classifier. Its
-    module names changed in transformers 5 (vit.layers.{i}.attention.q_proj, was vit.encoder.layer.{i}.attention.
-    attention.query), and PEFT 0.21 does not rename adapter keys for ViT: pick the target's with transformers4,
-    e.g. functools.partial(vit_layout, transformers4=True)."""
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-    if m and m[2] in _VIT:
-        block = f"vit.encoder.layer.{m[1]}" if transformers4 else f"vit.layers.{m[1]}"
-        return f"{block}.{_VIT[m[2]][transformers4]}", 0, 1, False
-    return "classifier" if name == "head" else name, 0, 1, False
-
-
 def _adapters(model):
     """Every adapted layer of `model`: nanopeft's, or a forker's method, each with its .base and delta_weight()."""
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "delta_weight")]

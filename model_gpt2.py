@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import re
 from dataclasses import dataclass
 
 import torch
@@ -166,6 +167,16 @@ def convert_hf_state_dict(sd):
     if "transformer.wte.weight" in out:
         out.setdefault("lm_head.weight", out["transformer.wte.weight"])
     return out
+
+
+def gpt2_layout(name):
+    """interop's layout from our module names to Hugging Face's GPT2LMHeadModel's, for its adapters: q, k, v are
+    parts 0, 1, 2 of the Conv1D attn.c_attn (weight (C, 3C), output [q | k | v]); every Conv1D is fan_in_fan_out."""
+    m = re.fullmatch(r"(transformer\.h\.\d+\.attn)\.([qkv])_proj", name)
+    if m:
+        return f"{m[1]}.c_attn", "qkv".index(m[2]), 3, True
+    conv1d = re.fullmatch(r"transformer\.h\.\d+\.(attn\.c_proj|mlp\.c_fc|mlp\.c_proj)", name)
+    return name, 0, 1, bool(conv1d)
 
 
 def check_config(path, config, args=None):

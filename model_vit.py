@@ -142,6 +142,9 @@ _HF_BLOCK = {  # encoder.layer.{i}.<HF> -> blocks.{i}.<ours>
     "intermediate.dense": "mlp.fc1",
     "output.dense": "mlp.fc2",
 }
+_HF5_BLOCK = {  # ours -> transformers >= 5's names in vit.layers.{i}, which its ViT renames the checkpoints' keys to
+    "attn.q_proj": "attention.q_proj", "attn.k_proj": "attention.k_proj", "attn.v_proj": "attention.v_proj",
+    "attn.out_proj": "attention.o_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 
 
 def hf_to_vit(sd):
@@ -161,6 +164,19 @@ def hf_to_vit(sd):
             k = f"{_HF_TOP[mod]}.{p}"
         out[k] = v
     return out
+
+
+def vit_layout(name, transformers4=False):
+    """interop's layout from our module names to Hugging Face's ViTForImageClassification's, for its adapters;
+    head -> classifier. PEFT 0.21 does not rename adapter keys for ViT, so pick the target's names: transformers >= 5
+    (vit.layers.{i}.attention.q_proj), or with transformers4 the checkpoints' own (vit.encoder.layer.{i}.attention.
+    attention.query), e.g. functools.partial(vit_layout, transformers4=True)."""
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if m and m[2] in _HF5_BLOCK:
+        if transformers4:  # the name hf_to_vit renames to ours
+            return f"vit.encoder.layer.{m[1]}.{next(k for k, v in _HF_BLOCK.items() if v == m[2])}", 0, 1, False
+        return f"vit.layers.{m[1]}.{_HF5_BLOCK[m[2]]}", 0, 1, False
+    return "classifier" if name == "head" else name, 0, 1, False
 
 
 def resize_pos_embed(pos, n_patch):

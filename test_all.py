@@ -4212,14 +4212,14 @@ def test_peft_fused_gpt2_lora(tmp_path):
     want = _gpt_logits(ours)
     for save in (interop.save_peft, interop.save_lora):
         folder = tmp_path / save.__name__
-        save(ours, folder, layout=interop.gpt2_layout, modules_to_save=conv1d)
+        save(ours, folder, layout=model_gpt2.gpt2_layout, modules_to_save=conv1d)
         cfg = json.loads((folder / "adapter_config.json").read_text())
         assert cfg["fan_in_fan_out"] and cfg["target_modules"] == sorted(
             f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc"))
         assert cfg["r"] == 8 and cfg["rank_pattern"] == {re.escape(f"transformer.h.{i}.mlp.c_fc"): 4 for i in range(2)}
         torch.testing.assert_close(_gpt_logits(_peft(hf, folder)), want, atol=ATOL, rtol=0)
         back = fresh()
-        names = interop.load_peft(back, folder, layout=interop.gpt2_layout)
+        names = interop.load_peft(back, folder, layout=model_gpt2.gpt2_layout)
         assert names == [n for n, _ in interop._adapters(ours)]  # k_proj's zero part is skipped
         assert all(m.r == 4 for _, m in interop._adapters(back))  # each part keeps its own columns
         torch.testing.assert_close(_gpt_logits(back), want, atol=ATOL, rtol=0)
@@ -4234,9 +4234,9 @@ def test_peft_fused_gpt2_refusals_and_the_way_out(tmp_path):
         apply(ours)
         _fill(ours)
         with pytest.raises(ValueError, match=f"{why}.*save_lora"):
-            interop.save_peft(ours, tmp_path / "refused", layout=interop.gpt2_layout)
+            interop.save_peft(ours, tmp_path / "refused", layout=model_gpt2.gpt2_layout)
         assert not (tmp_path / "refused").exists()
-        interop.save_lora(ours, tmp_path / "lora", rank=256, layout=interop.gpt2_layout)  # exact at these ranks
+        interop.save_lora(ours, tmp_path / "lora", rank=256, layout=model_gpt2.gpt2_layout)  # exact at these ranks
         torch.testing.assert_close(_gpt_logits(_peft(hf, tmp_path / "lora")), _gpt_logits(ours), atol=ATOL, rtol=0)
 
 
@@ -4248,7 +4248,7 @@ def test_load_peft_fused_vblora_gpt2(tmp_path):
     _fill(ref, keys=("vblora_",), seed=4)
     ref.save_pretrained(str(tmp_path))
     ours = fresh()
-    names = interop.load_peft(ours, tmp_path, layout=interop.gpt2_layout)
+    names = interop.load_peft(ours, tmp_path, layout=model_gpt2.gpt2_layout)
     assert len(names) == 6  # q, k and v of both layers: one logits_A, logits_B split in three
     torch.testing.assert_close(_gpt_logits(ours), _gpt_logits(ref), atol=ATOL, rtol=0)
 
@@ -4256,8 +4256,8 @@ def test_load_peft_fused_vblora_gpt2(tmp_path):
 def _vit_weights(hf, n_layer=2):
     """HF ViT weights (transformers >= 5 names) -> ours: renamed to the transformers 4 names by vit_layout's two
     forms, then hf_to_vit; so a wrong name in either form breaks the load (strict) or PEFT's (target not found)."""
-    linears = [f"blocks.{i}.{m}" for i in range(n_layer) for m in interop._VIT]
-    rename = {interop.vit_layout(n)[0]: interop.vit_layout(n, transformers4=True)[0] for n in linears}
+    linears = [f"blocks.{i}.{m}" for i in range(n_layer) for m in model_vit._HF5_BLOCK]
+    rename = {model_vit.vit_layout(n)[0]: model_vit.vit_layout(n, transformers4=True)[0] for n in linears}
     v4 = {}
     for k, v in hf.state_dict().items():
         module, _, param = k.rpartition(".")
@@ -4289,13 +4289,13 @@ def test_peft_vit_layout_and_modules_to_save(tmp_path):
         ours.head.weight.normal_(0, 0.1)  # the trained head
         ours.head.bias.normal_(0, 0.1)
         want = ours(x)
-    interop.save_lora(ours, tmp_path, layout=interop.vit_layout,
+    interop.save_lora(ours, tmp_path, layout=model_vit.vit_layout,
                       modules_to_save={"classifier": {"weight": ours.head.weight, "bias": ours.head.bias}})
     with torch.no_grad():
         got = _peft(hf, tmp_path)(pixel_values=x).logits
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     back = fresh()
-    assert len(interop.load_peft(back, tmp_path, layout=interop.vit_layout)) == 10
+    assert len(interop.load_peft(back, tmp_path, layout=model_vit.vit_layout)) == 10
     with torch.no_grad():
         torch.testing.assert_close(back(x), want, atol=ATOL, rtol=0)  # the head came back too
 
@@ -4380,7 +4380,7 @@ def test_load_peft_tied_head_in_modules_to_save_matches_peft(tmp_path):
     _fill(ref, keys=("lora_", "modules_to_save"), std=0.1, seed=3)
     ref.save_pretrained(str(tmp_path))
     ours = fresh()
-    interop.load_peft(ours, tmp_path, layout=interop.gpt2_layout)
+    interop.load_peft(ours, tmp_path, layout=model_gpt2.gpt2_layout)
     torch.testing.assert_close(_gpt_logits(ours), _gpt_logits(_peft(hf, tmp_path)), atol=ATOL, rtol=0)
     assert torch.equal(ours.transformer.wte.weight, hf.transformer.wte.weight)
 
@@ -4552,8 +4552,8 @@ def test_peft_reexport_of_an_imported_fused_lora_keeps_its_rank(tmp_path):
     _fill(ref, keys=("lora_",), seed=3)
     ref.save_pretrained(str(tmp_path / "in"))
     ours = fresh()
-    interop.load_peft(ours, tmp_path / "in", layout=interop.gpt2_layout)
-    interop.save_peft(ours, tmp_path / "out", layout=interop.gpt2_layout)
+    interop.load_peft(ours, tmp_path / "in", layout=model_gpt2.gpt2_layout)
+    interop.save_peft(ours, tmp_path / "out", layout=model_gpt2.gpt2_layout)
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 4
     torch.testing.assert_close(_gpt_logits(_peft(hf, tmp_path / "out")), _gpt_logits(ref), atol=ATOL, rtol=0)
 

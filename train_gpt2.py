@@ -57,10 +57,10 @@ from common import (HelpFormatter, Missing, Online, adapter_bytes, add_method_ar
                     attach_method, autocast, checkpoint, end_ddp, fetch_all, fill_method_defaults, grad_sync, hms,
                     load_adapter, load_adapter_state_dict, open_run, param_counts, progress_line, restore, save_atomic,
                     setup_ddp, wrap_ddp)
-from interop import PEFT_METHODS, base_of, check_export, export_adapter, gpt2_layout, init_from, read_folder
+from interop import PEFT_METHODS, base_of, check_export, export_adapter, init_from, read_folder
 from e2e import (collate, e2e_scores, encode_e2e, encode_lm_text, estimate_dev_loss, get_tokenizer, load_e2e,
                  lora_context, make_batches, write_outputs)
-from model_gpt2 import GPT, GPT2_HEADS, GPTConfig, beam_search, check_config, gpt2_weights, load_gpt2
+from model_gpt2 import GPT, GPT2_HEADS, GPTConfig, beam_search, check_config, gpt2_layout, gpt2_weights, load_gpt2
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,attn.c_proj,c_fc,mlp.c_proj"
 METHOD_DEFAULTS = {

@@ -33,7 +33,7 @@ Choices made where the papers are silent:
   VB-LoRA) and the head ("head."), and in its header {"args", "method", "config", "classes", "test_acc"};
   load_finetuned(path) rebuilds the model from it (a scratch backbone from --seed). ckpt.pt holds what
   --resume needs. Both are written atomically. --export peft|lora DIR writes the adapter and head for Hugging
-  Face's ViTForImageClassification (transformers >= 5 module names; interop.vit_layout has the older ones);
+  Face's ViTForImageClassification (transformers >= 5 module names; model_vit.vit_layout also has the older ones);
   --init_from takes a PEFT folder too.
 """
 import argparse
@@ -51,8 +51,8 @@ from common import (HelpFormatter, adapter_bytes, add_method_args, adapter_state
                     load_adapter_state_dict, one_line, open_run, param_counts, progress_line, restore, save_atomic,
                     setup_ddp, wrap_ddp)
 from images import DATA_LAYOUT, DATASETS, load_data, parse_classes, preprocess
-from interop import base_of, check_export, export_adapter, init_from, vit_layout
-from model_vit import HUB_MODELS, ViT, ViTConfig, build_model, read_checkpoint
+from interop import base_of, check_export, export_adapter, init_from
+from model_vit import HUB_MODELS, ViT, ViTConfig, build_model, read_checkpoint, vit_layout
 
 QV = "q_proj,v_proj"  # both papers adapt q and v on the ViT
 METHOD_DEFAULTS = {
