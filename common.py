@@ -51,14 +51,11 @@ def network_ok(host=HUB_HOST, timeout=3.0):
 
 
 class Online:
-    """network_ok(), probed on the first call only and remembered."""
-
-    def __init__(self):
-        self.ok = None
+    """network_ok(), probed on the first call only and remembered in .ok."""
+    ok = None
 
     def __call__(self):
-        if self.ok is None:
-            self.ok = network_ok()
+        self.ok = network_ok() if self.ok is None else self.ok
         return self.ok
 
 
@@ -321,25 +318,25 @@ def load_adapter(path, keys, methods):
     def bad(field, value, expected):  # the header fields every loader reads, each checked for what it must hold
         raise SystemExit(f"error: {path}: its header's {field}={value!r}: expected {expected}")
 
-    if "args" in meta and not isinstance(meta["args"], dict):
-        bad("args", meta["args"], "an object of the run's flags")
+    args = meta.get("args", {})
+    if not isinstance(args, dict):
+        bad("args", args, "an object of the run's flags")
     if "method" in meta and meta["method"] not in methods:
         bad("method", meta["method"], f"one of {', '.join(methods)}")
-    args = meta.get("args", {})
     if "method" in meta and args.get("method", meta["method"]) != meta["method"]:
         bad("args.method", args.get("method"), f"{meta['method']!r}, the header's method")
     for field in ("init_from", "targets"):
-        if field in args and not isinstance(args[field], (str, type(None))):
+        if not isinstance(args.get(field), (str, type(None))):
             bad(f"args.{field}", args[field], "a string")
-    if "config" in meta and not isinstance(meta["config"], (dict, type(None))):
+    if not isinstance(meta.get("config"), (dict, type(None))):
         bad("config", meta["config"], "an object of the model's config")
-    if meta.get("peft") is not None and not isinstance(meta["peft"], dict):
-        bad("peft", meta["peft"], "the adapter_config.json of the PEFT folder the run started from")
-    peft = None
-    if meta.get("peft") is not None:  # the PEFT folder the run started from, checked as read_peft checks it
+    peft = meta.get("peft")
+    if peft is not None:  # the PEFT folder the run started from, checked as read_peft checks it
+        if not isinstance(peft, dict):
+            bad("peft", peft, "the adapter_config.json of the PEFT folder the run started from")
         try:
-            peft = interop.check_peft(meta["peft"], {k[5:]: v for k, v in tensors.items() if k.startswith("peft.")},
-                                      meta["args"].get("init_from"))
+            peft = interop.check_peft(peft, {k[5:]: v for k, v in tensors.items() if k.startswith("peft.")},
+                                      args.get("init_from"))
         except ValueError as e:
             raise SystemExit(f"error: {path}: {e}")
     return dict(meta, adapter={k: v for k, v in tensors.items() if not k.startswith(("head.", "peft."))},
@@ -445,10 +442,9 @@ def wrap_ddp(model, device):
 
 
 def end_ddp(ddp):
-    """Every rank waits for the others, then leaves the process group: the scripts' one way to end DDP. The
-    barrier keeps a rank from exiting while another still runs; it narrows, but cannot close, a race in torch:
-    with gloo, DDP keeps the group's worker threads alive past destroy_process_group, and one that frees a
-    collective's tensor after Python has begun to shut down aborts the process."""
+    """Every rank waits for the others, then leaves the process group. The barrier narrows, but cannot close, a
+    race in torch: gloo's worker threads outlive destroy_process_group, and one that frees a tensor at shutdown
+    aborts the process."""
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

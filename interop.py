@@ -46,8 +46,6 @@ import vblora
 
 PREFIX = "base_model.model."  # PEFT's prefix of every module key
 BANK_KEY = "base_model.vblora_vector_bank"  # VB-LoRA's bank: one tensor, outside the modules
-_NAMES = {lora.LoRALinear: "LoRA", sera.SeRALinear: "SeRA", siva.SiVALinear: "SiVA", bone.BoneLinear: "Bone",
-          vblora.VBLoRALinear: "VB-LoRA"}
 
 
 def identity_layout(name):
@@ -57,10 +55,6 @@ def identity_layout(name):
 def _adapters(model):
     """Every adapted layer of `model`: nanopeft's, or a forker's method, each with its .base and delta_weight()."""
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "delta_weight")]
-
-
-def _kind(m):
-    return _NAMES.get(type(m), type(m).__name__)
 
 
 def _write(path, peft_type, cfg, tensors, modules_to_save, base_model_name_or_path):
@@ -94,10 +88,9 @@ def _lora_folder(path, factors, where, dropout, modules_to_save, base_model_name
         # re-export keeps the rank it was imported with
         As, cols = [], []  # the distinct A_p; each part's first column in B
         for a in (p[3] for p in parts):
-            starts = [sum(x.shape[0] for x in As[:i]) for i in range(len(As))]
-            same = [st for x, st in zip(As, starts) if x.shape == a.shape and torch.equal(x, a)]
-            cols.append(same[0] if same else sum(x.shape[0] for x in As))
-            As += [] if same else [a]
+            i = next((i for i, x in enumerate(As) if x.shape == a.shape and torch.equal(x, a)), len(As))
+            As += [a] if i == len(As) else []
+            cols.append(sum(x.shape[0] for x in As[:i]))
         A = torch.cat(As)  # (R, in), R = Σ r_p over distinct A_p
         B = A.new_zeros(n * out, A.shape[0])  # (n*out, R): absent parts keep zero rows
         for (p, _, _, a, b, sp), col in zip(parts, cols):
@@ -113,35 +106,31 @@ def _lora_folder(path, factors, where, dropout, modules_to_save, base_model_name
     _write(path, "LORA", cfg, tensors, modules_to_save, base_model_name_or_path)
 
 
-def _why_not_peft(m, n_parts, fifo, first):
-    """Why PEFT has no exact form for layer m, or None."""
-    if not isinstance(m, (lora.LoRALinear, vblora.VBLoRALinear, bone.BoneLinear)):
-        return "PEFT has no such method"
-    if isinstance(m, vblora.VBLoRALinear) and n_parts > 1:
-        return ("it is one part of a fused module; the other parts would need zero sub-vectors, which a top-k "
-                "mix of bank vectors cannot make")
-    if isinstance(m, bone.BoneLinear):
-        if m.cfg.grouping == "row":
-            return "PEFT's MiSS has no Bone-row (one B per input column-block)"
-        if m.cfg.variant == "hadamard":
-            return "PEFT's MiSS has no 'hadamard' variant"
-        if n_parts > 1 or fifo:
-            return "PEFT's MiSS takes only nn.Linear targets, not a fused or fan_in_fan_out (Conv1D) module"
-        if (m.cfg.b, m.cfg.variant) != (first.cfg.b, first.cfg.variant):
-            return "a MiSS folder has one r and one init_weights; this layer's b or variant differs from the first's"
-    return None
-
-
 def why_not_peft(model, layout=None):
     """Why `model`'s adapters have no exact PEFT form under `layout` (one line, naming the way out), or None."""
     where, layers = layout or identity_layout, _adapters(model)
     if not layers:
         return "the model holds no nanopeft adapter"
-    kinds = sorted({_kind(m) for _, m in layers})
+    kinds = sorted({type(m).__name__.removesuffix("Linear") for _, m in layers})
     if len(kinds) > 1:
         return f"a PEFT folder holds one method; the model mixes {kinds}. save_lora writes any mix as one plain LoRA"
+    first = layers[0][1]
     for ours, m in layers:
-        why = _why_not_peft(m, *where(ours)[2:], layers[0][1])
+        _, _, n_parts, fifo = where(ours)
+        why = None
+        if not isinstance(m, (lora.LoRALinear, vblora.VBLoRALinear, bone.BoneLinear)):
+            why = "PEFT has no such method"
+        elif isinstance(m, vblora.VBLoRALinear) and n_parts > 1:
+            why = ("it is one part of a fused module; the other parts would need zero sub-vectors, which a top-k "
+                   "mix of bank vectors cannot make")
+        elif isinstance(m, bone.BoneLinear) and m.cfg.grouping == "row":
+            why = "PEFT's MiSS has no Bone-row (one B per input column-block)"
+        elif isinstance(m, bone.BoneLinear) and m.cfg.variant == "hadamard":
+            why = "PEFT's MiSS has no 'hadamard' variant"
+        elif isinstance(m, bone.BoneLinear) and (n_parts > 1 or fifo):
+            why = "PEFT's MiSS takes only nn.Linear targets, not a fused or fan_in_fan_out (Conv1D) module"
+        elif isinstance(m, bone.BoneLinear) and (m.cfg.b, m.cfg.variant) != (first.cfg.b, first.cfg.variant):
+            why = "a MiSS folder has one r and one init_weights; this layer's b or variant differs from the first's"
         if why:
             return (f"{ours!r} ({kinds[0]}): {why}. save_lora writes any method's ΔW as plain LoRA, which PEFT and "
                     "vLLM load")
@@ -225,7 +214,7 @@ def save_lora(model, path, rank=None, layout=None, modules_to_save=None, base_mo
         A, B, err = _lowrank(m, rank)
         factors[ours], errors[ours] = (A, B, 1.0), err or 0.0
         if err is not None and (worst is None or err > worst[0]):
-            worst = (err, ours, _kind(m), A.shape[0])
+            worst = (err, ours, type(m).__name__.removesuffix("Linear"), A.shape[0])
     _lora_folder(path, factors, layout or identity_layout, 0.0, modules_to_save, base_model_name_or_path)
     if worst:
         err, ours, kind, r = worst
@@ -278,28 +267,22 @@ def _is_names(v):
         return False
 
 
-_BOOL = (lambda v, c: v in (True, False), "true or false")
-_VALUES = {  # field -> (whether nanopeft honours value v, given the config c, as PEFT does; what it expects). The
-    # method's numbers (r, lora_alpha, topk ...) are left to lora.LoRAConfig, vblora.VBLoRAConfig, bone.BoneConfig
-    "target_modules": (lambda v, c: v != "all-linear" and _is_names(v),
-                       "a list of module names or a regex (PEFT saves the modules it picked)"),
+_VALUES = {  # field -> (whether nanopeft honours value v, given the config c, as PEFT does; what it expects; the
+    # reasons: docs/load-peft.md). The method's numbers (r, lora_alpha, topk ...) are left to the method's *Config
+    "target_modules": (lambda v, c: v != "all-linear" and _is_names(v), "the module names or regex PEFT saved"),
     "exclude_modules": (lambda v, c: v is None or _is_names(v), "null, a list of module names or a regex"),
     "layers_to_transform": (lambda v, c: v is None or _is_int(v) or type(v) is list and all(map(_is_int, v)),
                             "null, a layer index or a list of them"),
     "layers_pattern": (lambda v, c: v is None or _is_names(v), "null, a regex or a list of them"),
     "modules_to_save": (lambda v, c: v is None or type(v) is list and _is_names(v), "null or a list of module names"),
-    "bias": (lambda v, c: v == "none", "'none' (PEFT then also trains and saves the model's biases; nanopeft's "
-             "adapters have none)"),
-    "fan_in_fan_out": _BOOL, "use_rslora": _BOOL, "save_only_topk_weights": _BOOL,
+    "bias": (lambda v, c: v == "none", "'none' (nanopeft's adapters have no bias)"),
     **dict.fromkeys(("rank_pattern", "alpha_pattern"), (lambda v, c: v is None or isinstance(v, dict),
                                                         "an object {module regex: value}")),
-    "init_lora_weights": (lambda v, c: v in (True, False, "gaussian"), "true, false or 'gaussian' (PiSSA, OLoRA, "
-                          "LoftQ, EVA, CorDA... change the base weights or the layer, which nanopeft does not do)"),
+    "init_lora_weights": (lambda v, c: v in (True, False, "gaussian"), "true, false or 'gaussian' (the others "
+                          "rewrite the base weights)"),
     "vblora_dropout": (lambda v, c: v == 0, "0 (nanopeft's VB-LoRA has no dropout)"),
-    "init_weights": (lambda v, c: v in (True, False, "bat"), "true, false or 'bat' ('mini' ties copies of one "
-                     "(r, mini_r) block across out; nanopeft's Bone has no such tie)"),
-    "miss_dropout": (lambda v, c: v == 0 or c["init_weights"] == "bat", "0 (nanopeft's Bone has no dropout; 'bat' "
-                     "has none in PEFT either)"),
+    "init_weights": (lambda v, c: v in (True, False, "bat"), "true, false or 'bat' (nanopeft's Bone has no 'mini')"),
+    "miss_dropout": (lambda v, c: v == 0 or c["init_weights"] == "bat", "0 (nanopeft's Bone has no dropout)"),
 }
 
 

@@ -291,7 +291,7 @@ def gpt2_weights(init_from, online):
     try:
         return hf_hub_download(repo, "model.safetensors")
     except Exception as e:
-        raise Missing(f"GPT-2 weights {repo}/model.safetensors ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+        raise Missing(f"GPT-2 weights {repo}/model.safetensors ({why(e)}): "
                       f"pass {WEIGHTS_FLAG}")
 
 
