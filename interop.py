@@ -276,8 +276,8 @@ _VALUES = {  # field -> (whether nanopeft honours value v, given the config c, a
     "layers_pattern": (lambda v, c: v is None or _is_names(v), "null, a regex or a list of them"),
     "modules_to_save": (lambda v, c: v is None or type(v) is list and _is_names(v), "null or a list of module names"),
     "bias": (lambda v, c: v == "none", "'none' (nanopeft's adapters have no bias)"),
-    **dict.fromkeys(("rank_pattern", "alpha_pattern"), (lambda v, c: v is None or isinstance(v, dict),
-                                                        "an object {module regex: value}")),
+    **dict.fromkeys(("rank_pattern", "alpha_pattern"), (lambda v, c: v is None or isinstance(v, dict) and
+                                                        _is_names(list(v)), "an object {module regex: value}")),
     "init_lora_weights": (lambda v, c: v in (True, False, "gaussian"), "true, false or 'gaussian' (the others "
                           "rewrite the base weights)"),
     "vblora_dropout": (lambda v, c: v == 0, "0 (nanopeft's VB-LoRA has no dropout)"),
@@ -317,11 +317,8 @@ def _pattern(cfg, name, their, field):
     """(PEFT's field, value) for module `their`: the value of the first key of cfg[name] (rank_pattern,
     alpha_pattern) that matches it, as PEFT's get_pattern_key takes it, else cfg[field]."""
     for k, v in (cfg[name] or {}).items():
-        try:
-            if re.match(rf"(.*\.)?({k})$", their):
-                return f"{name} {k!r}", v
-        except re.error as e:
-            raise ValueError(f"{name} {k!r}: {v!r}: expected a valid regex key ({e})")
+        if re.match(rf"(.*\.)?({k})$", their):
+            return f"{name} {k!r}", v
     return field, cfg[field]
 
 

@@ -4455,7 +4455,7 @@ FOLDER_FAULTS = {  # a fault in a PEFT-made folder -> (the file it names, what t
     "alpha_null": (lambda f: _edit_config(f, lora_alpha=None), "adapter_config.json", "lora_alpha: LoRA: alpha=None"),
     "r_zero": (lambda f: _edit_config(f, r=0), "adapter_config.json", "r: LoRA: r=0 must be an int >= 1"),
     "rank_pattern_regex": (lambda f: _edit_config(f, rank_pattern={"q_proj[": 2}), "adapter_config.json",
-                           "rank_pattern 'q_proj[': 2: expected a valid regex"),
+                           "rank_pattern={'q_proj[': 2}: expected an object {module regex"),
     "bias_all": (lambda f: _edit_config(f, bias="all"), "adapter_config.json", "bias='all': expected 'none'"),
     "unknown_field": (lambda f: _edit_config(f, use_magic=True), "adapter_config.json", "['use_magic']: not fields"),
     "pissa": (lambda f: _edit_config(f, init_lora_weights="pissa"), "adapter_config.json", "init_lora_weights='pissa'"),
