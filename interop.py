@@ -470,10 +470,10 @@ def read_peft(path):
     try:
         with open(conf, encoding="utf-8") as f:
             cfg = json.load(f)
-    except ValueError as e:  # not JSON, not UTF-8
-        raise ValueError(f"{conf} is not JSON ({e}); expected PEFT's config as a JSON object")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{conf} holds a JSON {type(cfg).__name__}; expected PEFT's config as a JSON object")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"it holds a JSON {type(cfg).__name__}")
+    except ValueError as e:  # not JSON, not UTF-8, not an object
+        raise ValueError(f"load_peft: {conf}: not a JSON object ({e}); expected PEFT's config")
     if not os.path.isfile(file) or os.path.getsize(file) == 0:
         raise ValueError(f"load_peft: {file}: {'an empty file' if os.path.isfile(file) else 'no such file'}; "
                          "expected the adapter's tensors (safetensors)")

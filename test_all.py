@@ -4448,9 +4448,10 @@ def _retyped(dtype):
 
 
 FOLDER_FAULTS = {  # a fault in a PEFT-made folder -> (the file it names, what the one line must say)
-    "config_not_json": (lambda f: (f / "adapter_config.json").write_text("{r: 4"), "adapter_config.json", "not JSON"),
+    "config_not_json": (lambda f: (f / "adapter_config.json").write_text("{r: 4"), "adapter_config.json",
+                        "not a JSON object"),
     "config_a_list": (lambda f: (f / "adapter_config.json").write_text("[4, 8]"), "adapter_config.json",
-                      "holds a JSON list; expected"),
+                      "holds a JSON list)"),
     "alpha_string": (lambda f: _edit_config(f, lora_alpha="8"), "adapter_config.json", "lora_alpha: LoRA: alpha='8'"),
     "alpha_null": (lambda f: _edit_config(f, lora_alpha=None), "adapter_config.json", "lora_alpha: LoRA: alpha=None"),
     "r_zero": (lambda f: _edit_config(f, r=0), "adapter_config.json", "r: LoRA: r=0 must be an int >= 1"),
