@@ -368,21 +368,18 @@ def _selected(cfg, their):
 
 
 def _select(model, cfg, sd, inv, suffixes, extra=()):
-    """The modules holding tensors in `sd` that PEFT puts the adapter on; their keys (and `extra`) must be all that
-    is left in sd. Tensors of the other modules are dropped, as PEFT leaves them unread; a selected nn.Linear of
-    the model without tensors is refused (PEFT would start it from its initialisation)."""
-    found = sorted({k[len(PREFIX):-len(s)] for k in sd for s in suffixes if k.startswith(PREFIX) and k.endswith(s)})
-    for their in found:
-        if not _selected(cfg, their):
-            for s in suffixes:
-                sd.pop(f"{PREFIX}{their}{s}", None)
+    """The modules holding tensors in `sd` that PEFT puts the adapter on. Besides their keys sd holds only `extra`
+    and the other modules' tensors, left unread as PEFT leaves them; a selected nn.Linear of the model without
+    tensors is refused (PEFT would start it from its initialisation)."""
+    found = {k[len(PREFIX):-len(s)] for k in sd for s in suffixes if k.startswith(PREFIX) and k.endswith(s)}
+    chosen = sorted(their for their in found if _selected(cfg, their))
     idle = sorted(their for their, parts in inv.items() if their not in found and _selected(cfg, their) and
                   all(isinstance(model.get_submodule(o), nn.Linear) for o, _, _ in parts.values()))
-    chosen = [their for their in found if _selected(cfg, their)]
     if idle or not chosen:
         raise ValueError(f"holds no tensors for {idle[:4] or 'any module'} that target_modules selects in the model")
     expected = {*extra, *(f"{PREFIX}{their}{s}" for their in chosen for s in suffixes)}
-    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+    missing = sorted(expected - sd.keys())
+    unexpected = sorted(k for k in sd.keys() - expected if not (k.startswith(PREFIX) and k.endswith(suffixes)))
     if missing or unexpected:
         raise ValueError(f"keys differ from what the model needs: missing {missing[:4]}, unexpected {unexpected[:4]}")
     targets = []  # (their module, our parts {part: (our name, n_parts, fan_in_fan_out)}, n_parts)
