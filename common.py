@@ -219,15 +219,13 @@ def load_adapter_state_dict(model, method, sd, path="the adapter"):
     if method == "none" and sd:
         raise SystemExit(f"error: {path}: --method none trains no tensor, but the file holds {len(sd)} "
                          f"({list(sd)[:3]})")
-    own = model.state_dict()
-    extra = sorted(k for k in sd if method not in METHODS and k not in own)
     try:
-        if extra:
-            raise ValueError(f"tensors the model has not: {extra[:4]}")
         if method in METHODS:
             METHODS[method][3](model, sd)
         else:
-            model.load_state_dict(sd, strict=False)
+            extra = model.load_state_dict(sd, strict=False).unexpected_keys
+            if extra:
+                raise ValueError(f"tensors the model has not: {sorted(extra)[:4]}")
     except (ValueError, RuntimeError) as e:  # shapes, keys or dtypes that differ
         raise SystemExit(f"error: {path}: the tensors do not fit the model its header describes: "
                          f"{one_line(e)}")
