@@ -1,13 +1,5 @@
-"""What the two training scripts share, spelled one way (nanochat's common.py and checkpoint_manager.py).
-
-- Fetching: a local file or folder named by a flag is used as it is; otherwise every cache first, and one probe
-  of the Hugging Face Hub (3 s at most) on the first need, so an offline run never sits through a library's
-  retries. One message lists every input that could not be had, each with the flag that replaces it.
-- The method registry: each method's flags (--lora_r, --vblora_k ...), its config built from them, apply,
-  adapter state dict and load; the counts every run prints.
-- Runs: the --out_dir guard (--overwrite to start over, --resume only with flags that keep it the same run),
-  atomic checkpoints loaded with weights_only=True, and the resume of trainable tensors, optimizer, step and RNG.
-- DDP under torchrun (nanoGPT's pattern): nccl on CUDA with each process on cuda:LOCAL_RANK, gloo on CPU.
+"""What the two training scripts share, spelled one way (nanochat's common.py and checkpoint_manager.py): fetching,
+the method registry, runs (the --out_dir guard, checkpoints, resume) and DDP, each under its heading below.
 """
 import argparse
 import inspect
@@ -31,7 +23,8 @@ import siva
 import vblora
 
 # -----------------------------------------------------------------------------
-# Fetching: one probe of the network, one message for everything missing
+# Fetching: a local file or folder named by a flag is used as it is; otherwise every cache first, and one probe
+# of the network on the first need, so an offline run never sits through a library's retries
 
 HUB_HOST = "huggingface.co"
 
