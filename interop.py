@@ -642,8 +642,6 @@ def check_export(args, model, layout):
 def export_adapter(args, model, layout, base, modules_to_save=None, log=print):
     """Write the trained adapter for the Hugging Face model `layout` maps onto: PEFT's format, or plain LoRA."""
     kind, path = args.export
-    if kind == "peft":
-        save_peft(model, path, layout, modules_to_save, base)
-    else:
-        save_lora(model, path, layout=layout, modules_to_save=modules_to_save, base_model_name_or_path=base)
+    save = save_peft if kind == "peft" else save_lora
+    save(model, path, layout=layout, modules_to_save=modules_to_save, base_model_name_or_path=base)
     log(f"exported the adapter as {'a PEFT' if kind == 'peft' else 'a plain LoRA'} folder: {path}")
