@@ -234,8 +234,7 @@ def _inverse(model, where):
 
 
 # -----------------------------------------------------------------------------
-# Reading a PEFT folder in one pass: read_peft checks the config and builds the method's config; apply_peft leaves
-# the tensors to the method loaders and puts the model back on a failure. A fault is one line naming file and field
+# Reading a PEFT folder: read_peft checks the config and builds the method's config, apply_peft the tensors
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_METHODS = {"LORA": "lora", "VBLORA": "vblora", "MISS": "bone"}  # peft_type -> the nanopeft method it loads as
@@ -594,10 +593,8 @@ def base_of(init_from, peft):
 
 
 def init_from(args):
-    """--init_from, resolved once per run -> (the PEFT folder it is, as read_peft returns it, or None; where the
-    base weights come from). A folder's peft_type must be --method's, and no method flag may set what its config
-    sets (a MiSS folder is Bone-col); --export must name a folder that is not the run's source and holds no adapter
-    (unless --overwrite). Each fault is one line, before any work."""
+    """--init_from and --export, checked once per run before any work -> (the PEFT folder --init_from is, as
+    read_peft returns it, or None; where the base weights come from)."""
     path, peft = args.init_from, read_folder(args.init_from)  # its config checked here, before any work
     if peft is not None:  # the folder's adapter decides the method, its targets and its shapes
         c = peft["fields"]
