@@ -498,7 +498,7 @@ def _saved_modules(model, cfg, sd, inv):
         parts = key[len(PREFIX):].split(".")
         for i in range(1, len(parts)):  # PEFT names a wrapped module by a suffix of its name
             their, param = ".".join(parts[:i]), ".".join(parts[i:])
-            if any(their == e or their.endswith("." + e) for e in entries):
+            if _listed(entries, their):
                 break
         else:
             continue
