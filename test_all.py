@@ -4669,6 +4669,7 @@ HEADER_FAULTS = {  # an edit of a LoRA run's header -> what the one line must na
     "method_none": (lambda m: (m.update(method="none"), m["args"].update(method="none")), "--method none trains no"),
     "args_list": (lambda m: m.update(args=[1, 2]), "args=[1, 2]: expected an object"),
     "lora_r": (lambda m: m["args"].update(lora_r=8), "the tensors do not fit the model its header describes"),
+    "method_full": (lambda m: (m.update(method="full"), m["args"].update(method="full")), "tensors the model has not"),
     "n_head": (lambda m: (m["config"].update(n_head=3), m["args"].update(n_head=3)),
                "config.n_head=3: expected a divisor of config.n_embd=32"),
     "block_size_float": (lambda m: m["config"].update(block_size=1e12), "config.block_size=1000000000000.0: expected"),
