@@ -57,6 +57,10 @@ def _adapters(model):
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "delta_weight")]
 
 
+def _kind(m):
+    return type(m).__name__.removesuffix("Linear")  # LoRALinear -> LoRA; a forker's ToyLinear -> Toy
+
+
 def _write(path, peft_type, cfg, tensors, modules_to_save, base_model_name_or_path):
     for module, params in (modules_to_save or {}).items():
         for p, t in params.items():
@@ -111,7 +115,7 @@ def why_not_peft(model, layout=None):
     where, layers = layout or identity_layout, _adapters(model)
     if not layers:
         return "the model holds no nanopeft adapter"
-    kinds = sorted({type(m).__name__.removesuffix("Linear") for _, m in layers})
+    kinds = sorted({_kind(m) for _, m in layers})
     if len(kinds) > 1:
         return f"a PEFT folder holds one method; the model mixes {kinds}. save_lora writes any mix as one plain LoRA"
     first = layers[0][1]
@@ -214,7 +218,7 @@ def save_lora(model, path, rank=None, layout=None, modules_to_save=None, base_mo
         A, B, err = _lowrank(m, rank)
         factors[ours], errors[ours] = (A, B, 1.0), err or 0.0
         if err is not None and (worst is None or err > worst[0]):
-            worst = (err, ours, type(m).__name__.removesuffix("Linear"), A.shape[0])
+            worst = (err, ours, _kind(m), A.shape[0])
     _lora_folder(path, factors, layout or identity_layout, 0.0, modules_to_save, base_model_name_or_path)
     if worst:
         err, ours, kind, r = worst
