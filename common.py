@@ -53,8 +53,7 @@ class Online:
 
 
 def fetch_all(jobs):
-    """{name: job(online)} -> {name: result}. Every job runs; the Missing ones are gathered into one
-    SystemExit that names them all."""
+    """{name: job(online)} -> {name: result}. Every job runs; the Missing ones end in one SystemExit naming all."""
     online, got, missing = Online(), {}, []
     for name, job in jobs.items():
         try:
@@ -78,13 +77,8 @@ def unreachable(e):
 
 
 def why(e):
-    """An exception in one line: its class and the first line of its text."""
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-
-
-def one_line(e):
-    """An exception's whole text on one line (a state dict's many mismatches), cut at 300 characters."""
-    return " ".join(str(e).split())[:300]
+    """An exception in one line: its class and its text (a state dict's many mismatches too), cut at 300 characters."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
 
 
 # -----------------------------------------------------------------------------
@@ -148,9 +142,8 @@ def add_method_args(p, defaults, default_method):
     g = p.add_argument_group("method (an unset flag takes the method's default, listed below)")
     g.add_argument("--method", default=default_method, choices=list(defaults), help="fine-tuning method")
     g.add_argument("--export", nargs=2, metavar=("peft|lora", "DIR"), default=None,
-                   help="after training, also write the adapter for the Hugging Face model: PEFT's folder format "
-                        "(LoRA, VB-LoRA, Bone-col) or any method's ΔW as plain LoRA (exact at the method's rank, else "
-                        "SVD-truncated with the error printed)")
+                   help="after training, also write the adapter for the Hugging Face model: PEFT's format (LoRA, "
+                        "VB-LoRA, Bone-col) or any method's ΔW as plain LoRA (exact, else SVD with its error printed)")
     for flag, (type_, help_) in METHOD_FLAGS.items():
         choices = ["col", "row"] if flag == "bone_grouping" else None
         g.add_argument(f"--{flag}", type=type_, default=None, choices=choices, help=help_ + " (per method)")
@@ -183,17 +176,15 @@ def attach_method(model, args, layout=None, peft=None):
     """Freeze the model (all of it trains for --method full), then attach `peft` (a PEFT folder as read_peft
     returns it: its own shapes, mapped by `layout`) or the method on --targets."""
     model.requires_grad_(args.method == "full")
-    if peft is not None:
-        try:
-            interop.apply_peft(model, peft, layout, args.init_from)
-        except ValueError as e:
-            raise SystemExit(f"error: --init_from {args.init_from}: {e}")
-    elif args.method in METHODS:
-        config, apply, _, _ = METHODS[args.method]
-        try:
+    try:
+        if peft is not None:
+            interop.load_peft(model, args.init_from, layout, peft)
+        elif args.method in METHODS:
+            config, apply, _, _ = METHODS[args.method]
             apply(model, config(args), args.targets.split(","))
-        except ValueError as e:  # a target that matches nothing, a width the method cannot divide
-            raise SystemExit(f"error: --method {args.method}: {e}")
+    except ValueError as e:  # the folder's tensors; a target that matches nothing, a width the method cannot divide
+        flag = f"--init_from {args.init_from}" if peft is not None else f"--method {args.method}"
+        raise SystemExit(f"error: {flag}: {e}")
 
 
 def adapter_state_dict(model, method):
@@ -221,7 +212,7 @@ def load_adapter_state_dict(model, method, sd, path="the adapter"):
                 raise ValueError(f"tensors the model has not: {sorted(extra)[:4]}")
     except (ValueError, RuntimeError) as e:  # shapes, keys or dtypes that differ
         raise SystemExit(f"error: {path}: the tensors do not fit the model its header describes: "
-                         f"{one_line(e)}")
+                         f"{why(e)}")
 
 
 def param_counts(model, method):
@@ -273,10 +264,9 @@ def save_atomic(obj, path):
 
 
 def adapter_bytes(meta, tensors, peft=None):
-    """An adapter.safetensors file: the tensors, and in the file's own header `meta` (the run's flags, method,
-    model config...) as JSON under "nanopeft", so the tensors and what they need to be used never part. A run
-    from a PEFT folder also stores that folder (`peft`, as read_peft returned it): its config in the header,
-    its tensors under "peft.", so the run loads without the folder."""
+    """An adapter.safetensors file: the tensors, and `meta` (the run's flags, model config...) as JSON under "nanopeft"
+    in the file's own header, so the two never part. A run from a PEFT folder (`peft`, as read_peft returned it) also
+    stores the folder, its config in the header and its tensors under "peft.", so the run loads without it."""
     if peft is not None:
         meta = dict(meta, peft=peft["config"])
         tensors = {**tensors, **{f"peft.{k}": v for k, v in peft["tensors"].items()}}
@@ -323,8 +313,6 @@ def load_adapter(path, keys, methods):
         bad("config", meta["config"], "an object of the model's config")
     peft = meta.get("peft")
     if peft is not None:  # the PEFT folder the run started from, checked as read_peft checks it
-        if not isinstance(peft, dict):
-            bad("peft", peft, "the adapter_config.json of the PEFT folder the run started from")
         try:
             peft = interop.check_peft(peft, {k[5:]: v for k, v in tensors.items() if k.startswith("peft.")},
                                       args.get("init_from"))
@@ -358,8 +346,7 @@ def open_run(args, world_size, files=("ckpt.pt", "adapter.safetensors")):
         changed = [f"--{k} {saved.get(k)} -> {new.get(k)}" for k in sorted(set(saved) | set(new))
                    if k not in RESUME_MAY_CHANGE and saved.get(k) != new.get(k)]
         if changed:
-            free = sorted(k for k in RESUME_MAY_CHANGE - {"resume", "overwrite", "sample", "adapter", "export"}
-                          if k in new)
+            free = sorted(RESUME_MAY_CHANGE & set(new) - {"resume", "overwrite", "sample", "adapter", "export"})
             raise SystemExit(f"error: --resume: {', '.join(changed)} would alter the saved run; only "
                              f"{', '.join('--' + k for k in free)} may change (or start over with --overwrite)")
         if ckpt.get("world_size", 1) != world_size:
@@ -395,7 +382,7 @@ def restore(ckpt, path, model, opt, master, device, log=print):
         if opt is not None:
             opt.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError) as e:  # shapes or parameter groups that differ
-        raise SystemExit(f"error: --resume: {path} does not fit this model: {one_line(e)}")
+        raise SystemExit(f"error: --resume: {path} does not fit this model: {why(e)}")
     if master:  # the other ranks keep their seed offset
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
@@ -406,7 +393,6 @@ def restore(ckpt, path, model, opt, master, device, log=print):
 
 # -----------------------------------------------------------------------------
 # DDP (nanoGPT's pattern) and the device
-
 
 def setup_ddp(device):
     """-> (ddp, rank, world_size, torch.device). Under torchrun (RANK set) join the process group: nccl on
@@ -433,9 +419,8 @@ def wrap_ddp(model, device):
 
 
 def end_ddp(ddp):
-    """Every rank waits for the others, then leaves the process group. The barrier narrows, but cannot close, a
-    race in torch: gloo's worker threads outlive destroy_process_group, and one that frees a tensor at shutdown
-    aborts the process."""
+    """Every rank waits for the others, then leaves the process group. The barrier narrows a race in torch it cannot
+    close: gloo's threads outlive destroy_process_group, and one that frees a tensor at shutdown aborts the process."""
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

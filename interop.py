@@ -5,20 +5,9 @@ A PEFT folder holds two files:
     adapter_config.json         {"peft_type": "LORA" | "VBLORA" | "MISS", "r": ..., "target_modules": [...], ...}
     adapter_model.safetensors   "base_model.model.<module>.<tensor>" -> tensor (no adapter name in the key)
 
-nanopeft <-> PEFT 0.21 (every other config field at PEFT's default):
-
-    nanopeft                   peft_type, config                   tensors after base_model.model.<module>.
-    LoRA (r, alpha)            LORA r, lora_alpha                  lora_A.weight (r, in), lora_B.weight (out, r)
-    VB-LoRA (r, b, h, k)       VBLORA r, vector_length=b,          vblora_logits_A (r, in/b, h), vblora_logits_B
-                               num_vectors=h, topk=k               (out/b, r, h): ours as they are; the bank is
-                                                                   one key, base_model.vblora_vector_bank (h, b)
-    Bone-col, "bone"           MISS r=b, init_weights="bat"        miss_block (out/b, b, b) = bone_B
-    Bone-col, "unconstrained"  MISS r=b, init_weights=True         miss_block (b, out) = bone_B.reshape(out, b)^T
-    SeRA, SiVA, Bone-row,      none: save_lora writes their ΔW as plain LoRA, as it does any layer's that has a
-    Bone "hadamard"            .base and a delta_weight() (a forker's method)
-
-The fields load_peft honours and refuses, as read from PEFT's code, and how it is tested: docs/load-peft.md.
-MiSS's default, y += (Σ_j x_j) M with M (r, out), is Bone-col "unconstrained" with B_i = M[:, i-th block]^T.
+save_peft writes LoRA, VB-LoRA and Bone-col in PEFT 0.21's own types (LORA, VBLORA, MISS); save_lora writes any
+layer's ΔW (SeRA, SiVA, Bone-row, a forker's method: any layer with a .base and a delta_weight()) as plain LoRA.
+Each type's fields and tensors, what load_peft honours and refuses, and how it is tested: docs/load-peft.md.
 
 layout: our module names -> the target model's. layout(our_name) -> (their_name, part, n_parts, fan_in_fan_out):
 this Linear is rows [part*out, (part+1)*out) of their module, which fuses n_parts equal parts (Hugging Face GPT-2's
@@ -238,7 +227,7 @@ def _inverse(model, where):
 
 
 # -----------------------------------------------------------------------------
-# Reading a PEFT folder: read_peft checks the config and builds the method's config, apply_peft the tensors
+# Reading a PEFT folder: read_peft checks the config and builds the method's config, load_peft the tensors
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_METHODS = {"LORA": "lora", "VBLORA": "vblora", "MISS": "bone"}  # peft_type -> the nanopeft method it loads as
@@ -257,10 +246,6 @@ _FIELDS = {  # per peft_type: the fields honoured, at PEFT 0.21's defaults; any 
 }
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
 def _is_names(v):
     """A regex, or a list of names, each usable in a regex (PEFT matches modules_to_save and layers_pattern so)."""
     try:
@@ -274,8 +259,9 @@ _VALUES = {  # field -> (whether nanopeft honours value v, given the config c, a
     # reasons: docs/load-peft.md). The method's numbers (r, lora_alpha, topk ...) are left to the method's *Config
     "target_modules": (lambda v, c: v != "all-linear" and _is_names(v), "the module names or regex PEFT saved"),
     "exclude_modules": (lambda v, c: v is None or _is_names(v), "null, a list of module names or a regex"),
-    "layers_to_transform": (lambda v, c: v is None or _is_int(v) or type(v) is list and all(map(_is_int, v)),
-                            "null, a layer index or a list of them"),
+    "layers_to_transform": (
+        lambda v, c: v is None or all(type(i) is int and i >= 0 for i in (v if type(v) is list else [v])),
+        "null, a layer index or a list of them"),
     "layers_pattern": (lambda v, c: v is None or _is_names(v), "null, a regex or a list of them"),
     "modules_to_save": (lambda v, c: v is None or type(v) is list and _is_names(v), "null or a list of module names"),
     "bias": (lambda v, c: v == "none", "'none' (nanopeft's adapters have no bias)"),
@@ -292,6 +278,8 @@ _VALUES = {  # field -> (whether nanopeft honours value v, given the config c, a
 def _fields(cfg):
     """`cfg` with PEFT 0.21's defaults filled in; a field set that nanopeft does not honour, or a value it cannot
     honour as PEFT does, is one ValueError naming it."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"not a JSON object (it holds a JSON {type(cfg).__name__}); expected PEFT's config")
     kind = cfg.get("peft_type")
     if kind not in _FIELDS:
         raise ValueError(f"peft_type {kind!r} has no nanopeft form; {sorted(_FIELDS)} load")
@@ -371,9 +359,8 @@ def _selected(cfg, their):
 
 
 def _select(model, cfg, sd, inv, suffixes, extra=()):
-    """The modules holding tensors in `sd` that PEFT puts the adapter on. Besides their keys sd holds only `extra`
-    and the other modules' tensors, left unread as PEFT leaves them; a selected nn.Linear of the model without
-    tensors is refused (PEFT would start it from its initialisation)."""
+    """The modules with tensors in `sd` that PEFT adapts. Other keys: `extra`, and other modules' tensors, left unread
+    as PEFT leaves them; a selected nn.Linear without tensors is refused (PEFT would start it from its init)."""
     found = {k[len(PREFIX):-len(s)] for k in sd for s in suffixes if k.startswith(PREFIX) and k.endswith(s)}
     chosen = sorted(their for their in found if _selected(cfg, their))
     idle = sorted(their for their, parts in inv.items() if their not in found and _selected(cfg, their) and
@@ -470,9 +457,7 @@ def read_peft(path):
     try:
         with open(conf, encoding="utf-8") as f:
             cfg = json.load(f)
-        if not isinstance(cfg, dict):
-            raise ValueError(f"it holds a JSON {type(cfg).__name__}")
-    except ValueError as e:  # not JSON, not UTF-8, not an object
+    except ValueError as e:  # not JSON, not UTF-8
         raise ValueError(f"load_peft: {conf}: not a JSON object ({e}); expected PEFT's config")
     if not os.path.isfile(file) or os.path.getsize(file) == 0:
         raise ValueError(f"load_peft: {file}: {'an empty file' if os.path.isfile(file) else 'no such file'}; "
@@ -519,8 +504,13 @@ def _saved_modules(model, cfg, sd, inv):
     return out
 
 
-def apply_peft(model, peft, layout=None, where="the PEFT folder"):
-    """load_peft from `peft`, as check_peft returns it, read from the folder `where` (named in messages)."""
+def load_peft(model, path, layout=None, peft=None):
+    """Apply the PEFT folder at `path` (LORA, VBLORA or MISS; `peft`: that folder, already read by read_peft) to the
+    plain `model` as the matching nanopeft method, its modules_to_save into the model's own; -> the adapted names
+    (ours). Each field is honoured as PEFT 0.21 honours it or refused by name; a refusal leaves the model as it was."""
+    peft = peft or read_peft(path)
+    if peft is None:
+        raise ValueError(f"load_peft: {path}: no {CONFIG} there; a PEFT folder holds {CONFIG} and {WEIGHTS}")
     cfg = peft["fields"]
     if _adapters(model):
         raise ValueError("load_peft: the model already holds nanopeft adapters; load into a plain model")
@@ -539,7 +529,7 @@ def apply_peft(model, peft, layout=None, where="the PEFT folder"):
             del model.vblora_bank
         for p, g in grads:
             p.requires_grad_(g)
-        raise ValueError(f"load_peft: {os.path.join(str(where), WEIGHTS)}: {e}") from e  # one place names the file
+        raise ValueError(f"load_peft: {os.path.join(str(path), WEIGHTS)}: {e}") from e  # one place names the file
     for _, m in _adapters(model):
         m.train(m.base.training)  # a new layer takes the mode of the layer it wraps: eval stays eval
     holders = Counter(id(t) for _, t in [*model.named_parameters(remove_duplicate=False),
@@ -555,19 +545,8 @@ def apply_peft(model, peft, layout=None, where="the PEFT folder"):
     return [n for n, _ in _adapters(model)]
 
 
-def load_peft(model, path, layout=None):
-    """Apply the PEFT folder at `path` (LORA, VBLORA or MISS) to the plain `model` as the matching nanopeft
-    method, its modules_to_save into the model's own modules; returns the adapted names (ours). Every field is
-    honoured as PEFT 0.21 honours it or refused by name, and a refusal leaves the model as it was."""
-    peft = read_peft(path)
-    if peft is None:
-        raise ValueError(f"load_peft: {path}: no {CONFIG} there; a PEFT folder holds {CONFIG} and {WEIGHTS}")
-    return apply_peft(model, peft, layout, path)
-
-
 # -----------------------------------------------------------------------------
 # The scripts' rules: a PEFT folder as --init_from (or --adapter), --export; a fault is one line naming the flag
-
 
 _FLAG_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "vblora_r": "r",
                 "vblora_b": "vector_length", "vblora_h": "num_vectors", "vblora_k": "topk", "bone_b": "r"}  # PEFT's

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import Missing, check_size, one_line, read_safetensors, why
+from common import Missing, check_size, read_safetensors, why
 
 IGNORE = -100  # target id the loss skips (MR tokens, padding)
 
@@ -267,7 +267,7 @@ def load_gpt2(path, dropout=0.0, n_head=None):
         model.load_state_dict(sd)
     except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
         raise SystemExit(f"error: --init_from {path}: does not fit a GPT-2 of n_layer {n_layer}, n_embd {C}: "
-                         f"{one_line(e)}")
+                         f"{why(e)}")
     return model
 
 

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 from common import (HelpFormatter, adapter_bytes, add_method_args, adapter_state_dict, attach_method, autocast,
                     check_size, checkpoint, end_ddp, fetch_all, fill_method_defaults, grad_sync, load_adapter,
-                    load_adapter_state_dict, one_line, open_run, param_counts, progress_line, restore, save_atomic,
-                    setup_ddp, wrap_ddp)
+                    load_adapter_state_dict, open_run, param_counts, progress_line, restore, save_atomic,
+                    setup_ddp, why, wrap_ddp)
 from images import DATA_LAYOUT, DATASETS, load_data, parse_classes, preprocess
 from interop import base_of, check_export, export_adapter, init_from
 from model_vit import HUB_MODELS, ViT, ViTConfig, build_model, read_checkpoint, vit_layout
@@ -200,7 +200,7 @@ def load_finetuned(path, device="cpu"):
         model = build_model(args, len(blob["classes"]), weights, n_head=saved_cfg and saved_cfg["n_head"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {path}: its header's config {saved_cfg} does not make this run's ViT: "
-                         f"{one_line(e)}")
+                         f"{why(e)}")
     attach_method(model, args, vit_layout, blob["peft"])
     load_adapter_state_dict(model, args.method, blob["adapter"], path)
     model.head.load_state_dict(blob["head"])
