@@ -120,13 +120,12 @@ METHOD_FLAGS = {  # flag -> (type, help); a script's METHOD_DEFAULTS fill in the
 }
 
 
-MAX_PARAMS = 2 ** 33  # a model a header describes beyond this many parameters is refused before it is allocated
+MAX_PARAMS = 2 ** 33
 
 
 def check_size(path, n_layer, n_embd, mlp_dim, n_embeddings=0):
-    """Refuse a transformer that the header of `path` describes beyond MAX_PARAMS parameters, before allocating it:
-    n_layer blocks of attention (4 n_embd^2) and MLP (2 n_embd mlp_dim), and n_embeddings rows of n_embd."""
-    n = n_layer * (4 * n_embd + 2 * mlp_dim) * n_embd + n_embeddings * n_embd
+    """Refuse, before allocating it, a transformer that the header of `path` describes beyond MAX_PARAMS parameters."""
+    n = n_layer * (4 * n_embd + 2 * mlp_dim) * n_embd + n_embeddings * n_embd  # attention 4 C², MLP 2 C·mlp
     if n > MAX_PARAMS:
         raise SystemExit(f"error: {path}: its header's config makes a model of {n:.3g} parameters; expected at most "
                          f"{MAX_PARAMS:.3g}")
@@ -157,7 +156,7 @@ def fill_method_defaults(args, defaults):
     folder as --init_from, its config sets the method's targets and shapes instead (interop.init_from checks them)."""
     folder = interop.is_folder(args.init_from)
     for k, v in defaults[args.method].items():
-        if getattr(args, k) is None and not (folder and interop.folder_sets(args.method, k)):
+        if getattr(args, k) is None and not (folder and k in interop.FOLDER_FLAGS):
             setattr(args, k, v)
     for k in ("lr", "vblora_bank_lr", "vblora_logits_lr"):
         if getattr(args, k) is not None and getattr(args, k) < 0:
@@ -302,10 +301,8 @@ def load_adapter(path, keys, methods):
     args = meta.get("args", {})
     if not isinstance(args, dict):
         bad("args", args, "an object of the run's flags")
-    if "method" in meta and meta["method"] not in methods:
-        bad("method", meta["method"], f"one of {', '.join(methods)}")
-    if "method" in meta and args.get("method", meta["method"]) != meta["method"]:
-        bad("args.method", args.get("method"), f"{meta['method']!r}, the header's method")
+    if args.get("method") not in methods:
+        bad("args.method", args.get("method"), f"one of {', '.join(methods)}")
     for field in ("init_from", "targets"):
         if not isinstance(args.get(field), (str, type(None))):
             bad(f"args.{field}", args[field], "a string")

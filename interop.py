@@ -46,10 +46,6 @@ def _adapters(model):
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "delta_weight")]
 
 
-def _kind(m):
-    return type(m).__name__.removesuffix("Linear")  # LoRALinear -> LoRA; a forker's ToyLinear -> Toy
-
-
 def _write(path, peft_type, cfg, tensors, modules_to_save, base_model_name_or_path):
     for module, params in (modules_to_save or {}).items():
         for p, t in params.items():
@@ -104,7 +100,7 @@ def why_not_peft(model, layout=None):
     where, layers = layout or identity_layout, _adapters(model)
     if not layers:
         return "the model holds no nanopeft adapter"
-    kinds = sorted({_kind(m) for _, m in layers})
+    kinds = sorted({type(m).__name__.removesuffix("Linear") for _, m in layers})  # LoRALinear -> LoRA
     if len(kinds) > 1:
         return f"a PEFT folder holds one method; the model mixes {kinds}. save_lora writes any mix as one plain LoRA"
     first = layers[0][1]
@@ -207,11 +203,11 @@ def save_lora(model, path, rank=None, layout=None, modules_to_save=None, base_mo
         A, B, err = _lowrank(m, rank)
         factors[ours], errors[ours] = (A, B, 1.0), err or 0.0
         if err is not None and (worst is None or err > worst[0]):
-            worst = (err, ours, _kind(m), A.shape[0])
+            worst = (err, ours, A.shape[0])
     _lora_folder(path, factors, layout or identity_layout, 0.0, modules_to_save, base_model_name_or_path)
     if worst:
-        err, ours, kind, r = worst
-        print(f"save_lora: {kind} ΔW truncated to rank {r} by SVD: relative error up to {err:.3g} ({ours})")
+        err, ours, r = worst
+        print(f"save_lora: ΔW truncated to rank {r} by SVD: relative error up to {err:.3g} ({ours})")
     return errors
 
 
@@ -283,9 +279,9 @@ def _fields(cfg):
     kind = cfg.get("peft_type")
     if kind not in _FIELDS:
         raise ValueError(f"peft_type {kind!r} has no nanopeft form; {sorted(_FIELDS)} load")
-    c = {**_COMMON, **_FIELDS[kind], **cfg}
-    unknown = sorted(k for k, v in cfg.items() if k not in _COMMON and k not in _FIELDS[kind]
-                     and v not in (None, False, {}, [], ""))
+    known = _COMMON | _FIELDS[kind]
+    c = known | cfg
+    unknown = sorted(k for k, v in cfg.items() if k not in known and v not in (None, False, {}, [], ""))
     if unknown:  # use_dora, lora_bias, layer_replication ... change the maths; a newer PEFT's field, no one knows
         raise ValueError(f"{unknown}: not fields nanopeft honours in PEFT 0.21's {kind}; expected them absent or unset")
     for k, (ok, expected) in _VALUES.items():
@@ -438,9 +434,6 @@ def _load_miss(model, cfg, c, sd, inv):
                                       for ours, M in blocks.items()})
 
 
-_LOADERS = {"LORA": _load_lora, "VBLORA": _load_vblora, "MISS": _load_miss}
-
-
 def is_folder(path):
     """Whether `path` is a PEFT folder: a folder holding adapter_config.json or adapter_model.safetensors."""
     return os.path.isdir(str(path)) and any(os.path.exists(os.path.join(str(path), f)) for f in (CONFIG, WEIGHTS))
@@ -518,7 +511,8 @@ def load_peft(model, path, layout=None, peft=None):
     grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
         saved = _saved_modules(model, cfg, sd, inv)
-        _LOADERS[cfg["peft_type"]](model, cfg, peft["method"], sd, inv)
+        load = {"LORA": _load_lora, "VBLORA": _load_vblora, "MISS": _load_miss}[cfg["peft_type"]]
+        load(model, cfg, peft["method"], sd, inv)
     except (ValueError, RuntimeError, IndexError) as e:  # put the model back: each new layer gives back its base
         for name, m in _adapters(model):
             parent, _, child = name.rpartition(".")
@@ -548,13 +542,10 @@ def load_peft(model, path, layout=None, peft=None):
 # -----------------------------------------------------------------------------
 # The scripts' rules: a PEFT folder as --init_from (or --adapter), --export; a fault is one line naming the flag
 
-_FLAG_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "vblora_r": "r",
-                "vblora_b": "vector_length", "vblora_h": "num_vectors", "vblora_k": "topk", "bone_b": "r"}  # PEFT's
-
-
-def folder_sets(method, flag):
-    """Whether a PEFT folder's config decides --flag of a `method` run: its targets and shapes, not its lrs."""
-    return flag == "targets" or flag.startswith(method + "_") and not flag.endswith("lr")
+FOLDER_FLAGS = {  # the flags a PEFT folder's config decides (its targets and shapes, not its lrs) -> PEFT's field
+    "targets": "target_modules", "lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+    "vblora_r": "r", "vblora_b": "vector_length", "vblora_h": "num_vectors", "vblora_k": "topk", "bone_b": "r",
+    "bone_grouping": None}  # a MiSS folder is Bone-col
 
 
 def read_folder(path, flag="--init_from"):
@@ -566,8 +557,7 @@ def read_folder(path, flag="--init_from"):
 
 
 def base_of(init_from, peft):
-    """Where the base weights come from: the base_model_name_or_path of `peft` (a PEFT folder's {"config",
-    "tensors"}), else --init_from itself."""
+    """Where the base weights come from: `peft`'s base_model_name_or_path (a PEFT folder), else init_from itself."""
     base = init_from if peft is None else peft["config"].get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise SystemExit(f"error: --init_from {init_from}: its {CONFIG} names no base_model_name_or_path, so the "
@@ -584,10 +574,10 @@ def init_from(args):
         if PEFT_METHODS[c["peft_type"]] != args.method:
             raise SystemExit(f"error: --init_from {path} holds a PEFT {c['peft_type']} adapter: pass --method "
                              f"{PEFT_METHODS[c['peft_type']]}")
-        for k in [k for k in vars(args) if folder_sets(args.method, k) and getattr(args, k) is not None]:
-            v, field = getattr(args, k), _FLAG_FIELDS.get(k)  # --targets and --bone_grouping have none
-            if k == "targets" or v != (c[field] if field else "col"):  # a MiSS folder is Bone-col
-                sets = f"{field}={c[field]!r}" if field else "the targets" if k == "targets" else "Bone-col"
+        for k, field in FOLDER_FLAGS.items():  # this method's flags: given, each must repeat the folder's
+            v = getattr(args, k) if k.split("_")[0] in ("targets", args.method) else None
+            if v is not None and (k == "targets" or v != (c[field] if field else "col")):
+                sets = "the targets" if k == "targets" else f"{field}={c[field]!r}" if field else "Bone-col"
                 raise SystemExit(f"error: --{k} {v}: --init_from {path} is a PEFT folder, whose {CONFIG} sets {sets}; "
                                  f"drop --{k}")
     base = None if path == "scratch" else base_of(path, peft)

@@ -217,8 +217,9 @@ def _read_weights(path):
     except Exception as e:
         raise SystemExit(f"error: --init_from {path}: not a readable checkpoint (truncated, or not a "
                          f"safetensors/torch file): {why(e)}")
-    if header is not None and header.get("method") != "full":
-        raise SystemExit(f"error: --init_from {path}: the adapter of a --method {header.get('method')} run holds no "
+    method = (header or {}).get("args", {}).get("method")
+    if header is not None and method != "full":
+        raise SystemExit(f"error: --init_from {path}: the adapter of a --method {method} run holds no "
                          f"backbone; rebuild it with load_finetuned({path!r}), or start from a full fine-tune")
     if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
         raise SystemExit(f"error: --init_from {path}: not a state dict of tensors")

@@ -212,7 +212,7 @@ def load_weights(model, sd):
 
 
 def _read_tensors(path):
-    """A state dict, or a fine-tune's saved adapter as {"args", "method", ..., "adapter", "head"}."""
+    """A state dict, or a fine-tune's saved adapter as {"args", "config", ..., "adapter", "head"}."""
     if path.endswith(".safetensors"):
         header, sd = read_safetensors(path)  # a run's adapter.safetensors has its flags and config in the header
         if header is None:
@@ -224,10 +224,11 @@ def _read_tensors(path):
 
 def _from_finetune(blob, path):
     """A full fine-tune's saved adapter as a checkpoint: its backbone and head, and its own n_head."""
-    if blob.get("method") != "full":
-        raise SystemExit(f"error: --init_from {path}: the adapter of a --method {blob.get('method')} run holds "
+    method = blob["args"].get("method")
+    if method != "full":
+        raise SystemExit(f"error: --init_from {path}: the adapter of a --method {method} run holds "
                          f"no backbone; rebuild it with load_finetuned({path!r}), or start from a full fine-tune")
-    cfg = blob.get("config") or blob.get("model_cfg") or {"n_head": blob["args"].get("n_head"), "ln_eps": 1e-12}
+    cfg = blob.get("config") or {"n_head": blob["args"].get("n_head"), "ln_eps": 1e-12}
     sd = {**blob["adapter"], **{f"head.{k}": v for k, v in blob.get("head", {}).items()}}
     return sd, {"num_attention_heads": cfg["n_head"], "layer_norm_eps": cfg["ln_eps"], "hidden_act": "gelu",
                 "classes": blob.get("classes")}

@@ -3106,7 +3106,7 @@ def test_gpt2_smoke_every_method(method, tmp_path, capsys):
         "Blue Spice serves Italian food .\nBlue Spice , a Italian place , is nice .\n")
 
     blob = _read_adapter(out / "adapter.safetensors")
-    assert blob["method"] == blob["args"]["method"] == method and blob["args"]["n_embd"] == 32
+    assert blob["args"]["method"] == method and blob["args"]["n_embd"] == 32
     sd = blob["adapter"]
     fresh, trained = _gpt2_fresh(method), res["model"].eval()
     reloaded = train_gpt2.load_finetuned(str(out / "adapter.safetensors"))  # one call instead of the lines below
@@ -4163,8 +4163,7 @@ def test_peft_save_lora_svd_error_is_the_true_error(llama, tmp_path, method, ran
     ours = _ours(llama, method)
     errors = interop.save_lora(ours, tmp_path, rank=rank)
     line = capsys.readouterr().out
-    m = re.fullmatch(r"save_lora: (\S+) ΔW truncated to rank (\d+) by SVD: relative error up to (\S+) \((\S+)\)\n",
-                     line)
+    m = re.fullmatch(r"save_lora: ΔW truncated to rank (\d+) by SVD: relative error up to (\S+) \((\S+)\)\n", line)
     assert m, line
     sd = load_file(tmp_path / "adapter_model.safetensors")
     true = {}
@@ -4175,8 +4174,8 @@ def test_peft_save_lora_svd_error_is_the_true_error(llama, tmp_path, method, ran
         true[name] = ((B @ A - dW).norm() / dW.norm()).item()
         assert abs(errors[name] - true[name]) < 1e-4
     worst = max(true, key=true.get)
-    assert m[4] == worst and int(m[2]) == (rank or 16) and 0.01 < true[worst] < 1
-    assert float(m[3]) == pytest.approx(true[worst], rel=5e-3)
+    assert m[3] == worst and int(m[1]) == (rank or 16) and 0.01 < true[worst] < 1
+    assert float(m[2]) == pytest.approx(true[worst], rel=5e-3)
 
 
 def _gpt2_pair():
@@ -4665,11 +4664,11 @@ def _rewrite_header(src, dst, edit):
 
 
 HEADER_FAULTS = {  # an edit of a LoRA run's header -> what the one line must name
-    "method_foo": (lambda m: (m.update(method="foo"), m["args"].update(method="foo")), "method='foo': expected one of"),
-    "method_none": (lambda m: (m.update(method="none"), m["args"].update(method="none")), "--method none trains no"),
+    "method_foo": (lambda m: m["args"].update(method="foo"), "args.method='foo': expected one of"),
+    "method_none": (lambda m: m["args"].update(method="none"), "--method none trains no"),
     "args_list": (lambda m: m.update(args=[1, 2]), "args=[1, 2]: expected an object"),
     "lora_r": (lambda m: m["args"].update(lora_r=8), "the tensors do not fit the model its header describes"),
-    "method_full": (lambda m: (m.update(method="full"), m["args"].update(method="full")), "tensors the model has not"),
+    "method_full": (lambda m: m["args"].update(method="full"), "tensors the model has not"),
     "n_head": (lambda m: (m["config"].update(n_head=3), m["args"].update(n_head=3)),
                "config.n_head=3: expected a divisor of config.n_embd=32"),
     "block_size_float": (lambda m: m["config"].update(block_size=1e12), "config.block_size=1000000000000.0: expected"),

@@ -77,7 +77,7 @@ METHOD_DEFAULTS = {
     "vblora": dict(targets=ALL_LINEAR, vblora_r=4, vblora_b=256, vblora_h=256, vblora_k=2, vblora_bank_lr=1e-3,
                    vblora_logits_lr=1e-2),  # VB-LoRA Table 8
 }
-ADAPTER_KEYS = ("args", "method", "adapter", "config")
+ADAPTER_KEYS = ("args", "adapter", "config")
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -449,7 +449,7 @@ def main(argv=None):
     if total == 0 and dev:
         result["dev_loss"] = dev_loss()
         log(f"dev loss {result['dev_loss']:.4f}")
-    save_atomic(adapter_bytes(dict(args=vars(args), method=args.method, config=asdict(model.config)),
+    save_atomic(adapter_bytes(dict(args=vars(args), config=asdict(model.config)),
                               adapter_state_dict(model, args.method), peft), adapter_path)
     log(f"saved {adapter_path}")
     if args.export:  # for Hugging Face's GPT2LMHeadModel: its fused c_attn, its Conv1D layout

@@ -30,7 +30,7 @@ Choices made where the papers are silent:
   N processes; micro-batch i of a step goes to process i % N, so N processes with --grad_accum G give the
   same steps as one with --grad_accum G*N. Only rank 0 logs, evaluates and saves.
 - adapter.safetensors holds the method's adapter state dict (the backbone for `full`, compact top-k for
-  VB-LoRA) and the head ("head."), and in its header {"args", "method", "config", "classes", "test_acc"};
+  VB-LoRA) and the head ("head."), and in its header {"args", "config", "classes", "test_acc"};
   load_finetuned(path) rebuilds the model from it (a scratch backbone from --seed). ckpt.pt holds what
   --resume needs. Both are written atomically. --export peft|lora DIR writes the adapter and head for Hugging
   Face's ViTForImageClassification (transformers >= 5 module names; model_vit.vit_layout also has the older ones);
@@ -66,7 +66,7 @@ METHOD_DEFAULTS = {
     "vblora": dict(targets=QV, vblora_r=4, vblora_b=256, vblora_h=256, vblora_k=2, vblora_bank_lr=1e-3,
                    vblora_logits_lr=1e-2),
 }
-ADAPTER_KEYS = ("args", "method", "adapter", "head", "classes")
+ADAPTER_KEYS = ("args", "adapter", "head", "classes")
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -229,7 +229,7 @@ def save_run(args, step, world_size, model, opt, device, classes, acc, peft=None
     save_atomic(checkpoint(args, step, world_size, model, opt, device, test_acc=acc),
                 os.path.join(args.out_dir, "ckpt.pt"))
     tensors = {**adapter_state_dict(model, args.method), **{f"head.{k}": v for k, v in model.head.state_dict().items()}}
-    meta = dict(args=vars(args), method=args.method, config=asdict(model.cfg), classes=classes, test_acc=acc)
+    meta = dict(args=vars(args), config=asdict(model.cfg), classes=classes, test_acc=acc)
     save_atomic(adapter_bytes(meta, tensors, peft), os.path.join(args.out_dir, "adapter.safetensors"))
 
 
