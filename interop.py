@@ -47,9 +47,8 @@ def _adapters(model):
 
 
 def _write(path, peft_type, cfg, tensors, modules_to_save, base_model_name_or_path):
-    for module, params in (modules_to_save or {}).items():
-        for p, t in params.items():
-            tensors[f"{PREFIX}{module}.{p}"] = t  # PEFT's form: the module's own state dict
+    tensors.update({f"{PREFIX}{module}.{p}": t for module, params in (modules_to_save or {}).items()
+                    for p, t in params.items()})  # PEFT's form of modules_to_save: each module's own state dict
     cfg = {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": base_model_name_or_path,
            "inference_mode": True, "modules_to_save": sorted(modules_to_save) if modules_to_save else None, **cfg}
     os.makedirs(path, exist_ok=True)
