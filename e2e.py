@@ -481,5 +481,3 @@ def e2e_scores(hyps, refs):
     bleu, nist = bleu_nist(hyps, refs)
     return dict(BLEU=bleu, NIST=nist, METEOR=meteor_exact(hyps, refs), ROUGE_L=rouge_l(hyps, refs),
                 CIDEr=cider_d(hyps, refs))
-
-
